@@ -1,0 +1,75 @@
+"""The Flower ClientApp: receive global weights and the round's config, train, reply.
+
+One message per client per round: the local validation metrics travel in the train
+reply, and the server evaluates the global model itself.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedge.client.data import LocalData
+from fedge.client.training import LocalTraining, pick_device, train_locally
+from fedge.errors import FedgeError
+from fedge.models.registry import ModelSpec, build_model
+
+DataLoaderFn = Callable[[Context], LocalData]
+
+
+def local_training_from_config(config: dict, node_seed: int) -> LocalTraining:
+    """The server's ``train`` ConfigRecord as local-training settings."""
+    return LocalTraining(
+        epochs=int(config["local-epochs"]),
+        batch_size=int(config["batch-size"]),
+        lr=float(config["lr"]),
+        optimizer=str(config["optimizer"]),
+        patience=int(config["local-patience"]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        seed=node_seed,
+    )
+
+
+def _node_seed(base_seed: int, server_round: int, context: Context) -> int:
+    """Distinct, reproducible randomness for every client in every round."""
+    node = int(context.node_config.get("partition-id", context.node_id))
+    return int(np.random.SeedSequence([base_seed, server_round, node]).generate_state(1)[0])
+
+
+def _check_fits(spec: ModelSpec, data: LocalData) -> None:
+    if tuple(data.train_x.shape[1:]) != spec.input_shape:
+        raise FedgeError(f"local samples have shape {tuple(data.train_x.shape[1:])}, "
+                         f"but the federation's {spec.name!r} model takes {spec.input_shape}")
+    labels = np.concatenate([data.train_y, data.val_y])
+    if labels.min() < 0 or labels.max() >= spec.num_classes:
+        raise FedgeError(f"local labels must lie in 0..{spec.num_classes - 1}")
+
+
+def build_client_app(load_data: DataLoaderFn, device: str = "auto") -> ClientApp:
+    """A ClientApp that trains on the samples ``load_data`` returns for its node."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = msg.content["config"]
+        spec = ModelSpec.from_json(str(config["model-spec"]))
+        data = load_data(context)
+        _check_fits(spec, data)
+        model = build_model(spec)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        settings = local_training_from_config(
+            config, _node_seed(int(config["seed"]), int(config["server-round"]), context))
+        report = train_locally(model, spec, data, settings, pick_device(device))
+        metrics = MetricRecord({
+            "num-examples": len(data.train_x),
+            "train_loss": report.train_loss,
+            "val_loss": report.val_loss,
+            "val_accuracy": report.val_accuracy,
+            "epochs": report.epochs,
+            "stopped_early": int(report.stopped_early),
+        })
+        reply = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics})
+        return Message(reply, reply_to=msg)
+
+    return app

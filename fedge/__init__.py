@@ -1,0 +1,1 @@
+"""fedge: federated edge training on Flower, PyTorch and onnxruntime."""

@@ -1,0 +1,172 @@
+"""The ``fedge`` command line. Heavy imports happen inside commands: ``fedge predict``
+must run on a device that has onnxruntime but no torch."""
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fedge.errors import FedgeError
+
+app = typer.Typer(help="Federated edge training: Flower rounds, PyTorch clients, ONNX models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
+
+
+def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input ends with one line on stderr and exit status 2, never a traceback."""
+
+    @wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FedgeError as error:
+            errors.print(f"[bold red]error:[/] {error}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            errors.print("[yellow]interrupted[/]: completed rounds are in the run folder")
+            raise typer.Exit(130) from None
+
+    return run
+
+
+def _show_logs(verbose: bool) -> None:
+    """Call after Flower is imported: importing it sets up its logger."""
+    # Flower logs every round at INFO; fedge prints its own line per round instead.
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _round_line(record: Any, total: int, best: bool) -> str:
+    train = "   n/a" if record.train_loss is None else f"{record.train_loss:6.3f}"
+    star = " [green]★ best[/]" if best else ""
+    return (f"round {record.round:>3}/{total}  train_loss {train}  "
+            f"val_loss {record.val_loss:6.3f}  val_acc {record.val_accuracy:6.3f}  "
+            f"clients {record.num_clients:>3}  {record.seconds:5.2f}s{star}")
+
+
+Opt = typer.Option
+
+
+@app.command()
+@_friendly_errors
+def simulate(
+    config: Annotated[Path | None, Opt("--config", "-c", help="TOML file of run settings")] = None,
+    dataset: Annotated[str | None, Opt(help="digits | breast_cancer | synthetic-sensor | "
+                                            "synthetic-text  [default: digits]")] = None,
+    model: Annotated[str | None, Opt(help="cnn | mlp | sensor1d | tinytext  "
+                                          "[default: the data set's own]")] = None,
+    clients: Annotated[int | None, Opt(help="simulated clients  [default: 10]")] = None,
+    rounds: Annotated[int | None, Opt(help="maximum rounds  [default: 20]")] = None,
+    fraction: Annotated[float | None, Opt(help="fraction of clients per round  "
+                                               "[default: 1.0]")] = None,
+    min_clients: Annotated[int | None, Opt(help="minimum clients per round  "
+                                                "[default: 2]")] = None,
+    strategy: Annotated[str | None, Opt(help="fedavg | fedprox | fedadam  "
+                                             "[default: fedavg]")] = None,
+    partition: Annotated[str | None, Opt(help="iid | dirichlet:ALPHA | shards:K  "
+                                              "[default: dirichlet:0.5]")] = None,
+    local_epochs: Annotated[int | None, Opt(help="local epoch budget  [default: 5]")] = None,
+    batch_size: Annotated[int | None, Opt(help="local mini-batch size  [default: 32]")] = None,
+    lr: Annotated[float | None, Opt(help="client learning rate  [default: 0.003]")] = None,
+    optimizer: Annotated[str | None, Opt(help="adam | sgd  [default: adam]")] = None,
+    dropout: Annotated[float | None, Opt(help="dropout rate  [default: 0.2]")] = None,
+    patience: Annotated[int | None, Opt(help="rounds without val-loss improvement before "
+                                             "stopping  [default: 3]")] = None,
+    local_patience: Annotated[int | None, Opt(help="local epochs without improvement  "
+                                                   "[default: 2]")] = None,
+    proximal_mu: Annotated[float | None, Opt(help="FedProx μ  [default: 0.01]")] = None,
+    server_lr: Annotated[float | None, Opt(help="FedAdam server learning rate  "
+                                                "[default: 0.01]")] = None,
+    seed: Annotated[int | None, Opt(help="random seed  [default: 0]")] = None,
+    backend: Annotated[str | None, Opt(help="inprocess | ray  [default: inprocess]")] = None,
+    device: Annotated[str | None, Opt(help="auto | cpu | cuda | mps  [default: auto]")] = None,
+    out: Annotated[Path | None, Opt("--out", "-o", help="run folder  "
+                                                         "[default: runs/<timestamp>]")] = None,
+    overwrite: Annotated[bool, Opt(help="replace an existing run folder")] = False,
+    verbose: Annotated[bool, Opt("--verbose", "-v", help="show Flower's logs")] = False,
+) -> None:
+    """Run a federated training of many clients on this machine."""
+    from fedge.config import load_config
+
+    settings = load_config(
+        config, dataset=dataset, model=model, clients=clients, rounds=rounds,
+        fraction=fraction, min_clients=min_clients, strategy=strategy, partition=partition,
+        local_epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        dropout=dropout, patience=patience, local_patience=local_patience,
+        proximal_mu=proximal_mu, server_lr=server_lr, seed=seed, backend=backend,
+        device=device,
+    )
+    with console.status("loading data and partitioning clients..."):
+        from fedge.simulations.runner import plan_simulation, simulate
+
+        _show_logs(verbose)
+        plan = plan_simulation(settings)
+    settings = plan.config
+    run_dir = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    sizes = plan.clients.partition_sizes()
+    kind = "SYNTHETIC data" if plan.synthetic else "real data"
+    console.print(
+        f"[bold]fedge simulate[/]: {settings.dataset} ({kind}), model {settings.model}, "
+        f"{settings.clients} clients ({settings.partition}, {min(sizes)}–{max(sizes)} samples "
+        f"each), {settings.strategy}, ≤{settings.rounds} rounds, backend {settings.backend}",
+        highlight=False)
+    best_loss = float("inf")
+
+    def show(record: Any) -> None:
+        nonlocal best_loss
+        best = record.val_loss < best_loss - settings.min_delta
+        best_loss = min(best_loss, record.val_loss) if best else best_loss
+        console.print(_round_line(record, settings.rounds, best), highlight=False)
+
+    outcome = simulate(plan, run_dir, overwrite=overwrite, on_round=show)
+    stop = "stopped early (validation loss plateaued)" if outcome.stopped_early else "all rounds"
+    console.print(
+        f"[bold green]done[/]: {outcome.rounds_run} rounds, {stop}; best round "
+        f"{outcome.best_round}: test accuracy {outcome.test_accuracy:.3f} "
+        f"(loss {outcome.test_loss:.3f}); ONNX parity {outcome.onnx_report['max_abs_diff']:.1e}",
+        highlight=False)
+    console.print(f"run folder: {outcome.run_dir}  (metrics.json, checkpoint.pt, best.pt, "
+                  "curves.png, model.onnx, onnx_report.json)", highlight=False)
+
+
+@app.command("export")
+@_friendly_errors
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt or best.pt of a run")],
+    output: Annotated[Path, Opt("--output", "-o", help="ONNX file to write")],
+    overwrite: Annotated[bool, Opt(help="replace an existing ONNX file")] = False,
+) -> None:
+    """Export a checkpoint's global model to ONNX, verified in onnxruntime."""
+    if output.exists() and not overwrite:
+        raise FedgeError(f"{output} already exists; pass --overwrite to replace it")
+    from fedge.models.export import export_onnx
+    from fedge.server.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(checkpoint)
+    report = export_onnx(saved.model(), saved.model_spec, saved.reference_inputs.numpy(), output)
+    console.print(f"wrote {output}: round {saved.round}, opset {report['opset']}, "
+                  f"{report['size_bytes']} bytes, max |onnxruntime − torch| "
+                  f"{report['max_abs_diff']:.1e} on {report['compared_samples']} held-out "
+                  "samples", highlight=False)
+
+
+@app.command()
+@_friendly_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="an ONNX model exported by fedge")],
+    inputs: Annotated[Path, typer.Argument(help=".npy array or .csv with one sample per row")],
+) -> None:
+    """Print the predicted class of each input sample (onnxruntime only, no torch)."""
+    from fedge.models.inference import load_inputs
+    from fedge.models.inference import predict as predict_classes
+
+    for label in predict_classes(model, load_inputs(inputs)):
+        print(int(label))

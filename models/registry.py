@@ -1,0 +1,117 @@
+"""Models by name, each built from a :class:`ModelSpec` that travels with the weights."""
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from fedge.errors import FedgeError
+from fedge.models.networks import MLP, ConvNet, InputScaling, Sensor1D, TinyText
+
+
+class ModelSpec(BaseModel):
+    """Everything needed to rebuild a network, apart from its trained weights."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    input_shape: tuple[int, ...] = Field(description="shape of one sample, without batch")
+    num_classes: int = Field(ge=2)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    input_mean: list[float] | None = None
+    input_std: list[float] | None = None
+    vocab_size: int | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        try:
+            return cls.model_validate(json.loads(text))
+        except (ValueError, ValidationError) as error:
+            raise FedgeError(f"invalid model spec: {error}") from error
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """How to build one kind of network and what a sample must look like for it."""
+
+    build: Callable[[ModelSpec], nn.Module]
+    sample_layout: tuple[str, ...]
+    input_dtype: Literal["float32", "int64"] = "float32"
+
+
+def _scaling(spec: ModelSpec) -> InputScaling:
+    assert spec.input_mean is not None and spec.input_std is not None
+    return InputScaling(spec.input_mean, spec.input_std, ndim=len(spec.input_shape) + 1)
+
+
+MODELS: dict[str, ModelEntry] = {
+    "cnn": ModelEntry(
+        lambda s: ConvNet(_scaling(s), s.input_shape, s.num_classes, s.dropout),
+        ("channels", "height", "width"),
+    ),
+    "mlp": ModelEntry(
+        lambda s: MLP(_scaling(s), s.input_shape, s.num_classes, s.dropout),
+        ("features",),
+    ),
+    "sensor1d": ModelEntry(
+        lambda s: Sensor1D(_scaling(s), s.input_shape, s.num_classes, s.dropout),
+        ("channels", "time"),
+    ),
+    "tinytext": ModelEntry(
+        lambda s: TinyText(s.input_shape, s.num_classes, s.dropout, vocab_size=s.vocab_size or 2),
+        ("tokens",),
+        input_dtype="int64",
+    ),
+}
+
+
+def model_entry(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise FedgeError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def check_sample_shape(name: str, sample_shape: tuple[int, ...]) -> None:
+    """Fail clearly when samples of ``sample_shape`` cannot be fed to model ``name``."""
+    layout = model_entry(name).sample_layout
+    if len(sample_shape) != len(layout):
+        raise FedgeError(
+            f"model {name!r} expects samples shaped ({', '.join(layout)}), "
+            f"but the data has samples of shape {tuple(sample_shape)}"
+        )
+
+
+def spec_from_data(name: str, x: np.ndarray, num_classes: int, dropout: float,
+                   vocab_size: int | None = None) -> ModelSpec:
+    """A spec for model ``name`` whose input scaling is fitted on reference data ``x``.
+
+    Mean and standard deviation are taken per channel (or per feature): axis 1 of ``x``.
+    """
+    entry = model_entry(name)
+    check_sample_shape(name, x.shape[1:])
+    common = {"name": name, "input_shape": tuple(int(d) for d in x.shape[1:]),
+              "num_classes": num_classes, "dropout": dropout}
+    if entry.input_dtype == "int64":
+        return ModelSpec(**common, vocab_size=vocab_size or int(x.max()) + 1)
+    axes = tuple(a for a in range(x.ndim) if a != 1)
+    mean = x.mean(axis=axes, dtype=np.float64)
+    std = x.std(axis=axes, dtype=np.float64)
+    std = np.where(std > 1e-8, std, 1.0)
+    return ModelSpec(**common, input_mean=mean.tolist(), input_std=std.tolist())
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    return model_entry(spec.name).build(spec)
+
+
+def as_input_tensor(spec: ModelSpec, x: np.ndarray) -> torch.Tensor:
+    """Raw samples as the tensor type the model takes."""
+    return torch.as_tensor(x, dtype=getattr(torch, model_entry(spec.name).input_dtype))

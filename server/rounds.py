@@ -1,0 +1,103 @@
+"""Round bookkeeping: server-side evaluation, the best round, global early stopping."""
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fedge.models.metrics import evaluate_classifier
+from fedge.models.registry import ModelSpec, build_model
+
+
+class GlobalEarlyStop(Exception):
+    """Raised from the evaluation callback to end ``Strategy.start`` early."""
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round as written to metrics.json; ``val_*`` is the server's evaluation of the
+    new global model, ``client_*`` the sampled clients' reports (weighted by examples)."""
+
+    round: int
+    train_loss: float | None
+    val_loss: float
+    val_accuracy: float
+    num_clients: int
+    client_val_loss: float | None
+    client_val_accuracy: float | None
+    client_epochs: float | None
+    clients_stopped_early: float | None
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+OnRound = Callable[[RoundRecord, ArrayRecord, bool], None]
+
+
+class RoundTracker:
+    """Evaluates each new global model and stops the run once validation loss has not
+    improved by more than ``min_delta`` for ``patience`` rounds.
+
+    Pass :meth:`aggregate_train_metrics` as the strategy's ``train_metrics_aggr_fn`` and
+    :meth:`evaluate` as ``evaluate_fn`` of ``Strategy.start``.
+    """
+
+    def __init__(self, spec: ModelSpec, val_x: np.ndarray, val_y: np.ndarray, patience: int,
+                 min_delta: float, on_round: OnRound) -> None:
+        self.spec, self.val_x, self.val_y = spec, val_x, val_y
+        self.patience, self.min_delta, self.on_round = patience, min_delta, on_round
+        self.history: list[RoundRecord] = []
+        self.initial: dict | None = None
+        self.best_round: int | None = None
+        self.best_val_loss = math.inf
+        self.stopped_early = False
+        self._client_metrics: tuple[MetricRecord, int] | None = None
+        self._clock = time.perf_counter()
+
+    def aggregate_train_metrics(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        metrics = aggregate_metricrecords(replies, weight_key)
+        self._client_metrics = (metrics, len(replies))
+        return metrics
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = build_model(self.spec)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        val_loss, val_accuracy = evaluate_classifier(model, self.spec, self.val_x, self.val_y)
+        if server_round == 0:
+            self.initial = {"val_loss": val_loss, "val_accuracy": val_accuracy}
+            self._clock = time.perf_counter()
+            return MetricRecord(self.initial)
+
+        record = self._record(server_round, val_loss, val_accuracy)
+        self.history.append(record)
+        improved = val_loss < self.best_val_loss - self.min_delta
+        if improved:
+            self.best_round, self.best_val_loss = server_round, val_loss
+        self.on_round(record, arrays, improved)
+        if server_round - (self.best_round or 0) >= self.patience:
+            self.stopped_early = True
+            raise GlobalEarlyStop(f"no improvement for {self.patience} rounds")
+        return MetricRecord({"val_loss": val_loss, "val_accuracy": val_accuracy})
+
+    def _record(self, server_round: int, val_loss: float, val_accuracy: float) -> RoundRecord:
+        metrics, num_clients = self._client_metrics or ({}, 0)
+        self._client_metrics = None
+        now, started = time.perf_counter(), self._clock
+        self._clock = now
+
+        def client(key: str) -> float | None:
+            return float(metrics[key]) if key in metrics else None
+
+        return RoundRecord(
+            round=server_round, train_loss=client("train_loss"), val_loss=val_loss,
+            val_accuracy=val_accuracy, num_clients=num_clients,
+            client_val_loss=client("val_loss"), client_val_accuracy=client("val_accuracy"),
+            client_epochs=client("epochs"), clients_stopped_early=client("stopped_early"),
+            seconds=now - started,
+        )

@@ -1,0 +1,83 @@
+"""The run folder: every file written atomically (temp file, then rename)."""
+
+import io
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fedge.errors import FedgeError
+
+RUN_MARKERS = ("metrics.json", "checkpoint.pt")
+
+
+def prepare_run_dir(path: Path, overwrite: bool = False) -> Path:
+    """Create ``path``; an existing non-empty folder is an error unless ``overwrite``,
+    and even then only a previous run folder is ever emptied."""
+    if path.exists() and not path.is_dir():
+        raise FedgeError(f"output path {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise FedgeError(f"output folder {path} is not empty; choose another "
+                             "or pass --overwrite")
+        if not any((path / marker).exists() for marker in RUN_MARKERS):
+            raise FedgeError(f"refusing to overwrite {path}: it does not look like a "
+                             "fedge run folder")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A fresh hidden name beside ``path``: renaming it onto ``path`` is atomic."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def save_torch(path: Path, payload: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def plot_curves(path: Path, rounds: Sequence[dict], best_round: int | None) -> None:
+    """Loss and accuracy per round: clients' training loss, server validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    numbers = [r["round"] for r in rounds]
+    figure = Figure(figsize=(9, 3.5), layout="constrained")
+    loss_axes, acc_axes = figure.subplots(1, 2)
+    loss_axes.plot(numbers, [r["train_loss"] for r in rounds], "o-", label="train (clients)")
+    loss_axes.plot(numbers, [r["val_loss"] for r in rounds], "o-", label="validation (server)")
+    acc_axes.plot(numbers, [r["val_accuracy"] for r in rounds], "o-", color="tab:orange",
+                  label="validation (server)")
+    for axes, title in ((loss_axes, "loss"), (acc_axes, "accuracy")):
+        if best_round is not None:
+            axes.axvline(best_round, color="grey", linestyle="--", label="best round")
+        axes.set(xlabel="round", title=title)
+        axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_atomic(path, buffer.getvalue())

@@ -1,0 +1,83 @@
+"""A Flower ``Grid`` that runs the ClientApp inside this process.
+
+Flower's strategies drive it through ``Strategy.start(grid=...)`` exactly as they drive
+the Ray simulation engine or the Deployment Engine, without Ray's ~10 s start-up.
+"""
+
+import uuid
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+# Flower builds every Message from a process-wide task identity that its runtimes set;
+# this private module is the only Flower internal fedge touches (flwr 1.42, see
+# tests/test_flower_contract.py).
+from flwr.supercore.task_identity import TaskIdentity
+
+SERVER_NODE_ID = 1  # Flower's SuperLink node id
+FIRST_CLIENT_NODE_ID = 1001
+CLIENT_APP_ERROR = 2  # reply error code for an exception inside the ClientApp
+
+
+class InProcessGrid(Grid):
+    """Nodes ``1001, 1002, ...``, each with a persistent Context whose node config
+    carries ``partition-id`` and ``num-partitions`` as in Flower's simulation engine."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id)
+        self._contexts = {
+            FIRST_CLIENT_NODE_ID + i: Context(
+                run_id=run_id, node_id=FIRST_CLIENT_NODE_ID + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(), run_config={},
+            )
+            for i in range(num_nodes)
+        }
+        self._replies: dict[str, Message] = {}
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE_ID, 1
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Run each message through the ClientApp now; replies wait for ``pull_messages``."""
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self._replies[message.metadata.message_id] = self._handle(message)
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        # Clients run synchronously here, so every reply is in before any timeout.
+        return self.pull_messages(self.push_messages(messages))
+
+    def _handle(self, message: Message) -> Message:
+        context = self._contexts.get(message.metadata.dst_node_id)
+        if context is None:
+            return Message(Error(CLIENT_APP_ERROR, f"no node {message.metadata.dst_node_id}"),
+                           reply_to=message)
+        try:
+            return self.client_app(message, context)
+        except Exception as error:  # a failing client must not end the round
+            return Message(Error(CLIENT_APP_ERROR, f"{type(error).__name__}: {error}"),
+                           reply_to=message)

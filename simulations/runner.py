@@ -1,0 +1,77 @@
+"""Many clients on one machine: the same ServerApp and ClientApp as a deployment.
+
+Backends: ``inprocess`` (default) hands each message to the ClientApp in this process
+through :class:`~fedge.simulations.inprocess.InProcessGrid`; ``ray`` is Flower's own
+simulation engine, for large runs and Ray clusters.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedge.client.app import build_client_app
+from fedge.config import RunConfig
+from fedge.errors import FedgeError
+from fedge.models.registry import check_sample_shape
+from fedge.server.federation import Federation, RunOutcome, ServerData
+from fedge.server.rounds import RoundRecord
+from fedge.server.run_folder import prepare_run_dir
+from fedge.server.strategies import check_strategy_name
+from fedge.simulations.clients import SimulatedClients
+from fedge.simulations.datasets import load_dataset, split_federated
+from fedge.simulations.partition import PartitionSpec
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    """A checked configuration: everything that can be wrong is found before any file
+    is written."""
+
+    config: RunConfig
+    clients: SimulatedClients
+    server_data: ServerData
+    synthetic: bool
+
+
+def plan_simulation(config: RunConfig) -> SimulationPlan:
+    dataset = load_dataset(config.dataset, config.seed)
+    config = config.model_copy(update={"model": config.model or dataset.default_model})
+    check_sample_shape(config.model, dataset.x.shape[1:])
+    check_strategy_name(config.strategy)
+    PartitionSpec.parse(config.partition)
+    if config.min_clients > config.clients:
+        raise FedgeError(f"min_clients ({config.min_clients}) is larger than the number of "
+                         f"clients ({config.clients}): no round could ever start")
+    clients = SimulatedClients(config.dataset, config.partition, config.clients, config.seed,
+                               config.val_fraction)
+    if min(clients.partition_sizes()) < 2:
+        raise FedgeError(f"partition {config.partition!r} leaves a client with fewer than 2 "
+                         "samples; use fewer clients or a larger alpha")
+    split = split_federated(dataset, config.seed)
+    server_data = ServerData(*split.server_val, *split.test, num_classes=dataset.num_classes,
+                             vocab_size=dataset.vocab_size)
+    return SimulationPlan(config, clients, server_data, dataset.synthetic)
+
+
+def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
+             on_round: Callable[[RoundRecord], None] | None = None) -> RunOutcome:
+    """Run the planned federation and write its run folder ``run_dir``."""
+    config = plan.config
+    federation = Federation(config, plan.server_data, prepare_run_dir(run_dir, overwrite),
+                            on_round)
+    client_app = build_client_app(plan.clients.local_data, device=config.device)
+    if config.backend == "inprocess":
+        from fedge.simulations.inprocess import InProcessGrid
+
+        return federation.run(InProcessGrid(client_app, config.clients))
+
+    from flwr.simulation import run_simulation
+
+    run_simulation(
+        server_app=federation.server_app(), client_app=client_app,
+        num_supernodes=config.clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    if federation.outcome is None:
+        raise FedgeError("the Ray simulation ended before the run finished; see its log above")
+    return federation.outcome
