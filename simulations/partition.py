@@ -1,6 +1,7 @@
 """Split client samples across simulated clients with flwr-datasets' partitioners."""
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +54,10 @@ def partition_indices(labels: np.ndarray, num_partitions: int, spec: PartitionSp
                                        num_shards_per_partition=spec.shards, seed=seed)
     partitioner.dataset = table
     try:
-        return [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
-                for i in range(num_partitions)]
+        with warnings.catch_warnings():  # pyarrow deprecations inside flwr-datasets
+            warnings.simplefilter("ignore", FutureWarning)
+            return [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
+                    for i in range(num_partitions)]
     except ValueError as error:
         raise FedgeError(f"cannot partition {len(labels)} samples into {num_partitions} "
                          f"clients with {spec.kind}: {error}") from error

@@ -1,0 +1,45 @@
+"""Shared fixtures: an isolated Flower environment and one real default run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_flower_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Flower writes its config under FLWR_HOME; tests never touch the user's ~/.flwr."""
+    os.environ.update(FLOWER_ENV, FLWR_HOME=str(tmp_path_factory.mktemp("flwr-home")))
+
+
+def run_fedge(*args: str, timeout: float = 300, env: dict | None = None,
+              cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The ``fedge`` command as a user runs it, in its own bounded process."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedge", *args], capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd,
+    )
+
+
+def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -c code args...`` in its own bounded process."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, env=os.environ.copy())
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``fedge simulate`` with its defaults: digits, 10 clients, Dirichlet(0.5), ≤ 20 rounds."""
+    run_dir = tmp_path_factory.mktemp("default") / "run"
+    result = run_fedge("simulate", "--out", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir

@@ -1,0 +1,63 @@
+"""Both simulation backends run the very same ServerApp and ClientApp code."""
+
+import json
+
+import flwr
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedge.client.app import build_client_app
+from fedge.config import RunConfig
+from fedge.models.registry import spec_from_data
+from fedge.simulations.inprocess import FIRST_CLIENT_NODE_ID, InProcessGrid
+from fedge.simulations.runner import plan_simulation, simulate
+
+
+def test_flower_is_the_version_the_in_process_grid_was_written_for():
+    # InProcessGrid sets flwr.supercore.task_identity.TaskIdentity, a Flower internal.
+    # If this fails, re-check simulations/inprocess.py against the new Flower first.
+    assert flwr.__version__.startswith("1.42."), flwr.__version__
+    from flwr.supercore.task_identity import TaskIdentity
+
+    InProcessGrid(build_client_app(lambda context: None), num_nodes=1, run_id=7)
+    message = Message(RecordDict(), FIRST_CLIENT_NODE_ID, "train")
+    assert (message.metadata.run_id, TaskIdentity.run_id) == (7, 7)
+
+
+def test_a_failing_client_becomes_an_error_reply_and_the_round_goes_on():
+    def no_data(context):
+        if context.node_config["partition-id"] == 0:
+            raise RuntimeError("disk unplugged")
+        raise ValueError("no samples")
+
+    grid = InProcessGrid(build_client_app(no_data), num_nodes=2)
+    spec = spec_from_data("mlp", np.zeros((4, 3), np.float32), num_classes=2, dropout=0.0)
+    config = ConfigRecord({"model-spec": spec.to_json()})
+    messages = [Message(RecordDict({"config": config}), node, "train")
+                for node in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(messages))
+    assert sorted(r.error.reason for r in replies) == [
+        "RuntimeError: disk unplugged", "ValueError: no samples"]
+    assert {r.metadata.reply_to_message_id for r in replies} == {
+        m.metadata.message_id for m in messages}
+    assert FedAvg().aggregate_train(1, replies) == (None, None)
+
+
+@pytest.mark.timeout(300)
+def test_ray_backend_runs_the_same_federation_as_the_in_process_backend(tmp_path):
+    config = RunConfig(clients=3, rounds=2, local_epochs=1, partition="iid", patience=5)
+    results = {}
+    for backend in ("inprocess", "ray"):
+        run_dir = tmp_path / backend
+        simulate(plan_simulation(config.model_copy(update={"backend": backend})), run_dir)
+        results[backend] = json.loads((run_dir / "metrics.json").read_text())
+
+    inprocess, ray = results["inprocess"], results["ray"]
+    assert ray["status"] == "finished" and ray["config"]["backend"] == "ray"
+    assert [r["num_clients"] for r in ray["rounds"]] == [3, 3]
+    # Ray returns replies in completion order, so sums may differ in the last bits.
+    for a, b in zip(inprocess["rounds"], ray["rounds"], strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
