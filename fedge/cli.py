@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fedge.config import RunConfig, load_config
 from fedge.errors import FedgeError
 
 app = typer.Typer(help="Federated edge training: Flower rounds, PyTorch clients, ONNX models.",
@@ -55,52 +56,50 @@ def _round_line(record: Any, total: int, best: bool) -> str:
 Opt = typer.Option
 
 
+def _setting(name: str) -> Any:
+    """A command-line option documented, and defaulted, by the RunConfig field ``name``."""
+    field = RunConfig.model_fields[name]
+    shown = "" if field.default is None else f"  \\[default: {field.default}]"
+    return Opt(help=f"{field.description}{shown}", show_default=False)
+
+
 @app.command()
 @_friendly_errors
 def simulate(
-    config: Annotated[Path | None, Opt("--config", "-c", help="TOML file of run settings")] = None,
-    dataset: Annotated[str | None, Opt(help="digits | breast_cancer | synthetic-sensor | "
-                                            "synthetic-text  [default: digits]")] = None,
-    model: Annotated[str | None, Opt(help="cnn | mlp | sensor1d | tinytext  "
-                                          "[default: the data set's own]")] = None,
-    clients: Annotated[int | None, Opt(help="simulated clients  [default: 10]")] = None,
-    rounds: Annotated[int | None, Opt(help="maximum rounds  [default: 20]")] = None,
-    fraction: Annotated[float | None, Opt(help="fraction of clients per round  "
-                                               "[default: 1.0]")] = None,
-    min_clients: Annotated[int | None, Opt(help="minimum clients per round  "
-                                                "[default: 2]")] = None,
-    strategy: Annotated[str | None, Opt(help="fedavg | fedprox | fedadam  "
-                                             "[default: fedavg]")] = None,
-    partition: Annotated[str | None, Opt(help="iid | dirichlet:ALPHA | shards:K  "
-                                              "[default: dirichlet:0.5]")] = None,
-    local_epochs: Annotated[int | None, Opt(help="local epoch budget  [default: 5]")] = None,
-    batch_size: Annotated[int | None, Opt(help="local mini-batch size  [default: 32]")] = None,
-    lr: Annotated[float | None, Opt(help="client learning rate  [default: 0.003]")] = None,
-    optimizer: Annotated[str | None, Opt(help="adam | sgd  [default: adam]")] = None,
-    dropout: Annotated[float | None, Opt(help="dropout rate  [default: 0.2]")] = None,
-    patience: Annotated[int | None, Opt(help="rounds without val-loss improvement before "
-                                             "stopping  [default: 3]")] = None,
-    local_patience: Annotated[int | None, Opt(help="local epochs without improvement  "
-                                                   "[default: 2]")] = None,
-    proximal_mu: Annotated[float | None, Opt(help="FedProx μ  [default: 0.01]")] = None,
-    server_lr: Annotated[float | None, Opt(help="FedAdam server learning rate  "
-                                                "[default: 0.01]")] = None,
-    seed: Annotated[int | None, Opt(help="random seed  [default: 0]")] = None,
-    backend: Annotated[str | None, Opt(help="inprocess | ray  [default: inprocess]")] = None,
-    device: Annotated[str | None, Opt(help="auto | cpu | cuda | mps  [default: auto]")] = None,
+    config: Annotated[Path | None, Opt("--config", "-c", help="TOML file of run settings "
+                                       "(keys as the options below); options override it")] = None,
+    dataset: Annotated[str | None, _setting("dataset")] = None,
+    model: Annotated[str | None, _setting("model")] = None,
+    clients: Annotated[int | None, _setting("clients")] = None,
+    rounds: Annotated[int | None, _setting("rounds")] = None,
+    fraction: Annotated[float | None, _setting("fraction")] = None,
+    min_clients: Annotated[int | None, _setting("min_clients")] = None,
+    strategy: Annotated[str | None, _setting("strategy")] = None,
+    partition: Annotated[str | None, _setting("partition")] = None,
+    local_epochs: Annotated[int | None, _setting("local_epochs")] = None,
+    batch_size: Annotated[int | None, _setting("batch_size")] = None,
+    lr: Annotated[float | None, _setting("lr")] = None,
+    optimizer: Annotated[str | None, _setting("optimizer")] = None,
+    dropout: Annotated[float | None, _setting("dropout")] = None,
+    patience: Annotated[int | None, _setting("patience")] = None,
+    min_delta: Annotated[float | None, _setting("min_delta")] = None,
+    local_patience: Annotated[int | None, _setting("local_patience")] = None,
+    proximal_mu: Annotated[float | None, _setting("proximal_mu")] = None,
+    server_lr: Annotated[float | None, _setting("server_lr")] = None,
+    seed: Annotated[int | None, _setting("seed")] = None,
+    backend: Annotated[str | None, _setting("backend")] = None,
+    device: Annotated[str | None, _setting("device")] = None,
     out: Annotated[Path | None, Opt("--out", "-o", help="run folder  "
-                                                         "[default: runs/<timestamp>]")] = None,
+                                                         "\\[default: runs/<timestamp>]")] = None,
     overwrite: Annotated[bool, Opt(help="replace an existing run folder")] = False,
     verbose: Annotated[bool, Opt("--verbose", "-v", help="show Flower's logs")] = False,
 ) -> None:
     """Run a federated training of many clients on this machine."""
-    from fedge.config import load_config
-
     settings = load_config(
         config, dataset=dataset, model=model, clients=clients, rounds=rounds,
         fraction=fraction, min_clients=min_clients, strategy=strategy, partition=partition,
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        dropout=dropout, patience=patience, local_patience=local_patience,
+        dropout=dropout, patience=patience, min_delta=min_delta, local_patience=local_patience,
         proximal_mu=proximal_mu, server_lr=server_lr, seed=seed, backend=backend,
         device=device,
     )
@@ -118,12 +117,8 @@ def simulate(
         f"{settings.clients} clients ({settings.partition}, {min(sizes)}–{max(sizes)} samples "
         f"each), {settings.strategy}, ≤{settings.rounds} rounds, backend {settings.backend}",
         highlight=False)
-    best_loss = float("inf")
 
-    def show(record: Any) -> None:
-        nonlocal best_loss
-        best = record.val_loss < best_loss - settings.min_delta
-        best_loss = min(best_loss, record.val_loss) if best else best_loss
+    def show(record: Any, best: bool) -> None:
         console.print(_round_line(record, settings.rounds, best), highlight=False)
 
     outcome = simulate(plan, run_dir, overwrite=overwrite, on_round=show)

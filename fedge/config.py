@@ -14,30 +14,36 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    dataset: str = "digits"
-    model: str | None = Field(None, description="network; default: the data set's own")
-    clients: int = Field(10, ge=1)
-    rounds: int = Field(20, ge=1)
-    fraction: float = Field(1.0, gt=0.0, le=1.0, description="clients sampled per round")
+    dataset: str = Field("digits", description="digits | breast_cancer | synthetic-sensor | "
+                                               "synthetic-text")
+    model: str | None = Field(None, description="cnn | mlp | sensor1d | tinytext "
+                                                "(default: the data set's own)")
+    clients: int = Field(10, ge=1, description="simulated clients")
+    rounds: int = Field(20, ge=1, description="maximum rounds")
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients per round")
     min_clients: int = Field(2, ge=1, description="minimum clients per round")
-    strategy: str = "fedavg"
-    partition: str = "dirichlet:0.5"
-    local_epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.003, gt=0.0)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    patience: int = Field(3, ge=1, description="rounds without val-loss improvement")
-    min_delta: float = Field(0.0, ge=0.0, description="smallest val-loss drop that counts")
-    local_patience: int = Field(2, ge=1, description="local epochs without improvement")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="client's local validation")
-    proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight")
-    server_lr: float = Field(0.01, gt=0.0, description="FedAdam server learning rate")
-    round_timeout: float = Field(600.0, gt=0.0, description="seconds to wait for replies")
-    seed: int = 0
-    backend: Literal["inprocess", "ray"] = "inprocess"
-    device: str = "auto"
-
+    strategy: str = Field("fedavg", description="fedavg | fedprox | fedadam")
+    partition: str = Field("dirichlet:0.5", description="iid | dirichlet:ALPHA | shards:K")
+    local_epochs: int = Field(5, ge=1, description="local epoch budget per round")
+    batch_size: int = Field(32, ge=1, description="local mini-batch size")
+    lr: float = Field(0.003, gt=0.0, description="client learning rate")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="client optimizer: adam | sgd")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate")
+    patience: int = Field(3, ge=1, description="rounds without validation-loss improvement "
+                                               "before the run stops")
+    min_delta: float = Field(0.0, ge=0.0, description="smallest validation-loss drop that "
+                                                      "counts as improvement")
+    local_patience: int = Field(2, ge=1, description="local epochs without improvement "
+                                                     "before a client stops")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of a client's samples "
+                                                                 "held out for early stopping")
+    proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight μ")
+    server_lr: float = Field(0.01, gt=0.0, description="FedAdam server learning rate η")
+    round_timeout: float = Field(600.0, gt=0.0, description="seconds a round waits for replies")
+    seed: int = Field(0, description="random seed: the same seed gives the same run")
+    backend: Literal["inprocess", "ray"] = Field("inprocess", description="inprocess | ray")
+    device: str = Field("auto", description="auto | cpu | cuda | mps (auto: CUDA, then MPS, "
+                                            "then CPU)")
 
 def load_config(path: Path | None = None, **overrides: object) -> RunConfig:
     """Defaults, then the TOML file at ``path`` (if any), then non-None ``overrides``."""

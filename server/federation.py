@@ -53,12 +53,14 @@ class RunOutcome:
 class Federation:
     """One federated run of ``config`` that writes its run folder ``run_dir``.
 
+    ``on_round(record, improved)`` is called after every round, once it is checkpointed.
+
     :meth:`server_app` wraps :meth:`run` as a Flower ServerApp for any Grid: Flower's
     simulation engine, the Deployment Engine, or fedge's in-process grid.
     """
 
     def __init__(self, config: RunConfig, data: ServerData, run_dir: Path,
-                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
+                 on_round: Callable[[RoundRecord, bool], None] | None = None) -> None:
         if config.model is None:
             raise FedgeError("the server needs a model name")
         self.config, self.data, self.run_dir = config, data, run_dir
@@ -131,7 +133,7 @@ class Federation:
                  record.round, record.val_loss, record.val_accuracy, record.num_clients,
                  record.seconds)
         if self.on_round:
-            self.on_round(record)
+            self.on_round(record, improved)
 
     def _metrics(self, status: str, **extra: object) -> dict:
         tracker = self._tracker

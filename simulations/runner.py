@@ -5,6 +5,7 @@ through :class:`~fedge.simulations.inprocess.InProcessGrid`; ``ray`` is Flower's
 simulation engine, for large runs and Ray clusters.
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ def plan_simulation(config: RunConfig) -> SimulationPlan:
 
 
 def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
-             on_round: Callable[[RoundRecord], None] | None = None) -> RunOutcome:
+             on_round: Callable[[RoundRecord, bool], None] | None = None) -> RunOutcome:
     """Run the planned federation and write its run folder ``run_dir``."""
     config = plan.config
     federation = Federation(config, plan.server_data, prepare_run_dir(run_dir, overwrite),
@@ -67,6 +68,8 @@ def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
 
     from flwr.simulation import run_simulation
 
+    # Ray warns at start-up unless told how to treat CUDA_VISIBLE_DEVICES with 0 GPUs.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=federation.server_app(), client_app=client_app,
         num_supernodes=config.clients,
