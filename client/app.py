@@ -4,6 +4,7 @@ One message per client per round: the local validation metrics travel in the tra
 reply, and the server evaluates the global model itself.
 """
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -37,30 +38,38 @@ def _node_seed(base_seed: int, server_round: int, context: Context) -> int:
     return int(np.random.SeedSequence([base_seed, server_round, node]).generate_state(1)[0])
 
 
-def _check_fits(spec: ModelSpec, data: LocalData) -> None:
-    if tuple(data.train_x.shape[1:]) != spec.input_shape:
-        raise FedgeError(f"local samples have shape {tuple(data.train_x.shape[1:])}, "
-                         f"but the federation's {spec.name!r} model takes {spec.input_shape}")
+def _fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
+    """The samples in the model's input shape (flat CSV rows are reshaped), or a clear
+    error: the first round is where a device learns which model it trains."""
+    sample_shape = tuple(data.train_x.shape[1:])
+    if sample_shape != spec.input_shape:
+        if math.prod(sample_shape) != math.prod(spec.input_shape):
+            raise FedgeError(f"local samples have shape {sample_shape}, but the federation's "
+                             f"{spec.name!r} model takes {spec.input_shape}")
+        data = LocalData(data.train_x.reshape(-1, *spec.input_shape), data.train_y,
+                         data.val_x.reshape(-1, *spec.input_shape), data.val_y)
     labels = np.concatenate([data.train_y, data.val_y])
     if labels.min() < 0 or labels.max() >= spec.num_classes:
         raise FedgeError(f"local labels must lie in 0..{spec.num_classes - 1}")
+    return data
 
 
 def build_client_app(load_data: DataLoaderFn, device: str = "auto") -> ClientApp:
-    """A ClientApp that trains on the samples ``load_data`` returns for its node."""
+    """A ClientApp that trains on the samples ``load_data`` returns for its node, on
+    ``device`` unless the node config names one."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
         spec = ModelSpec.from_json(str(config["model-spec"]))
-        data = load_data(context)
-        _check_fits(spec, data)
+        data = _fit_to_model(spec, load_data(context))
         model = build_model(spec)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         settings = local_training_from_config(
             config, _node_seed(int(config["seed"]), int(config["server-round"]), context))
-        report = train_locally(model, spec, data, settings, pick_device(device))
+        chosen = pick_device(str(context.node_config.get("device", device)))
+        report = train_locally(model, spec, data, settings, chosen)
         metrics = MetricRecord({
             "num-examples": len(data.train_x),
             "train_loss": report.train_loss,

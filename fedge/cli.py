@@ -92,6 +92,8 @@ def simulate(
     out: Annotated[Path | None, Opt("--out", "-o", help="run folder  "
                                                          "\\[default: runs/<timestamp>]")] = None,
     overwrite: Annotated[bool, Opt(help="replace an existing run folder")] = False,
+    resume: Annotated[bool, Opt(help="continue the interrupted run in --out after its last "
+                                     "completed round")] = False,
     verbose: Annotated[bool, Opt("--verbose", "-v", help="show Flower's logs")] = False,
 ) -> None:
     """Run a federated training of many clients on this machine."""
@@ -109,6 +111,8 @@ def simulate(
         _show_logs(verbose)
         plan = plan_simulation(settings)
     settings = plan.config
+    if resume and out is None:
+        raise FedgeError("--resume needs --out: the run folder to continue")
     run_dir = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     sizes = plan.clients.partition_sizes()
     kind = "SYNTHETIC data" if plan.synthetic else "real data"
@@ -121,7 +125,7 @@ def simulate(
     def show(record: Any, best: bool) -> None:
         console.print(_round_line(record, settings.rounds, best), highlight=False)
 
-    outcome = simulate(plan, run_dir, overwrite=overwrite, on_round=show)
+    outcome = simulate(plan, run_dir, overwrite=overwrite, on_round=show, resume=resume)
     stop = "stopped early (validation loss plateaued)" if outcome.stopped_early else "all rounds"
     console.print(
         f"[bold green]done[/]: {outcome.rounds_run} rounds, {stop}; best round "
@@ -165,3 +169,102 @@ def predict(
 
     for label in predict_classes(model, load_inputs(inputs)):
         print(int(label))
+
+
+@app.command()
+@_friendly_errors
+def certs(
+    host: Annotated[list[str], Opt("--host", help="name or IP clients dial (repeatable); "
+                                                  "localhost and 127.0.0.1 are always added")],
+    out: Annotated[Path, Opt("--out", "-o", help="folder for ca.pem, ca.key, server.pem, "
+                                                 "server.key")] = Path("certs"),
+    days: Annotated[int, Opt(help="validity in days")] = 365,
+) -> None:
+    """Make a private CA and the server's TLS certificate."""
+    from fedge.server.certs import make_certificates
+
+    paths = make_certificates(out, [*host, "localhost", "127.0.0.1"], days)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}\n"
+                  f"give {paths['ca_cert']} to every client; keep ca.key offline",
+                  highlight=False)
+
+
+@app.command()
+@_friendly_errors
+def keys(
+    name: Annotated[str, Opt(help="the device's name, used for the file names")] = "node",
+    out: Annotated[Path, Opt("--out", "-o", help="folder for NAME.key and NAME.pub")] = Path(
+        "keys"),
+) -> None:
+    """Make a client's key pair for node authentication."""
+    from fedge.client.keys import make_node_keys
+
+    private, public = make_node_keys(out, name)
+    console.print(f"wrote {private} (stays on the device) and {public} (give it to the "
+                  "server operator)", highlight=False)
+
+
+@app.command()
+@_friendly_errors
+def server(
+    val_data: Annotated[Path, Opt(help="held-out samples for validation (CSV, NPZ or image "
+                                       "folder)")],
+    config: Annotated[Path | None, Opt("--config", "-c", help="TOML run settings, as for "
+                                                              "`fedge simulate`")] = None,
+    certs: Annotated[Path | None, Opt(help="folder made by `fedge certs`")] = None,
+    authorized_keys: Annotated[list[Path] | None, Opt(
+        "--authorized-key", help="a client's public key (repeatable)")] = None,
+    test_data: Annotated[Path | None, Opt(help="held-out test samples  "
+                                               "\\[default: the validation data]")] = None,
+    host: Annotated[str, Opt(help="address to listen on")] = "0.0.0.0",
+    port: Annotated[int, Opt(help="port for clients and Flower's CLI")] = 9092,
+    health_port: Annotated[int | None, Opt(help="gRPC health-check port")] = None,
+    out: Annotated[Path | None, Opt("--out", "-o", help="run folder; an interrupted run in "
+                                    "it resumes  \\[default: runs/<timestamp>]")] = None,
+    insecure: Annotated[bool, Opt(help="no TLS, no node authentication: loopback tests "
+                                       "only")] = False,
+) -> None:
+    """Serve a federation to clients on other machines (Flower's Deployment Engine)."""
+    from fedge.server.deployment import Listener, ServerSettings, serve
+
+    _show_logs(verbose=False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                                                   "%(message)s")
+    if insecure == (certs is not None):
+        raise FedgeError("give --certs (TLS, the default) or --insecure, not both or neither")
+    if insecure:
+        errors.print("[yellow]warning:[/] --insecure: traffic is unencrypted and any client "
+                     "may join; use it on loopback only")
+    settings = ServerSettings(
+        config=load_config(config), val_data=val_data, test_data=test_data,
+        run_dir=out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    serve(settings, Listener(host, port, certs, tuple(authorized_keys or ()), health_port))
+    console.print(f"run finished: {settings.run_dir}", highlight=False)
+
+
+@app.command()
+@_friendly_errors
+def client(
+    server: Annotated[str, Opt(help="HOST:PORT of the fedge server")],
+    data: Annotated[Path, Opt(help="this device's samples: CSV with a label column, NPZ "
+                                   "with x and y, or a folder of class sub-folders")],
+    ca: Annotated[Path | None, Opt(help="the server's ca.pem (TLS)")] = None,
+    key: Annotated[Path | None, Opt(help="this device's private key from `fedge keys`")] = None,
+    label_column: Annotated[str, Opt(help="CSV column holding the class id")] = "label",
+    val_fraction: Annotated[float, Opt(help="share held out for local early "
+                                            "stopping")] = 0.2,
+    device: Annotated[str, Opt(help="auto | cpu | cuda | mps")] = "auto",
+    insecure: Annotated[bool, Opt(help="no TLS: loopback tests only")] = False,
+) -> None:
+    """Join a federation from this device; the data never leaves it."""
+    from fedge.client.deployment import DeviceData, run_client
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                                                   "%(message)s")
+    if insecure == (ca is not None):
+        raise FedgeError("give --ca (TLS, the default) or --insecure, not both or neither")
+    if insecure:
+        errors.print("[yellow]warning:[/] --insecure: traffic is unencrypted; use it on "
+                     "loopback only")
+    status = run_client(server, DeviceData(data, label_column, val_fraction), ca, key, device)
+    raise typer.Exit(status)

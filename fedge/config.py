@@ -18,6 +18,9 @@ class RunConfig(BaseModel):
                                                "synthetic-text")
     model: str | None = Field(None, description="cnn | mlp | sensor1d | tinytext "
                                                 "(default: the data set's own)")
+    input_shape: tuple[int, ...] | None = Field(None, description="shape of one sample, e.g. "
+                                                "[1, 8, 8] for flat CSV rows of 8×8 images")
+    num_classes: int | None = Field(None, ge=2, description="default: largest label + 1")
     clients: int = Field(10, ge=1, description="simulated clients")
     rounds: int = Field(20, ge=1, description="maximum rounds")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients per round")
@@ -40,6 +43,10 @@ class RunConfig(BaseModel):
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight μ")
     server_lr: float = Field(0.01, gt=0.0, description="FedAdam server learning rate η")
     round_timeout: float = Field(600.0, gt=0.0, description="seconds a round waits for replies")
+    min_results: int = Field(1, ge=1, description="fewest client results a round aggregates; "
+                                                  "with fewer it keeps the global model")
+    join_timeout: float = Field(300.0, gt=0.0, description="seconds to wait for min_clients to "
+                                                           "connect before the run gives up")
     seed: int = Field(0, description="random seed: the same seed gives the same run")
     backend: Literal["inprocess", "ray"] = Field("inprocess", description="inprocess | ray")
     device: str = Field("auto", description="auto | cpu | cuda | mps (auto: CUDA, then MPS, "

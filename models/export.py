@@ -3,7 +3,6 @@
 import contextlib
 import logging
 import os
-import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from fedge.errors import FedgeError
+from fedge.files import temporary_sibling
 from fedge.models.registry import ModelSpec, as_input_tensor
 
 PARITY_TOLERANCE = 1e-4
@@ -45,7 +45,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray,
     model = model.eval().cpu()
     inputs = as_input_tensor(spec, reference_inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_sibling(path)
     try:
         with torch.no_grad(), _quiet_exporter():
             torch.onnx.export(

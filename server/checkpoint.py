@@ -25,6 +25,7 @@ class Checkpoint:
     reference_inputs: torch.Tensor
     history: list[dict] = field(default_factory=list)
     best_round: int | None = None
+    initial: dict | None = None  # the untrained model's validation metrics
     strategy_state: dict = field(default_factory=dict)
 
     def model(self) -> nn.Module:
@@ -41,7 +42,7 @@ class Checkpoint:
             "format": FORMAT, "version": VERSION, "round": self.round,
             "state_dict": self.state_dict, "model_spec": self.model_spec.to_json(),
             "config": self.config, "reference_inputs": self.reference_inputs,
-            "history": self.history, "best_round": self.best_round,
+            "history": self.history, "best_round": self.best_round, "initial": self.initial,
             "strategy_state": self.strategy_state,
         })
 
@@ -66,7 +67,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
             round=payload["round"], state_dict=payload["state_dict"],
             model_spec=ModelSpec.from_json(payload["model_spec"]), config=payload["config"],
             reference_inputs=payload["reference_inputs"], history=payload["history"],
-            best_round=payload["best_round"], strategy_state=payload["strategy_state"],
+            best_round=payload["best_round"], initial=payload["initial"],
+            strategy_state=payload["strategy_state"],
         )
     except KeyError as error:
         raise FedgeError(f"{path} is an incomplete fedge checkpoint: no {error}") from error

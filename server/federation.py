@@ -11,20 +11,31 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
+from fedge.files import write_json
 from fedge.models.export import export_onnx
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import build_model, spec_from_data
-from fedge.server.checkpoint import Checkpoint
+from fedge.server.checkpoint import Checkpoint, load_checkpoint
+from fedge.server.grid import RoundGrid, RoundStats
 from fedge.server.rounds import GlobalEarlyStop, RoundRecord, RoundTracker
-from fedge.server.run_folder import plot_curves, write_json
-from fedge.server.strategies import build_strategy, strategy_state
+from fedge.server.run_folder import plot_curves
+from fedge.server.strategies import (
+    ContinuedRounds,
+    build_strategy,
+    restore_strategy_state,
+    strategy_state,
+)
 
 log = logging.getLogger("fedge.server")
 
 REFERENCE_SAMPLES = 64  # held-out inputs kept in checkpoints to verify later exports
+# Settings a resumed run may change; any other difference means a different run.
+RESUMABLE_CHANGES = {"rounds", "round_timeout", "join_timeout", "min_results", "backend",
+                     "device"}
 
 
 @dataclass(frozen=True)
@@ -53,18 +64,21 @@ class RunOutcome:
 class Federation:
     """One federated run of ``config`` that writes its run folder ``run_dir``.
 
-    ``on_round(record, improved)`` is called after every round, once it is checkpointed.
-
     :meth:`server_app` wraps :meth:`run` as a Flower ServerApp for any Grid: Flower's
-    simulation engine, the Deployment Engine, or fedge's in-process grid.
+    simulation engine, the Deployment Engine, or fedge's in-process grid. With
+    ``resume``, the run continues after that checkpoint's round.
+    ``on_round(record, improved)`` is called after every round, once it is checkpointed.
     """
 
     def __init__(self, config: RunConfig, data: ServerData, run_dir: Path,
-                 on_round: Callable[[RoundRecord, bool], None] | None = None) -> None:
+                 on_round: Callable[[RoundRecord, bool], None] | None = None,
+                 resume: Checkpoint | None = None) -> None:
         if config.model is None:
             raise FedgeError("the server needs a model name")
+        if resume is not None:
+            _check_resumable(config, resume)
         self.config, self.data, self.run_dir = config, data, run_dir
-        self.on_round = on_round
+        self.on_round, self.resume = on_round, resume
         self.spec = spec_from_data(config.model, data.val_x, data.num_classes, config.dropout,
                                    vocab_size=data.vocab_size)
         self.outcome: RunOutcome | None = None
@@ -78,30 +92,56 @@ class Federation:
 
         return app
 
-    def run(self, grid: Grid) -> RunOutcome:
+    def run(self, flower_grid: Grid) -> RunOutcome:
         config = self.config
         torch.manual_seed(config.seed)
         # Flower samples clients with the global `random` module.
         random.seed(config.seed)
-        model = build_model(self.spec)
-        tracker = RoundTracker(self.spec, self.data.val_x, self.data.val_y, config.patience,
-                               config.min_delta, on_round=self._save_round)
-        self._tracker = tracker
-        self._strategy = build_strategy(config, tracker.aggregate_train_metrics)
-        self._best_state: dict[str, torch.Tensor] | None = None
+        grid = RoundGrid(flower_grid, min_nodes=config.min_clients,
+                         min_replies=config.min_results, join_timeout=config.join_timeout)
+        self._tracker = RoundTracker(
+            self.spec, self.data.val_x, self.data.val_y, config.patience, config.min_delta,
+            on_round=self._save_round,
+            round_stats=lambda: grid.stats[-1] if grid.stats else RoundStats())
+        self._strategy = build_strategy(config, self._tracker.aggregate_train_metrics)
         started = time.perf_counter()
-        try:
-            self._strategy.start(
-                grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                num_rounds=config.rounds, timeout=config.round_timeout,
-                train_config=self._train_config(), evaluate_fn=tracker.evaluate,
-            )
-        except GlobalEarlyStop as stop:
-            log.info("global early stopping after round %d: %s", tracker.history[-1].round, stop)
+        strategy, arrays = self._starting_point()
+        remaining = config.rounds - self._tracker.completed_rounds
+        if remaining > 0 and not self._tracker.plateaued():
+            self._rounds(strategy, grid, arrays, remaining)
+        self._tracker.stopped_early = self._tracker.plateaued()
         if self._best_state is None:
             raise FedgeError("no round completed: no client returned an update")
         self.outcome = self._finish(time.perf_counter() - started)
         return self.outcome
+
+    def _starting_point(self) -> tuple[Strategy, ArrayRecord]:
+        """A fresh model, or the resumed checkpoint's weights, strategy state and history."""
+        self._best_state: dict[str, torch.Tensor] | None = None
+        if self.resume is None:
+            return self._strategy, ArrayRecord(build_model(self.spec).state_dict())
+        checkpoint = self.resume
+        restore_strategy_state(self._strategy, checkpoint.strategy_state)
+        self._tracker.resume(checkpoint.history, checkpoint.initial)
+        if (self.run_dir / "best.pt").exists():
+            self._best_state = load_checkpoint(self.run_dir / "best.pt").state_dict
+        log.info("resuming after round %d (best round %s)", checkpoint.round,
+                 self._tracker.best_round)
+        return (ContinuedRounds(self._strategy, checkpoint.round),
+                ArrayRecord(checkpoint.state_dict))
+
+    def _rounds(self, strategy: Strategy, grid: Grid, arrays: ArrayRecord, rounds: int) -> None:
+        offset = self._tracker.completed_rounds
+        try:
+            strategy.start(
+                grid=grid, initial_arrays=arrays, num_rounds=rounds,
+                timeout=self.config.round_timeout, train_config=self._train_config(),
+                evaluate_fn=lambda server_round, new: self._tracker.evaluate(
+                    server_round + offset, new),
+            )
+        except GlobalEarlyStop as stop:
+            log.info("global early stopping after round %d: %s",
+                     self._tracker.completed_rounds, stop)
 
     def _train_config(self) -> ConfigRecord:
         c = self.config
@@ -117,21 +157,21 @@ class Federation:
             config=self.config.model_dump(),
             reference_inputs=torch.as_tensor(self.data.val_x[:REFERENCE_SAMPLES]),
             history=[r.as_dict() for r in self._tracker.history],
-            best_round=self._tracker.best_round,
+            best_round=self._tracker.best_round, initial=self._tracker.initial,
             strategy_state=strategy_state(self._strategy),
         )
 
     def _save_round(self, record: RoundRecord, arrays: ArrayRecord, improved: bool) -> None:
         state = arrays.to_torch_state_dict()
         checkpoint = self._checkpoint(record.round, state)
-        checkpoint.save(self.run_dir / "checkpoint.pt")
         if improved:
             self._best_state = state
             checkpoint.save(self.run_dir / "best.pt")
+        checkpoint.save(self.run_dir / "checkpoint.pt")
         write_json(self.run_dir / "metrics.json", self._metrics(status="running"))
-        log.info("round %d: val_loss %.4f val_accuracy %.4f (%d clients, %.2fs)",
-                 record.round, record.val_loss, record.val_accuracy, record.num_clients,
-                 record.seconds)
+        log.info("round %d: val_loss %.4f val_accuracy %.4f (%d clients, %d failed, "
+                 "%d timed out, %.2fs)", record.round, record.val_loss, record.val_accuracy,
+                 record.num_clients, record.failures, record.timeouts, record.seconds)
         if self.on_round:
             self.on_round(record, improved)
 
@@ -167,3 +207,11 @@ class Federation:
         return RunOutcome(self.run_dir, len(tracker.history), tracker.best_round,
                           tracker.stopped_early, test_loss, test_accuracy, report)
 
+
+def _check_resumable(config: RunConfig, checkpoint: Checkpoint) -> None:
+    saved = checkpoint.config
+    changed = sorted(k for k, v in config.model_dump().items()
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+    if changed:
+        raise FedgeError("cannot resume: the run folder's checkpoint was made with other "
+                         f"settings ({', '.join(f'{k}={saved.get(k)!r}' for k in changed)})")

@@ -11,6 +11,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import ModelSpec, build_model
+from fedge.server.grid import RoundStats
 
 
 class GlobalEarlyStop(Exception):
@@ -31,6 +32,8 @@ class RoundRecord:
     client_val_accuracy: float | None
     client_epochs: float | None
     clients_stopped_early: float | None
+    failures: int
+    timeouts: int
     seconds: float
 
     def as_dict(self) -> dict:
@@ -45,13 +48,16 @@ class RoundTracker:
     improved by more than ``min_delta`` for ``patience`` rounds.
 
     Pass :meth:`aggregate_train_metrics` as the strategy's ``train_metrics_aggr_fn`` and
-    :meth:`evaluate` as ``evaluate_fn`` of ``Strategy.start``.
+    :meth:`evaluate` as ``evaluate_fn`` of ``Strategy.start``. ``round_stats`` reports
+    the last round's failures and timeouts.
     """
 
     def __init__(self, spec: ModelSpec, val_x: np.ndarray, val_y: np.ndarray, patience: int,
-                 min_delta: float, on_round: OnRound) -> None:
+                 min_delta: float, on_round: OnRound,
+                 round_stats: Callable[[], RoundStats]) -> None:
         self.spec, self.val_x, self.val_y = spec, val_x, val_y
-        self.patience, self.min_delta, self.on_round = patience, min_delta, on_round
+        self.patience, self.min_delta = patience, min_delta
+        self.on_round, self.round_stats = on_round, round_stats
         self.history: list[RoundRecord] = []
         self.initial: dict | None = None
         self.best_round: int | None = None
@@ -59,6 +65,21 @@ class RoundTracker:
         self.stopped_early = False
         self._client_metrics: tuple[MetricRecord, int] | None = None
         self._clock = time.perf_counter()
+
+    @property
+    def completed_rounds(self) -> int:
+        return self.history[-1].round if self.history else 0
+
+    def resume(self, history: list[dict], initial: dict | None) -> None:
+        """Continue after the rounds of an earlier, interrupted run."""
+        self.history = [RoundRecord(**r) for r in history]
+        self.initial = initial
+        for record in self.history:
+            if record.val_loss < self.best_val_loss - self.min_delta:
+                self.best_round, self.best_val_loss = record.round, record.val_loss
+
+    def plateaued(self) -> bool:
+        return self.completed_rounds - (self.best_round or 0) >= self.patience
 
     def aggregate_train_metrics(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
         metrics = aggregate_metricrecords(replies, weight_key)
@@ -69,10 +90,11 @@ class RoundTracker:
         model = build_model(self.spec)
         model.load_state_dict(arrays.to_torch_state_dict())
         val_loss, val_accuracy = evaluate_classifier(model, self.spec, self.val_x, self.val_y)
-        if server_round == 0:
-            self.initial = {"val_loss": val_loss, "val_accuracy": val_accuracy}
+        metrics = {"val_loss": val_loss, "val_accuracy": val_accuracy}
+        if server_round <= self.completed_rounds:  # the starting model, fresh or resumed
+            self.initial = self.initial or metrics
             self._clock = time.perf_counter()
-            return MetricRecord(self.initial)
+            return MetricRecord(metrics)
 
         record = self._record(server_round, val_loss, val_accuracy)
         self.history.append(record)
@@ -80,14 +102,15 @@ class RoundTracker:
         if improved:
             self.best_round, self.best_val_loss = server_round, val_loss
         self.on_round(record, arrays, improved)
-        if server_round - (self.best_round or 0) >= self.patience:
+        if self.plateaued():
             self.stopped_early = True
             raise GlobalEarlyStop(f"no improvement for {self.patience} rounds")
-        return MetricRecord({"val_loss": val_loss, "val_accuracy": val_accuracy})
+        return MetricRecord(metrics)
 
     def _record(self, server_round: int, val_loss: float, val_accuracy: float) -> RoundRecord:
         metrics, num_clients = self._client_metrics or ({}, 0)
         self._client_metrics = None
+        stats = self.round_stats()
         now, started = time.perf_counter(), self._clock
         self._clock = now
 
@@ -99,5 +122,5 @@ class RoundTracker:
             val_accuracy=val_accuracy, num_clients=num_clients,
             client_val_loss=client("val_loss"), client_val_accuracy=client("val_accuracy"),
             client_epochs=client("epochs"), clients_stopped_early=client("stopped_early"),
-            seconds=now - started,
+            failures=stats.failures, timeouts=stats.timeouts, seconds=now - started,
         )

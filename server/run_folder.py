@@ -1,16 +1,14 @@
 """The run folder: every file written atomically (temp file, then rename)."""
 
 import io
-import json
-import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from fedge.errors import FedgeError
+from fedge.files import write_atomic
 
 RUN_MARKERS = ("metrics.json", "checkpoint.pt")
 
@@ -32,25 +30,15 @@ def prepare_run_dir(path: Path, overwrite: bool = False) -> Path:
     return path
 
 
-def temporary_sibling(path: Path) -> Path:
-    """A fresh hidden name beside ``path``: renaming it onto ``path`` is atomic."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = temporary_sibling(path)
-    try:
-        with open(tmp, "xb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+def resumable_checkpoint(path: Path) -> Path:
+    """The checkpoint to continue an interrupted run in folder ``path`` from."""
+    checkpoint = path / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise FedgeError(f"cannot resume: {path} holds no checkpoint.pt")
+    metrics = path / "metrics.json"
+    if metrics.is_file() and '"status": "finished"' in metrics.read_text():
+        raise FedgeError(f"cannot resume: the run in {path} has already finished")
+    return checkpoint
 
 
 def save_torch(path: Path, payload: dict) -> None:

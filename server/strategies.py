@@ -11,11 +11,12 @@ their train replies and the server evaluates the global model on its own held-ou
   w ← w + η · m / (√v + τ)  (η = ``server_lr``)
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fedge.config import RunConfig
@@ -61,3 +62,46 @@ def strategy_state(strategy: Strategy) -> dict:
         elif value is None or isinstance(value, bool | int | float | str):
             state[name] = value
     return state
+
+
+def restore_strategy_state(strategy: Strategy, state: dict) -> None:
+    """Put the attributes saved by :func:`strategy_state` back (e.g. FedAdam's moments)."""
+    if state.get("class") != type(strategy).__name__:
+        raise FedgeError(f"the checkpoint was written by {state.get('class')}, but this run "
+                         f"uses {type(strategy).__name__}")
+    for name, value in state.items():
+        if name == "class":
+            continue
+        if isinstance(value, dict):
+            value = {k: v.numpy() for k, v in value.items()}
+        setattr(strategy, name, value)
+
+
+class ContinuedRounds(Strategy):
+    """``strategy`` with round numbers that continue after ``offset`` completed rounds.
+
+    ``Strategy.start`` always counts rounds from 1; a resumed run must not restart the
+    round counter that FedAdam's bias correction and the clients' seeds depend on.
+    """
+
+    def __init__(self, strategy: Strategy, offset: int) -> None:
+        self.strategy, self.offset = strategy, offset
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()

@@ -14,9 +14,10 @@ from fedge.client.app import build_client_app
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.models.registry import check_sample_shape
+from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, RunOutcome, ServerData
 from fedge.server.rounds import RoundRecord
-from fedge.server.run_folder import prepare_run_dir
+from fedge.server.run_folder import prepare_run_dir, resumable_checkpoint
 from fedge.server.strategies import check_strategy_name
 from fedge.simulations.clients import SimulatedClients
 from fedge.simulations.datasets import load_dataset, split_federated
@@ -55,11 +56,17 @@ def plan_simulation(config: RunConfig) -> SimulationPlan:
 
 
 def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
-             on_round: Callable[[RoundRecord, bool], None] | None = None) -> RunOutcome:
-    """Run the planned federation and write its run folder ``run_dir``."""
+             on_round: Callable[[RoundRecord, bool], None] | None = None,
+             resume: bool = False) -> RunOutcome:
+    """Run the planned federation and write its run folder ``run_dir``; with ``resume``,
+    continue the interrupted run in ``run_dir`` after its last checkpointed round."""
     config = plan.config
-    federation = Federation(config, plan.server_data, prepare_run_dir(run_dir, overwrite),
-                            on_round)
+    if resume:
+        checkpoint = load_checkpoint(resumable_checkpoint(run_dir))
+        federation = Federation(config, plan.server_data, run_dir, on_round, checkpoint)
+    else:
+        federation = Federation(config, plan.server_data, prepare_run_dir(run_dir, overwrite),
+                                on_round)
     client_app = build_client_app(plan.clients.local_data, device=config.device)
     if config.backend == "inprocess":
         from fedge.simulations.inprocess import InProcessGrid

@@ -1,0 +1,327 @@
+"""A device's own data file: CSV, NPZ or an image folder, read into (x, y) or refused clearly."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_breast_cancer, load_digits
+
+from fedge.datafiles import load_labelled_data
+from fedge.errors import FedgeError
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def write_image(path: Path, pixels: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    (image.convert(mode) if mode else image).save(path)
+
+
+def digit_images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` sklearn digits as 0..255 grayscale 8x8 pixels."""
+    digits = load_digits()
+    return np.minimum(digits.images[:n] * 16, 255), digits.target[:n]
+
+
+# CSV
+
+def test_csv_label_column_becomes_int_labels_and_every_other_column_a_float_feature(tmp_path):
+    cancer = load_breast_cancer()
+    x, y = cancer.data[:20], cancer.target[:20]
+    header = ["diagnosis", *cancer.feature_names]
+    rows = [[label, *features] for label, features in zip(y, x, strict=True)]
+    path = write_csv(tmp_path / "cancer.csv", header, rows)
+
+    got_x, got_y = load_labelled_data(path, label_column="diagnosis")
+
+    assert got_x.dtype == np.float32 and got_x.shape == (20, 30)
+    np.testing.assert_allclose(got_x, x, rtol=1e-6)
+    assert got_y.dtype == np.int64
+    np.testing.assert_array_equal(got_y, y)
+
+
+def test_csv_rows_of_pixels_are_reshaped_to_the_models_sample_shape(tmp_path):
+    digits = load_digits()
+    table = np.column_stack([digits.data[:12], digits.target[:12]])
+    header = ",".join([*(f"pixel{i}" for i in range(64)), "label"])
+    path = tmp_path / "digits.csv"
+    np.savetxt(path, table, delimiter=",", header=header, comments="")  # labels as 3.0e+00
+
+    x, y = load_labelled_data(path, sample_shape=(1, 8, 8))
+
+    assert x.shape == (12, 1, 8, 8)
+    np.testing.assert_array_equal(x[:, 0], digits.images[:12])
+    np.testing.assert_array_equal(y, digits.target[:12])
+
+
+def test_csv_without_the_label_column_lists_the_columns_it_has(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["a", "class"], [[1, 0]])
+    with pytest.raises(FedgeError, match=r"has no 'label' column; its columns are: a, class"):
+        load_labelled_data(path)
+
+
+def test_csv_non_numeric_feature_names_the_line_and_column(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["a", "b", "label"], [[1, 2, 0], [3, "n/a", 1]])
+    with pytest.raises(FedgeError, match=r"line 3 of .*d\.csv holds 'n/a' in column 'b'"):
+        load_labelled_data(path)
+
+
+@pytest.mark.parametrize("label", ["1.5", "-1", "nan"])
+def test_csv_labels_must_be_whole_class_ids_not_fractions_or_negatives(tmp_path, label):
+    path = write_csv(tmp_path / "d.csv", ["a", "label"], [[0.5, 0], [0.7, label]])
+    with pytest.raises(FedgeError, match=rf"has label {label}, but labels must be integer class"):
+        load_labelled_data(path)
+
+
+def test_csv_non_numeric_label_is_refused(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["a", "label"], [[0.5, "cat"]])
+    with pytest.raises(FedgeError, match=r"holds 'cat' in column 'label', which is not a number"):
+        load_labelled_data(path)
+
+
+def test_an_empty_csv_file_is_refused(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("")
+    with pytest.raises(FedgeError, match=r"d\.csv is empty; it needs a header row"):
+        load_labelled_data(path)
+
+
+def test_a_csv_with_a_header_but_no_rows_is_refused(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["a", "label"], [])
+    with pytest.raises(FedgeError, match=r"d\.csv holds no samples"):
+        load_labelled_data(path)
+
+
+def test_a_csv_with_only_a_label_column_is_refused(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["label"], [[0], [1]])
+    with pytest.raises(FedgeError, match=r"no feature columns besides 'label'"):
+        load_labelled_data(path)
+
+
+def test_a_ragged_csv_row_is_refused(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["a", "b", "label"], [[1, 2, 0], [3, 1]])
+    with pytest.raises(FedgeError, match=r"line 3 of .* has 2 values, but the header names 3"):
+        load_labelled_data(path)
+
+
+def test_a_spreadsheet_csv_with_byte_order_mark_and_blank_lines_loads(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("\ufefflabel, a\r\n1,0.5\r\n\r\n0,2\r\n", encoding="utf-8")
+
+    x, y = load_labelled_data(path)
+
+    np.testing.assert_array_equal(x, [[0.5], [2.0]])
+    np.testing.assert_array_equal(y, [1, 0])
+
+
+
+# NPZ
+
+def test_npz_float_samples_become_float32_and_labels_int64(tmp_path):
+    cancer = load_breast_cancer()
+    path = tmp_path / "d.npz"
+    np.savez(path, x=cancer.data[:15], y=cancer.target[:15].astype(np.int32))
+
+    x, y = load_labelled_data(path)
+
+    assert x.dtype == np.float32 and x.shape == (15, 30)
+    np.testing.assert_allclose(x, cancer.data[:15], rtol=1e-6)
+    assert y.dtype == np.int64
+    np.testing.assert_array_equal(y, cancer.target[:15])
+
+
+def test_npz_integer_samples_stay_integers_as_token_ids(tmp_path):
+    tokens = np.array([[5, 9, 0], [70000, 2, 1]], dtype=np.int32)
+    np.savez(tmp_path / "d.npz", x=tokens, y=np.array([1, 0], dtype=np.uint8))
+
+    x, y = load_labelled_data(tmp_path / "d.npz")
+
+    assert x.dtype == np.int64
+    np.testing.assert_array_equal(x, tokens)
+    np.testing.assert_array_equal(y, [1, 0])
+
+
+def test_npz_without_y_names_the_missing_array_and_lists_those_present(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 3)), labels=np.zeros(2))
+    with pytest.raises(FedgeError, match=r"has no array 'y'; its arrays are: x, labels"):
+        load_labelled_data(tmp_path / "d.npz")
+
+
+def test_npz_with_more_samples_than_labels_is_refused(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 4)), y=np.zeros(2, dtype=int))
+    with pytest.raises(FedgeError, match=r"x of shape \(3, 4\) and y of shape \(2,\)"):
+        load_labelled_data(tmp_path / "d.npz")
+
+
+@pytest.mark.parametrize("labels", [[0, -2], [0.0, 0.5]])
+def test_npz_labels_must_be_whole_class_ids(tmp_path, labels):
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4)), y=np.array(labels))
+    with pytest.raises(FedgeError, match=r"labels must be integer class ids 0, 1, 2"):
+        load_labelled_data(tmp_path / "d.npz")
+
+
+def test_npz_text_labels_are_refused(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4)), y=np.array(["cat", "dog"]))
+    with pytest.raises(FedgeError, match=r"labels in .* must be integer class ids, not <U3"):
+        load_labelled_data(tmp_path / "d.npz")
+
+
+def test_npz_object_arrays_are_refused_because_pickle_is_never_used(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.array([[1], [1, 2]], dtype=object), y=np.array([0, 1]))
+    with pytest.raises(FedgeError, match=r"cannot read .*d\.npz: Object arrays cannot be loaded"):
+        load_labelled_data(tmp_path / "d.npz")
+
+
+def test_a_file_named_npz_that_is_not_an_archive_is_refused(tmp_path):
+    (tmp_path / "d.npz").write_bytes(b"x,y\n1,0\n")
+    with pytest.raises(FedgeError, match=r"d\.npz is not an \.npz archive"):
+        load_labelled_data(tmp_path / "d.npz")
+
+
+# Image folders
+
+def test_grayscale_images_load_as_one_channel_raw_pixels_labelled_by_folder(tmp_path):
+    pixels, targets = digit_images(30)
+    for i, (image, target) in enumerate(zip(pixels, targets, strict=True)):
+        write_image(tmp_path / str(target) / f"{i:02d}.png", image)
+    order = sorted(range(30), key=lambda i: (targets[i], i))  # folder by folder, file by file
+
+    x, y = load_labelled_data(tmp_path)
+
+    assert x.dtype == np.float32 and x.shape == (30, 1, 8, 8)
+    assert x.max() == 255
+    np.testing.assert_array_equal(x[:, 0], pixels[order])
+    np.testing.assert_array_equal(y, targets[order])
+
+
+def test_rgb_images_load_channels_first(tmp_path):
+    rgb = np.arange(4 * 5 * 3).reshape(4, 5, 3) * 4
+    write_image(tmp_path / "0" / "a.bmp", rgb)
+    write_image(tmp_path / "1" / "b.png", 255 - rgb)
+
+    x, y = load_labelled_data(tmp_path)
+
+    assert x.shape == (2, 3, 4, 5)
+    np.testing.assert_array_equal(x[0], rgb.transpose(2, 0, 1))
+    np.testing.assert_array_equal(x[1], 255 - rgb.transpose(2, 0, 1))
+    np.testing.assert_array_equal(y, [0, 1])
+
+
+def test_other_image_modes_are_converted_to_rgb(tmp_path):
+    gray = np.full((6, 6), 200)
+    write_image(tmp_path / "0" / "a.png", gray, mode="LA")
+    write_image(tmp_path / "0" / "b.png", np.zeros((6, 6, 3)), mode="RGBA")
+
+    x, _ = load_labelled_data(tmp_path)
+
+    assert x.shape == (2, 3, 6, 6)
+    np.testing.assert_array_equal(x[0], np.full((3, 6, 6), 200))
+
+
+def test_class_names_map_folders_to_the_federations_class_ids(tmp_path):
+    write_image(tmp_path / "dog" / "a.png", np.zeros((4, 4)))
+    write_image(tmp_path / "cat" / "b.png", np.zeros((4, 4)))
+
+    _, y = load_labelled_data(tmp_path, class_names=["bird", "cat", "dog"])
+
+    np.testing.assert_array_equal(y, [1, 2])  # cat then dog; this client has no birds
+
+
+def test_a_folder_that_is_not_a_class_name_is_refused_listing_the_classes(tmp_path):
+    write_image(tmp_path / "horse" / "a.png", np.zeros((4, 4)))
+    with pytest.raises(FedgeError, match=r"horse is not one of the classes: bird, cat, dog"):
+        load_labelled_data(tmp_path, class_names=["bird", "cat", "dog"])
+
+
+def test_folders_must_be_class_ids_unless_class_names_are_given(tmp_path):
+    write_image(tmp_path / "cat" / "a.png", np.zeros((4, 4)))
+    with pytest.raises(FedgeError, match=r"cat is not named by a class id .*pass class_names"):
+        load_labelled_data(tmp_path)
+
+
+def test_an_empty_folder_is_refused(tmp_path):
+    with pytest.raises(FedgeError, match=r"has no class sub-folders"):
+        load_labelled_data(tmp_path)
+
+
+def test_class_folders_without_images_are_refused(tmp_path):
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "notes.txt").write_text("not an image")
+    with pytest.raises(FedgeError, match=r"no images \(\.png, \.jpg, \.jpeg, \.bmp\) in the sub"):
+        load_labelled_data(tmp_path)
+
+
+def test_images_of_mixed_sizes_are_refused_naming_one(tmp_path):
+    write_image(tmp_path / "0" / "a.png", np.zeros((8, 8)))
+    write_image(tmp_path / "1" / "big.png", np.zeros((9, 8)))
+    with pytest.raises(FedgeError, match=r"share one size and mode, but .*big\.png has shape"):
+        load_labelled_data(tmp_path)
+
+
+def test_grayscale_and_colour_images_mixed_are_refused(tmp_path):
+    write_image(tmp_path / "0" / "a.png", np.zeros((8, 8)))
+    write_image(tmp_path / "0" / "b.png", np.zeros((8, 8, 3)))
+    with pytest.raises(FedgeError, match=r"b\.png has shape \(3, 8, 8\) and .*a\.png \(1, 8, 8\)"):
+        load_labelled_data(tmp_path)
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    write_image(tmp_path / "0" / "a.png", np.zeros((8, 8)))
+    (tmp_path / "0" / "broken.jpg").write_bytes(b"not really a jpeg")
+    with pytest.raises(FedgeError, match=r"broken\.jpg is not a readable image"):
+        load_labelled_data(tmp_path)
+
+
+def test_hidden_files_and_folders_beside_the_images_are_ignored(tmp_path):
+    write_image(tmp_path / "0" / "a.png", np.zeros((4, 4)))
+    (tmp_path / "0" / "._a.png").write_bytes(b"macOS resource fork")
+    write_image(tmp_path / ".ipynb_checkpoints" / "a.png", np.zeros((4, 4)))
+
+    x, y = load_labelled_data(tmp_path)
+
+    assert x.shape == (1, 1, 4, 4)
+    np.testing.assert_array_equal(y, [0])
+
+
+
+# Any form
+
+def test_samples_already_in_the_models_shape_are_kept_and_others_flattened(tmp_path):
+    pixels, targets = digit_images(3)
+    for i, (image, target) in enumerate(zip(pixels, targets, strict=True)):
+        write_image(tmp_path / str(target) / f"{i}.png", image)
+
+    kept, _ = load_labelled_data(tmp_path, sample_shape=(1, 8, 8))
+    flat, _ = load_labelled_data(tmp_path, sample_shape=(64,))
+
+    assert kept.shape == (3, 1, 8, 8)
+    np.testing.assert_array_equal(flat, kept.reshape(3, 64))
+
+
+def test_a_sample_shape_with_a_different_number_of_values_is_refused(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 30)), y=np.array([0, 1]))
+    with pytest.raises(FedgeError, match=r"have shape \(30,\), but the model expects samples "
+                                         r"of shape \(1, 8, 8\)"):
+        load_labelled_data(tmp_path / "d.npz", sample_shape=(1, 8, 8))
+
+
+def test_a_missing_path_is_refused(tmp_path):
+    with pytest.raises(FedgeError, match=r"no such file or folder: .*absent\.csv"):
+        load_labelled_data(tmp_path / "absent.csv")
+
+
+def test_an_unsupported_file_type_lists_the_supported_forms(tmp_path):
+    (tmp_path / "d.json").write_text("{}")
+    with pytest.raises(FedgeError, match=r"cannot read .*d\.json: use a \.csv file .*, an \.npz "
+                                         r"file with arrays x and y, or a folder"):
+        load_labelled_data(tmp_path / "d.json")
+

@@ -1,0 +1,141 @@
+"""Rounds survive failing, silent and missing clients; interrupted runs resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fedge.client.app import build_client_app
+from fedge.config import RunConfig
+from fedge.errors import FedgeError
+from fedge.server.federation import Federation
+from fedge.server.grid import NotEnoughClients
+from fedge.simulations.inprocess import InProcessGrid
+from fedge.simulations.runner import plan_simulation
+
+SMALL = RunConfig(clients=4, rounds=3, local_epochs=1, partition="iid", patience=10,
+                  round_timeout=2.0)
+
+
+def federation(tmp_path, config: RunConfig = SMALL) -> tuple[Federation, object]:
+    plan = plan_simulation(config)
+    return Federation(plan.config, plan.server_data, tmp_path), plan.clients
+
+
+def failing_for(partition: int, load_data):
+    def load(context):
+        if context.node_config["partition-id"] == partition:
+            raise OSError("sensor storage unreadable")
+        return load_data(context)
+    return load
+
+
+class PartitionedGrid(InProcessGrid):
+    """A network in which messages to some nodes are lost: they never answer."""
+
+    def __init__(self, client_app, num_nodes: int, unreachable: set[int]) -> None:
+        super().__init__(client_app, num_nodes)
+        self.unreachable, self.sampled = unreachable, []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.sampled.append(sorted(m.metadata.dst_node_id for m in messages))
+        ids = []
+        for message in messages:
+            if message.metadata.dst_node_id in self.unreachable:
+                message.metadata.__dict__["_message_id"] = f"lost-{id(message)}"
+                ids.append(message.metadata.message_id)
+            else:
+                ids.extend(super().push_messages([message]))
+        return ids
+
+
+def test_a_failing_client_is_counted_and_the_run_completes(tmp_path):
+    run, clients = federation(tmp_path)
+    app = build_client_app(failing_for(0, clients.local_data))
+    outcome = run.run(InProcessGrid(app, SMALL.clients))
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    # the failed node sits out the next rounds instead of failing them again
+    assert [(r["num_clients"], r["failures"], r["timeouts"]) for r in rounds] == [
+        (3, 1, 0), (3, 0, 0), (3, 0, 0)]
+    assert outcome.rounds_run == 3 and (tmp_path / "model.onnx").exists()
+
+
+def test_a_silent_client_times_out_is_counted_and_is_not_sampled_again_soon(tmp_path):
+    run, clients = federation(tmp_path)
+    grid = PartitionedGrid(build_client_app(clients.local_data), SMALL.clients,
+                           unreachable={1001})
+    run.run(grid)
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert [(r["num_clients"], r["timeouts"]) for r in rounds] == [(3, 1), (3, 0), (3, 0)]
+    assert all(1001 not in sampled for sampled in grid.sampled[1:])
+
+
+def test_a_round_with_too_few_results_keeps_the_global_model(tmp_path):
+    run, clients = federation(tmp_path, SMALL.model_copy(update={"min_results": 4}))
+    run.run(InProcessGrid(build_client_app(failing_for(2, clients.local_data)), 4))
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert [r["num_clients"] for r in rounds] == [0, 0, 0]
+    initial = json.loads((tmp_path / "metrics.json").read_text())["initial"]
+    assert {r["val_loss"] for r in rounds} == {initial["val_loss"]}
+
+
+def test_too_few_connected_clients_end_the_run_after_the_join_timeout(tmp_path):
+    config = SMALL.model_copy(update={"min_clients": 3, "join_timeout": 1.0})
+    run, clients = federation(tmp_path, config)
+    with pytest.raises(NotEnoughClients, match="only 2 of the 3 clients"):
+        run.run(InProcessGrid(build_client_app(clients.local_data), num_nodes=2))
+    assert isinstance(NotEnoughClients("x"), FedgeError)
+
+
+def _fedge_process(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedge", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_a_killed_run_resumes_after_its_last_round_and_records_every_round_once(tmp_path):
+    run_dir = str(tmp_path / "run")
+    args = ["simulate", "--out", run_dir, "--clients", "3", "--rounds", "5",
+            "--local-epochs", "1", "--partition", "iid", "--patience", "10"]
+    process = _fedge_process(*args)
+    try:
+        for line in process.stdout:
+            if line.startswith("round   2/5"):
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    before = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert before["status"] == "running"
+    completed = len(before["rounds"])
+    assert completed >= 2
+
+    result = subprocess.run([sys.executable, "-m", "fedge", *args, "--resume"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"round {completed + 1:>3}/5" in result.stdout
+    assert "round   1/5" not in result.stdout
+    after = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert after["status"] == "finished"
+    assert [r["round"] for r in after["rounds"]] == [1, 2, 3, 4, 5]
+    assert after["rounds"][:completed] == before["rounds"]
+
+
+def test_resume_refuses_changed_settings_and_finished_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedge.cli import app
+
+    args = ["simulate", "--out", str(tmp_path), "--clients", "3", "--rounds", "1",
+            "--local-epochs", "1"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 2 and "already finished" in result.stderr
+    (tmp_path / "metrics.json").write_text('{"status": "running"}')
+    result = CliRunner().invoke(app, [*args, "--lr", "0.5", "--resume"])
+    assert result.exit_code == 2 and "made with other settings (lr=0.003)" in result.stderr
