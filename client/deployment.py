@@ -8,6 +8,7 @@ node config.
 
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,9 +19,14 @@ from fedge.client.app import build_client_app
 from fedge.client.data import LocalData, split_train_val
 from fedge.datafiles import load_labelled_data
 from fedge.errors import FedgeError
-from fedge.processes import Children, flower_command, free_port
+from fedge.processes import Children, free_port
 
 log = logging.getLogger("fedge.client")
+
+STAYED_CONNECTED = 60.0  # seconds a SuperNode must have run to count as having joined
+JOIN_PROBLEMS = ("the server may not be up yet, this device's key may not be registered "
+                 "with it, or TLS settings differ (--ca for a TLS server, --insecure for a "
+                 "plaintext one)")
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,9 @@ app = build_client_app(node_data)
 
 
 def supernode_args(server: str, ca: Path | None, key: Path | None, node_config: Path,
-                   port: int) -> list[str]:
-    args = [flower_command("flower-supernode"), "--superlink", server,
+                   port: int, join_timeout: float) -> list[str]:
+    # Flower's SuperNode retries an unreachable server forever unless told otherwise.
+    args = ["flower-supernode", "--superlink", server, "--max-wait-time", str(join_timeout),
             "--node-config", str(node_config), "--port", str(port)]
     args += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
     if key is not None:
@@ -65,8 +72,13 @@ def supernode_args(server: str, ca: Path | None, key: Path | None, node_config: 
 
 
 def run_client(server: str, data: DeviceData, ca: Path | None, key: Path | None,
-               device: str = "auto") -> int:
-    """Check the data, then serve as a SuperNode until stopped; returns its exit status."""
+               device: str = "auto", join_timeout: float = 600.0) -> None:
+    """Check the data, then serve as a SuperNode until stopped.
+
+    A SuperNode exits when it cannot join: the server is not up yet, is restarting, has
+    not registered this device's key yet, or speaks TLS to a plaintext client. It is
+    started again with growing pauses until it has failed for ``join_timeout`` seconds.
+    """
     for path, what in ((ca, "CA certificate"), (key, "private key")):
         if path is not None and not path.is_file():
             raise FedgeError(f"{what} {path} does not exist")
@@ -78,6 +90,24 @@ def run_client(server: str, data: DeviceData, ca: Path | None, key: Path | None,
         node_config.write_text(data.node_config() + f'device = "{device}"\n')
         children = Children(env={"FLWR_HOME": workdir})
         with children.running():
-            supernode = children.start(supernode_args(server, ca, key, node_config,
-                                                      free_port()))
-            return supernode.wait()
+            args = supernode_args(server, ca, key, node_config, free_port(), join_timeout)
+            _serve_until_stopped(children, args, server, join_timeout)
+
+
+def _serve_until_stopped(children: Children, args: list[str], server: str,
+                         join_timeout: float) -> None:
+    give_up_at, pause = time.monotonic() + join_timeout, 1.0
+    while True:
+        started = time.monotonic()
+        status = children.start(args).wait()
+        if status == 0:
+            return
+        if time.monotonic() - started > STAYED_CONNECTED:  # it had joined: rejoin afresh
+            give_up_at, pause = time.monotonic() + join_timeout, 1.0
+        if time.monotonic() >= give_up_at:
+            raise FedgeError(f"gave up joining the federation at {server} after "
+                             f"{join_timeout:.0f} s: {JOIN_PROBLEMS}")
+        log.warning("could not join the federation at %s (SuperNode exit %d): %s; "
+                    "retrying in %.0f s", server, status, JOIN_PROBLEMS, pause)
+        time.sleep(pause)
+        pause = min(2 * pause, 30.0)

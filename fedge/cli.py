@@ -31,7 +31,9 @@ def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             errors.print(f"[bold red]error:[/] {error}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            errors.print("[yellow]interrupted[/]: completed rounds are in the run folder")
+            errors.print("[yellow]interrupted[/]: every completed round is in the run folder; "
+                         "run the same command with --resume (simulate) or again (server) "
+                         "to continue")
             raise typer.Exit(130) from None
 
     return run
@@ -254,6 +256,8 @@ def client(
     val_fraction: Annotated[float, Opt(help="share held out for local early "
                                             "stopping")] = 0.2,
     device: Annotated[str, Opt(help="auto | cpu | cuda | mps")] = "auto",
+    join_timeout: Annotated[float, Opt(help="seconds to keep trying to join before giving "
+                                            "up")] = 600.0,
     insecure: Annotated[bool, Opt(help="no TLS: loopback tests only")] = False,
 ) -> None:
     """Join a federation from this device; the data never leaves it."""
@@ -266,5 +270,5 @@ def client(
     if insecure:
         errors.print("[yellow]warning:[/] --insecure: traffic is unencrypted; use it on "
                      "loopback only")
-    status = run_client(server, DeviceData(data, label_column, val_fraction), ca, key, device)
-    raise typer.Exit(status)
+    run_client(server, DeviceData(data, label_column, val_fraction), ca, key, device,
+               join_timeout)

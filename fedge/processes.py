@@ -1,6 +1,7 @@
 """Child processes (Flower's SuperLink, SuperNode, ``flwr run``) that never outlive us."""
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from fedge.errors import FedgeError
 
+PR_SET_PDEATHSIG = 1
+
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -22,23 +25,27 @@ FLOWER_ENV = {
 }
 
 
-def flower_command(name: str) -> str:
-    """The Flower executable installed beside this Python interpreter."""
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else name
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when its parent dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Children:
-    """Starts children in their own process groups and ends them all on exit: also on
-    SIGTERM, which is turned into a clean shutdown of the calling command."""
+    """Starts children in our process group, so that stopping the group (as service
+    managers do) stops them too, and ends them on exit: also on SIGTERM, which becomes
+    a clean shutdown of the calling command."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.env = {**os.environ, **FLOWER_ENV, **env}
+        # Flower starts its helpers (flower-superexec, flwr-serverapp...) by name: find
+        # those installed beside this interpreter, even in a venv that is not activated.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, **FLOWER_ENV, "PATH": path, **env}
         self.processes: list[subprocess.Popen] = []
 
     def start(self, args: Sequence[str], log: Path | None = None) -> subprocess.Popen:
         output = open(log, "ab") if log else None  # noqa: SIM115 - lives as long as the child
-        process = subprocess.Popen(list(args), env=self.env, start_new_session=True,
+        process = subprocess.Popen(list(args), env=self.env, preexec_fn=_die_with_parent,
                                    stdout=output, stderr=subprocess.STDOUT if log else None)
         self.processes.append(process)
         return process
@@ -46,15 +53,13 @@ class Children:
     def stop(self, grace: float = 10.0) -> None:
         for process in reversed(self.processes):
             if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
+                process.terminate()
         deadline = time.monotonic() + grace
         for process in reversed(self.processes):
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+                process.kill()
                 process.wait()
 
     @contextlib.contextmanager

@@ -21,7 +21,7 @@ from fedge.config import RunConfig
 from fedge.datafiles import load_labelled_data
 from fedge.errors import FedgeError
 from fedge.files import write_atomic
-from fedge.processes import Children, flower_command, wait_for_port
+from fedge.processes import Children, wait_for_port
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, ServerData
 from fedge.server.run_folder import resumable_checkpoint
@@ -115,7 +115,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def superlink_args(listener: Listener) -> list[str]:
-    args = [flower_command("flower-superlink"), "--host", listener.host,
+    args = ["flower-superlink", "--host", listener.host,
             "--port", str(listener.port), "--disable-runtime-dependency-installation"]
     if listener.certs is None:
         args.append("--insecure")
@@ -170,7 +170,7 @@ def serve(settings: ServerSettings, listener: Listener, startup_timeout: float =
                  "INSECURE" if listener.certs is None else "TLS, node authentication")
         for key in listener.authorized_keys:
             _register(key, children.env)
-        run = children.start([flower_command("flwr"), "run", str(app_dir), CONNECTION,
+        run = children.start(["flwr", "run", str(app_dir), CONNECTION,
                               "--stream", "--run-config", f'settings="{settings_file}"'])
         run.wait()
     metrics = run_dir / "metrics.json"
@@ -180,7 +180,7 @@ def serve(settings: ServerSettings, listener: Listener, startup_timeout: float =
 
 
 def _register(key: Path, env: dict[str, str]) -> None:
-    result = subprocess.run([flower_command("flwr"), "supernode", "register", str(key),
+    result = subprocess.run(["flwr", "supernode", "register", str(key),
                              CONNECTION], env=env, capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise FedgeError(f"could not register client key {key}: "

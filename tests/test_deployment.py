@@ -1,0 +1,138 @@
+"""Real processes on 127.0.0.1: a fedge server, fedge clients, Flower's Deployment Engine."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedge.processes import free_port
+from fedge.simulations.datasets import load_dataset, split_federated
+from fedge.simulations.partition import PartitionSpec, partition_indices
+
+pytestmark = pytest.mark.timeout(600)
+
+
+class Deployment:
+    """Files a server operator and three device owners would have, and their processes."""
+
+    def __init__(self, root: Path, rounds: int, **settings: object) -> None:
+        self.root, self.port = root, free_port()
+        self.processes: list[subprocess.Popen] = []
+        split = split_federated(load_dataset("digits"), seed=0)
+        np.savez(root / "val.npz", x=split.server_val[0], y=split.server_val[1])
+        np.savez(root / "test.npz", x=split.test[0], y=split.test[1])
+        x, y = split.clients
+        for i, rows in enumerate(partition_indices(y, 3, PartitionSpec.parse("iid"), 0)):
+            np.savez(root / f"device{i}.npz", x=x[rows], y=y[rows])
+        toml = {"model": '"cnn"', "rounds": rounds, "local-epochs": 2, "min-clients": 3,
+                "patience": 10, "round-timeout": 60, **settings}
+        (root / "run.toml").write_text("".join(f"{k} = {v}\n" for k, v in toml.items()))
+        assert self.fedge("certs", "--host", "localhost", "-o", "certs").returncode == 0
+        for name in ("device0", "device1", "device2", "stranger"):
+            assert self.fedge("keys", "--name", name, "-o", "keys").returncode == 0
+
+    def fedge(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fedge", *args], cwd=self.root,
+                              capture_output=True, text=True, timeout=60)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen([sys.executable, "-m", "fedge", *args], cwd=self.root,
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def server(self) -> subprocess.Popen:
+        keys = [a for i in range(3) for a in ("--authorized-key", f"keys/device{i}.pub")]
+        return self.start("server", "server", "--val-data", "val.npz", "--test-data",
+                          "test.npz", "--config", "run.toml", "--certs", "certs", *keys,
+                          "--host", "127.0.0.1", "--port", str(self.port), "-o", "run")
+
+    def client(self, name: str, data: str, *options: str) -> subprocess.Popen:
+        if "--insecure" not in options:
+            options = ("--ca", "certs/ca.pem", "--key", f"keys/{name}.key", *options)
+        return self.start(name, "client", "--server", f"127.0.0.1:{self.port}",
+                          "--data", data, *options)
+
+    def metrics(self) -> dict:
+        path = self.root / "run" / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else {"rounds": []}
+
+    def wait_for(self, condition, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}\n" + self.logs()
+            time.sleep(0.5)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted(self.root.glob("*.log")))
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, process: subprocess.Popen) -> None:
+        """SIGKILL a command with everything it started, as a crash of its machine would."""
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill(process)
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    created = []
+
+    def make(rounds: int, **settings: object) -> Deployment:
+        created.append(Deployment(tmp_path, rounds, **settings))
+        return created[-1]
+
+    yield make
+    for d in created:
+        d.stop_all()
+
+
+def test_tls_federation_with_node_auth_completes_and_refuses_strangers(deployment):
+    d = deployment(rounds=3)
+    (d.root / "broken.csv").write_text("label,a,b\n1,2\n")
+    server = d.server()
+    clients = [d.client(f"device{i}", f"device{i}.npz") for i in range(3)]
+    broken = d.client("device0", "broken.csv")
+    stranger = d.client("stranger", "device0.npz", "--join-timeout", "20")
+    plaintext = d.client("plaintext", "device1.npz", "--insecure", "--join-timeout", "20")
+
+    assert broken.wait(timeout=60) == 2
+    assert "error:" in d.log("device0") and "broken.csv" in d.log("device0")
+    assert server.wait(timeout=400) == 0, d.logs()
+
+    metrics = d.metrics()
+    assert metrics["status"] == "finished"
+    assert [r["num_clients"] for r in metrics["rounds"]] == [3, 3, 3]
+    assert metrics["test"]["accuracy"] >= 0.8
+    report = json.loads((d.root / "run" / "onnx_report.json").read_text())
+    assert report["max_abs_diff"] <= 1e-4 and (d.root / "run" / "model.onnx").exists()
+    # The stranger's key was never registered and the plaintext client cannot speak TLS:
+    # both give up with a clear message, and the server logged the stranger's attempts.
+    for refused in (stranger, plaintext):
+        assert refused.wait(timeout=120) == 2
+    assert "gave up joining the federation" in d.log("stranger")
+    assert "gave up joining the federation" in d.log("plaintext")
+    assert "No SuperNode found with the given public key" in (
+        d.root / "run" / "superlink.log").read_text()
+    assert all(process.poll() is None for process in clients)
