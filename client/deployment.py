@@ -75,9 +75,10 @@ def run_client(server: str, data: DeviceData, ca: Path | None, key: Path | None,
                device: str = "auto", join_timeout: float = 600.0) -> None:
     """Check the data, then serve as a SuperNode until stopped.
 
-    A SuperNode exits when it cannot join: the server is not up yet, is restarting, has
-    not registered this device's key yet, or speaks TLS to a plaintext client. It is
-    started again with growing pauses until it has failed for ``join_timeout`` seconds.
+    A SuperNode exits when it cannot join (the server is not up yet, has not registered
+    this device's key yet, or speaks TLS to a plaintext client) and when its server goes
+    away (a restart, or the end of the run). It is started again with growing pauses
+    until it has failed to stay connected for ``join_timeout`` seconds.
     """
     for path, what in ((ca, "CA certificate"), (key, "private key")):
         if path is not None and not path.is_file():
@@ -96,12 +97,12 @@ def run_client(server: str, data: DeviceData, ca: Path | None, key: Path | None,
 
 def _serve_until_stopped(children: Children, args: list[str], server: str,
                          join_timeout: float) -> None:
+    """Until SIGTERM/Ctrl-C, or until joining has failed for ``join_timeout`` seconds."""
     give_up_at, pause = time.monotonic() + join_timeout, 1.0
     while True:
         started = time.monotonic()
+        # A SuperNode also exits, with status 0, when its server goes away: rejoin then too.
         status = children.start(args).wait()
-        if status == 0:
-            return
         if time.monotonic() - started > STAYED_CONNECTED:  # it had joined: rejoin afresh
             give_up_at, pause = time.monotonic() + join_timeout, 1.0
         if time.monotonic() >= give_up_at:

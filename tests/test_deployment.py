@@ -136,3 +136,36 @@ def test_tls_federation_with_node_auth_completes_and_refuses_strangers(deploymen
     assert "No SuperNode found with the given public key" in (
         d.root / "run" / "superlink.log").read_text()
     assert all(process.poll() is None for process in clients)
+
+
+def test_a_client_killed_mid_run_does_not_stop_the_run(deployment):
+    d = deployment(rounds=4, **{"min-clients": 2, "round-timeout": 30})
+    server = d.server()
+    clients = [d.client(f"device{i}", f"device{i}.npz") for i in range(3)]
+    d.wait_for(lambda: len(d.metrics()["rounds"]) >= 1, 300, "round 1")
+    d.kill(clients[0])
+
+    assert server.wait(timeout=400) == 0, d.logs()
+    rounds = d.metrics()["rounds"]
+    assert d.metrics()["status"] == "finished" and len(rounds) == 4
+    assert rounds[0]["num_clients"] == 3
+    assert all(r["num_clients"] == 2 for r in rounds[2:])
+    assert sum(r["failures"] + r["timeouts"] for r in rounds) >= 1
+
+
+def test_a_killed_server_restarted_on_its_run_folder_resumes(deployment):
+    d = deployment(rounds=4)
+    server = d.server()
+    for i in range(3):
+        d.client(f"device{i}", f"device{i}.npz")
+    d.wait_for(lambda: len(d.metrics()["rounds"]) >= 2, 300, "round 2")
+    d.kill(server)
+    before = d.metrics()["rounds"]
+
+    restarted = d.server()
+    assert restarted.wait(timeout=500) == 0, d.logs()
+    metrics = d.metrics()
+    assert metrics["status"] == "finished"
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3, 4]
+    assert metrics["rounds"][: len(before)] == before
+    assert "resuming after round" in d.log("server")
