@@ -5,6 +5,7 @@ reply, and the server evaluates the global model itself.
 """
 
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -69,7 +70,9 @@ def build_client_app(load_data: DataLoaderFn, device: str = "auto") -> ClientApp
         settings = local_training_from_config(
             config, _node_seed(int(config["seed"]), int(config["server-round"]), context))
         chosen = pick_device(str(context.node_config.get("device", device)))
+        started = time.perf_counter()
         report = train_locally(model, spec, data, settings, chosen)
+        train_seconds = time.perf_counter() - started
         metrics = MetricRecord({
             "num-examples": len(data.train_x),
             "train_loss": report.train_loss,
@@ -77,6 +80,7 @@ def build_client_app(load_data: DataLoaderFn, device: str = "auto") -> ClientApp
             "val_accuracy": report.val_accuracy,
             "epochs": report.epochs,
             "stopped_early": int(report.stopped_early),
+            "train_seconds": train_seconds,
         })
         reply = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics})
         return Message(reply, reply_to=msg)

@@ -7,6 +7,7 @@ node config.
 """
 
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ app = build_client_app(node_data)
 def supernode_args(server: str, ca: Path | None, key: Path | None, node_config: Path,
                    port: int, join_timeout: float) -> list[str]:
     # Flower's SuperNode retries an unreachable server forever unless told otherwise.
-    args = ["flower-supernode", "--superlink", server, "--max-wait-time", str(join_timeout),
+    args = [sys.executable, "-m", "fedge.client.supernode", "--superlink", server,
+            "--max-wait-time", str(join_timeout),
             "--node-config", str(node_config), "--port", str(port)]
     args += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
     if key is not None:

@@ -45,6 +45,8 @@ class RunConfig(BaseModel):
     round_timeout: float = Field(600.0, gt=0.0, description="seconds a round waits for replies")
     min_results: int = Field(1, ge=1, description="fewest client results a round aggregates; "
                                                   "with fewer it keeps the global model")
+    poll_interval: float = Field(0.1, gt=0.0, description="seconds between the server's "
+                                                          "checks for client replies")
     join_timeout: float = Field(300.0, gt=0.0, description="seconds to wait for min_clients to "
                                                            "connect before the run gives up")
     seed: int = Field(0, description="random seed: the same seed gives the same run")

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from fedge.errors import FedgeError
 
@@ -151,6 +150,8 @@ def _class_id(folder: Path, class_names: Sequence[str] | None) -> int:
 
 def _read_image(file: Path) -> np.ndarray:
     """Raw 0..255 pixels, channels first: scaling is the model's job."""
+    from PIL import Image  # only image folders need Pillow; keep client start-up light
+
     try:
         with Image.open(file) as image:
             pixels = np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"),

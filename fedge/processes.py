@@ -15,7 +15,7 @@ from fedge.errors import FedgeError
 
 PR_SET_PDEATHSIG = 1
 
-FLOWER_ENV = {
+FLOWER_ENV = {  # defaults; the environment may set others
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     # `flwr run` would otherwise `uv sync` the app and pull a multi-GB CUDA torch.
@@ -40,7 +40,7 @@ class Children:
         # Flower starts its helpers (flower-superexec, flwr-serverapp...) by name: find
         # those installed beside this interpreter, even in a venv that is not activated.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        self.env = {**os.environ, **FLOWER_ENV, "PATH": path, **env}
+        self.env = {**FLOWER_ENV, **os.environ, "PATH": path, **env}
         self.processes: list[subprocess.Popen] = []
 
     def start(self, args: Sequence[str], log: Path | None = None) -> subprocess.Popen:

@@ -35,7 +35,7 @@ log = logging.getLogger("fedge.server")
 REFERENCE_SAMPLES = 64  # held-out inputs kept in checkpoints to verify later exports
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_CHANGES = {"rounds", "round_timeout", "join_timeout", "min_results", "backend",
-                     "device"}
+                     "device", "poll_interval"}
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,8 @@ class Federation:
         # Flower samples clients with the global `random` module.
         random.seed(config.seed)
         grid = RoundGrid(flower_grid, min_nodes=config.min_clients,
-                         min_replies=config.min_results, join_timeout=config.join_timeout)
+                         min_replies=config.min_results, join_timeout=config.join_timeout,
+                         poll_interval=config.poll_interval)
         self._tracker = RoundTracker(
             self.spec, self.data.val_x, self.data.val_y, config.patience, config.min_delta,
             on_round=self._save_round,

@@ -34,6 +34,7 @@ class RoundRecord:
     clients_stopped_early: float | None
     failures: int
     timeouts: int
+    slowest_client_seconds: float | None  # local training time of the slowest client
     seconds: float
 
     def as_dict(self) -> dict:
@@ -63,7 +64,7 @@ class RoundTracker:
         self.best_round: int | None = None
         self.best_val_loss = math.inf
         self.stopped_early = False
-        self._client_metrics: tuple[MetricRecord, int] | None = None
+        self._client_metrics: tuple[MetricRecord, int, float | None] | None = None
         self._clock = time.perf_counter()
 
     @property
@@ -83,7 +84,10 @@ class RoundTracker:
 
     def aggregate_train_metrics(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
         metrics = aggregate_metricrecords(replies, weight_key)
-        self._client_metrics = (metrics, len(replies))
+        slowest = max((float(m["train_seconds"]) for reply in replies
+                       for m in reply.metric_records.values() if "train_seconds" in m),
+                      default=None)
+        self._client_metrics = (metrics, len(replies), slowest)
         return metrics
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -108,7 +112,7 @@ class RoundTracker:
         return MetricRecord(metrics)
 
     def _record(self, server_round: int, val_loss: float, val_accuracy: float) -> RoundRecord:
-        metrics, num_clients = self._client_metrics or ({}, 0)
+        metrics, num_clients, slowest = self._client_metrics or ({}, 0, None)
         self._client_metrics = None
         stats = self.round_stats()
         now, started = time.perf_counter(), self._clock
@@ -122,5 +126,6 @@ class RoundTracker:
             val_accuracy=val_accuracy, num_clients=num_clients,
             client_val_loss=client("val_loss"), client_val_accuracy=client("val_accuracy"),
             client_epochs=client("epochs"), clients_stopped_early=client("stopped_early"),
-            failures=stats.failures, timeouts=stats.timeouts, seconds=now - started,
+            failures=stats.failures, timeouts=stats.timeouts,
+            slowest_client_seconds=slowest, seconds=now - started,
         )

@@ -26,6 +26,25 @@ def test_flower_is_the_version_the_in_process_grid_was_written_for():
     assert (message.metadata.run_id, TaskIdentity.run_id) == (7, 7)
 
 
+def test_the_supernode_launcher_still_matches_flowers_code():
+    # fedge.client.supernode replaces the `time` module of this Flower module to shorten
+    # its hard-coded 3 s idle sleep. If this fails, re-check that launcher first.
+    import inspect
+
+    from flwr.supernode import start_client_internal
+
+    from fedge.client.supernode import short_sleeps
+
+    source = inspect.getsource(start_client_internal)
+    assert start_client_internal.time.sleep is not None
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
+    fast = short_sleeps(0.01)
+    started = fast.monotonic()
+    fast.sleep(3)
+    assert fast.monotonic() - started < 1.0
+    assert fast.time() > 0
+
+
 def test_a_failing_client_becomes_an_error_reply_and_the_round_goes_on():
     def no_data(context):
         if context.node_config["partition-id"] == 0:

@@ -169,3 +169,42 @@ def test_a_killed_server_restarted_on_its_run_folder_resumes(deployment):
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3, 4]
     assert metrics["rounds"][: len(before)] == before
     assert "resuming after round" in d.log("server")
+
+
+def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment):
+    import socket
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedge.server.checkpoint import load_checkpoint
+
+    d = deployment(rounds=20)
+    health_port = free_port()
+    server = d.start("server", "server", "--val-data", "val.npz", "--config", "run.toml",
+                     "--certs", "certs", *(a for i in range(3) for a in (
+                         "--authorized-key", f"keys/device{i}.pub")),
+                     "--host", "127.0.0.1", "--port", str(d.port), "--health-port",
+                     str(health_port), "-o", "run")
+
+    def serving() -> bool:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2)
+            except grpc.RpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    d.wait_for(serving, 60, "the health endpoint")
+    for i in range(3):
+        d.client(f"device{i}", f"device{i}.npz")
+    d.wait_for(lambda: len(d.metrics()["rounds"]) >= 1, 300, "round 1")
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=60) == 130
+
+    checkpoint = load_checkpoint(d.root / "run" / "checkpoint.pt")
+    assert checkpoint.round == len(d.metrics()["rounds"]) >= 1
+    assert d.metrics()["status"] == "running"
+    with socket.socket() as sock:  # the SuperLink is gone and its port is free again
+        sock.bind(("127.0.0.1", d.port))
