@@ -31,9 +31,7 @@ def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             errors.print(f"[bold red]error:[/] {error}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            errors.print("[yellow]interrupted[/]: every completed round is in the run folder; "
-                         "run the same command with --resume (simulate) or again (server) "
-                         "to continue")
+            errors.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 
     return run

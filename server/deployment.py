@@ -80,8 +80,9 @@ def load_server_data(settings: ServerSettings) -> ServerData:
     test_x, test_y = (load_labelled_data(settings.test_data, sample_shape=shape)
                       if settings.test_data else (val_x, val_y))
     num_classes = settings.config.num_classes or int(max(val_y.max(), test_y.max())) + 1
-    vocab = int(max(val_x.max(), test_x.max())) + 1 if np.issubdtype(val_x.dtype, np.integer) \
-        else None
+    vocab = None  # token-id inputs: the largest id seen sets the embedding size
+    if np.issubdtype(val_x.dtype, np.integer):
+        vocab = int(max(val_x.max(), test_x.max())) + 1
     return ServerData(val_x, val_y, test_x, test_y, num_classes, vocab_size=vocab)
 
 

@@ -79,8 +79,10 @@ class Federation:
             _check_resumable(config, resume)
         self.config, self.data, self.run_dir = config, data, run_dir
         self.on_round, self.resume = on_round, resume
-        self.spec = spec_from_data(config.model, data.val_x, data.num_classes, config.dropout,
-                                   vocab_size=data.vocab_size)
+        # A resumed run keeps its model definition, input scaling included.
+        self.spec = resume.model_spec if resume else spec_from_data(
+            config.model, data.val_x, data.num_classes, config.dropout,
+            vocab_size=data.vocab_size)
         self.outcome: RunOutcome | None = None
 
     def server_app(self) -> ServerApp:
