@@ -56,6 +56,22 @@ def _round_line(record: Any, total: int, best: bool) -> str:
 Opt = typer.Option
 
 
+def _new_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _check_transport(insecure: bool, tls_file: Path | None, tls_option: str,
+                     risk: str) -> None:
+    """TLS unless --insecure, which is said out loud; and log lines for a log collector."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if insecure == (tls_file is not None):
+        raise FedgeError(f"give {tls_option} (TLS, the default) or --insecure, not both or "
+                         "neither")
+    if insecure:
+        errors.print(f"[yellow]warning:[/] --insecure: {risk}; use it on loopback only")
+
+
 def _setting(name: str) -> Any:
     """A command-line option documented, and defaulted, by the RunConfig field ``name``."""
     field = RunConfig.model_fields[name]
@@ -113,7 +129,7 @@ def simulate(
     settings = plan.config
     if resume and out is None:
         raise FedgeError("--resume needs --out: the run folder to continue")
-    run_dir = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = out or _new_run_dir()
     sizes = plan.clients.partition_sizes()
     kind = "SYNTHETIC data" if plan.synthetic else "real data"
     console.print(
@@ -228,16 +244,10 @@ def server(
     from fedge.server.deployment import Listener, ServerSettings, serve
 
     _show_logs(verbose=False)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                                                   "%(message)s")
-    if insecure == (certs is not None):
-        raise FedgeError("give --certs (TLS, the default) or --insecure, not both or neither")
-    if insecure:
-        errors.print("[yellow]warning:[/] --insecure: traffic is unencrypted and any client "
-                     "may join; use it on loopback only")
-    settings = ServerSettings(
-        config=load_config(config), val_data=val_data, test_data=test_data,
-        run_dir=out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    _check_transport(insecure, certs, "--certs", "traffic is unencrypted and any client "
+                                                 "may join")
+    settings = ServerSettings(config=load_config(config), val_data=val_data,
+                              test_data=test_data, run_dir=out or _new_run_dir())
     serve(settings, Listener(host, port, certs, tuple(authorized_keys or ()), health_port))
     console.print(f"run finished: {settings.run_dir}", highlight=False)
 
@@ -261,12 +271,6 @@ def client(
     """Join a federation from this device; the data never leaves it."""
     from fedge.client.deployment import DeviceData, run_client
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                                                   "%(message)s")
-    if insecure == (ca is not None):
-        raise FedgeError("give --ca (TLS, the default) or --insecure, not both or neither")
-    if insecure:
-        errors.print("[yellow]warning:[/] --insecure: traffic is unencrypted; use it on "
-                     "loopback only")
+    _check_transport(insecure, ca, "--ca", "traffic is unencrypted")
     run_client(server, DeviceData(data, label_column, val_fraction), ca, key, device,
                join_timeout)

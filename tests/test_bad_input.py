@@ -140,3 +140,29 @@ def test_the_installed_command_exits_non_zero_with_one_line_on_stderr(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown model 'resnet'; choose one of: cnn, mlp, sensor1d, tinytext"]
+
+
+def test_deployment_commands_need_tls_or_an_explicit_insecure(tmp_path):
+    np.savez(tmp_path / "val.npz", x=np.zeros((4, 30), np.float32), y=np.arange(4) % 2)
+    assert_refused(fedge("server", "--val-data", str(tmp_path / "val.npz")),
+                   "give --certs (TLS, the default) or --insecure")
+    assert_refused(fedge("client", "--server", "127.0.0.1:9", "--data",
+                         str(tmp_path / "val.npz")), "give --ca (TLS, the default) or --insecure")
+
+
+def test_a_server_without_its_certificates_is_refused_before_it_starts(tmp_path):
+    np.savez(tmp_path / "val.npz", x=np.zeros((4, 30), np.float32), y=np.arange(4) % 2)
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "run.toml").write_text('model = "mlp"\n')
+    result = fedge("server", "--val-data", str(tmp_path / "val.npz"), "--config",
+                   str(tmp_path / "run.toml"), "--certs", str(tmp_path / "certs"),
+                   "-o", str(tmp_path / "run"))
+    assert_refused(result, "lacks ca.pem, server.pem, server.key; make them with `fedge certs`")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_client_with_a_malformed_data_file_stops_before_connecting(tmp_path):
+    (tmp_path / "data.csv").write_text("label,a\n0,1\n1,oops\n")
+    result = fedge("client", "--server", "127.0.0.1:9", "--data", str(tmp_path / "data.csv"),
+                   "--insecure")
+    assert_refused(result, "data.csv")
