@@ -24,7 +24,7 @@ from fedge.files import write_atomic
 from fedge.processes import Children, wait_for_port
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, ServerData
-from fedge.server.run_folder import resumable_checkpoint
+from fedge.server.run_folder import resumable_checkpoint, run_finished
 
 log = logging.getLogger("fedge.server")
 
@@ -174,8 +174,7 @@ def serve(settings: ServerSettings, listener: Listener, startup_timeout: float =
         run = children.start(["flwr", "run", str(app_dir), CONNECTION,
                               "--stream", "--run-config", f'settings="{settings_file}"'])
         run.wait()
-    metrics = run_dir / "metrics.json"
-    if not metrics.exists() or '"status": "finished"' not in metrics.read_text():
+    if not run_finished(run_dir):
         raise FedgeError(f"the run ended before it finished; see {run_dir / 'superlink.log'}"
                          " — starting the server again on the same folder resumes it")
 

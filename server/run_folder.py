@@ -1,6 +1,7 @@
 """The run folder: every file written atomically (temp file, then rename)."""
 
 import io
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,10 +36,18 @@ def resumable_checkpoint(path: Path) -> Path:
     checkpoint = path / "checkpoint.pt"
     if not checkpoint.is_file():
         raise FedgeError(f"cannot resume: {path} holds no checkpoint.pt")
-    metrics = path / "metrics.json"
-    if metrics.is_file() and '"status": "finished"' in metrics.read_text():
+    if run_finished(path):
         raise FedgeError(f"cannot resume: the run in {path} has already finished")
     return checkpoint
+
+
+def run_finished(path: Path) -> bool:
+    """Whether the run in folder ``path`` completed (its metrics.json says so)."""
+    metrics = path / "metrics.json"
+    try:
+        return json.loads(metrics.read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
 
 
 def save_torch(path: Path, payload: dict) -> None:
