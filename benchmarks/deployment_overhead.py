@@ -1,8 +1,8 @@
 """Coordination overhead of a round over Flower's Deployment Engine on loopback.
 
-overhead = round time − the slowest client's local training time. Two configurations run
-side by side in one invocation (machines are noisy, so only the ratio is meaningful):
-Flower's defaults (the ServerApp grid checks for replies every 3 s, SuperExec for work
+overhead = round time − the slowest client's local training time. Three polling
+configurations run side by side in one invocation, all with fedge's warm trainer
+(machines are noisy, so only the ratio is meaningful): Flower's defaults (the ServerApp grid checks for replies every 3 s, SuperExec for work
 every 1 s, an idle SuperNode for messages every 3 s), fedge's server-side polls alone,
 and fedge's full settings. Round 1 is left out: it includes the clients joining.
 

@@ -55,18 +55,19 @@ def _fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
     return data
 
 
-def build_client_app(load_data: DataLoaderFn, device: str = "auto") -> ClientApp:
-    """A ClientApp that trains on the samples ``load_data`` returns for its node, on
-    ``device`` unless the node config names one."""
-    app = ClientApp()
+Trainer = Callable[[RecordDict, Context], RecordDict]
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        config = msg.content["config"]
+
+def build_trainer(load_data: DataLoaderFn, device: str = "auto") -> Trainer:
+    """Train on the samples ``load_data`` returns for the node, on ``device`` unless the
+    node config names one: the records of a train message in, the reply's records out."""
+
+    def train(content: RecordDict, context: Context) -> RecordDict:
+        config = content["config"]
         spec = ModelSpec.from_json(str(config["model-spec"]))
         data = _fit_to_model(spec, load_data(context))
         model = build_model(spec)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model.load_state_dict(content["arrays"].to_torch_state_dict())
         settings = local_training_from_config(
             config, _node_seed(int(config["seed"]), int(config["server-round"]), context))
         chosen = pick_device(str(context.node_config.get("device", device)))
@@ -82,7 +83,18 @@ def build_client_app(load_data: DataLoaderFn, device: str = "auto") -> ClientApp
             "stopped_early": int(report.stopped_early),
             "train_seconds": train_seconds,
         })
-        reply = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics})
-        return Message(reply, reply_to=msg)
+        return RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics})
+
+    return train
+
+
+def build_client_app(load_data: DataLoaderFn, device: str = "auto") -> ClientApp:
+    """A ClientApp that trains in its own process (simulation)."""
+    app = ClientApp()
+    trainer = build_trainer(load_data, device)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return Message(trainer(msg.content, context), reply_to=msg)
 
     return app

@@ -2,8 +2,8 @@
 
 ``fedge client`` checks the device's data file, then starts ``flower-supernode`` against
 the server (TLS with the operator's CA, and the device's key for node authentication);
-Flower then runs :data:`app` for each message, which reads the samples named in the
-node config.
+Flower then starts :data:`fedge.client.relay.app` for each message, which hands it to
+the trainer this process keeps warm, with the data already loaded.
 """
 
 import logging
@@ -11,13 +11,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import Context
-
-from fedge.client.app import build_client_app
+from fedge.client.app import build_trainer
 from fedge.client.data import LocalData, split_train_val
+from fedge.client.relay import serve_trainer
 from fedge.datafiles import load_labelled_data
 from fedge.errors import FedgeError
 from fedge.processes import Children, free_port
@@ -41,24 +39,12 @@ class DeviceData:
         x, y = load_labelled_data(self.path, label_column=self.label_column)
         return split_train_val(x, y, self.val_fraction, self.seed)
 
-    def node_config(self) -> str:
-        path = str(self.path.resolve()).replace("\\", "\\\\").replace('"', '\\"')
-        return (f'data-path = "{path}"\nlabel-column = "{self.label_column}"\n'
-                f"val-fraction = {self.val_fraction}\nseed = {self.seed}\n")
 
+def node_config_toml(entries: dict[str, str]) -> str:
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-@lru_cache(maxsize=4)
-def _load(data: DeviceData) -> LocalData:
-    return data.load()
-
-
-def node_data(context: Context) -> LocalData:
-    config = context.node_config
-    return _load(DeviceData(Path(str(config["data-path"])), str(config["label-column"]),
-                            float(config["val-fraction"]), int(config["seed"])))
-
-
-app = build_client_app(node_data)
+    return "".join(f"{key} = {quoted(value)}\n" for key, value in entries.items())
 
 
 def supernode_args(server: str, ca: Path | None, key: Path | None, node_config: Path,
@@ -89,8 +75,9 @@ def run_client(server: str, data: DeviceData, ca: Path | None, key: Path | None,
     log.info("%d training and %d validation samples from %s", len(samples.train_y),
              len(samples.val_y), data.path)
     with tempfile.TemporaryDirectory(prefix="fedge-client-") as workdir:
+        trainer = build_trainer(lambda context: samples, device)
         node_config = Path(workdir) / "node.toml"
-        node_config.write_text(data.node_config() + f'device = "{device}"\n')
+        node_config.write_text(node_config_toml(serve_trainer(trainer, Path(workdir))))
         children = Children(env={"FLWR_HOME": workdir})
         with children.running():
             args = supernode_args(server, ca, key, node_config, free_port(), join_timeout)

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from fedge.config import RunConfig, load_config
 from fedge.errors import FedgeError
+from fedge.logs import LogFormat, show_fedge_logs
 
 app = typer.Typer(help="Federated edge training: Flower rounds, PyTorch clients, ONNX models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -54,6 +55,8 @@ def _round_line(record: Any, total: int, best: bool) -> str:
 
 
 Opt = typer.Option
+LogFormatOption = Annotated[LogFormat, Opt(help="text, or json: one JSON object a line "
+                                                "for a log collector")]
 
 
 def _new_run_dir() -> Path:
@@ -62,9 +65,7 @@ def _new_run_dir() -> Path:
 
 def _check_transport(insecure: bool, tls_file: Path | None, tls_option: str,
                      risk: str) -> None:
-    """TLS unless --insecure, which is said out loud; and log lines for a log collector."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """TLS unless --insecure, which is said out loud."""
     if insecure == (tls_file is not None):
         raise FedgeError(f"give {tls_option} (TLS, the default) or --insecure, not both or "
                          "neither")
@@ -239,15 +240,18 @@ def server(
                                     "it resumes  \\[default: runs/<timestamp>]")] = None,
     insecure: Annotated[bool, Opt(help="no TLS, no node authentication: loopback tests "
                                        "only")] = False,
+    log_format: LogFormatOption = "text",
 ) -> None:
     """Serve a federation to clients on other machines (Flower's Deployment Engine)."""
     from fedge.server.deployment import Listener, ServerSettings, serve
 
     _show_logs(verbose=False)
+    show_fedge_logs(log_format)
     _check_transport(insecure, certs, "--certs", "traffic is unencrypted and any client "
                                                  "may join")
     settings = ServerSettings(config=load_config(config), val_data=val_data,
-                              test_data=test_data, run_dir=out or _new_run_dir())
+                              test_data=test_data, run_dir=out or _new_run_dir(),
+                              log_format=log_format)
     serve(settings, Listener(host, port, certs, tuple(authorized_keys or ()), health_port))
     console.print(f"run finished: {settings.run_dir}", highlight=False)
 
@@ -267,10 +271,12 @@ def client(
     join_timeout: Annotated[float, Opt(help="seconds to keep trying to join before giving "
                                             "up")] = 600.0,
     insecure: Annotated[bool, Opt(help="no TLS: loopback tests only")] = False,
+    log_format: LogFormatOption = "text",
 ) -> None:
     """Join a federation from this device; the data never leaves it."""
     from fedge.client.deployment import DeviceData, run_client
 
+    show_fedge_logs(log_format)
     _check_transport(insecure, ca, "--ca", "traffic is unencrypted")
     run_client(server, DeviceData(data, label_column, val_fraction), ca, key, device,
                join_timeout)

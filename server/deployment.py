@@ -21,6 +21,7 @@ from fedge.config import RunConfig
 from fedge.datafiles import load_labelled_data
 from fedge.errors import FedgeError
 from fedge.files import write_atomic
+from fedge.logs import LogFormat, show_fedge_logs
 from fedge.processes import Children, wait_for_port
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, ServerData
@@ -47,7 +48,7 @@ publisher = "fedge"
 
 [tool.flwr.app.components]
 serverapp = "fedge.server.deployment:app"
-clientapp = "fedge.client.deployment:app"
+clientapp = "fedge.client.relay:app"
 
 [tool.flwr.app.config]
 settings = ""
@@ -61,6 +62,7 @@ class ServerSettings(BaseModel):
     val_data: Path
     test_data: Path | None = None
     run_dir: Path
+    log_format: LogFormat = "text"
 
 
 @dataclass(frozen=True)
@@ -105,13 +107,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    fedge_log = logging.getLogger("fedge")
-    fedge_log.addHandler(handler)
-    fedge_log.setLevel(logging.INFO)
     settings_file = Path(str(context.run_config["settings"]))
     settings = ServerSettings.model_validate_json(settings_file.read_text())
+    show_fedge_logs(settings.log_format)
     federation_for(settings).run(grid)
 
 

@@ -6,16 +6,77 @@ import signal
 import subprocess
 import sys
 import time
+from multiprocessing import AuthenticationError
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
+from fedge.client.app import build_trainer
+from fedge.client.data import split_train_val
+from fedge.client.relay import AUTHKEY_KEY, TrainerFailed, relay, serve_trainer
+from fedge.models.registry import build_model, spec_from_data
 from fedge.processes import free_port
 from fedge.simulations.datasets import load_dataset, split_federated
 from fedge.simulations.partition import PartitionSpec, partition_indices
 
 pytestmark = pytest.mark.timeout(600)
+
+
+def _train_message(seed: int = 0) -> tuple[RecordDict, Context]:
+    digits = load_dataset("digits")
+    spec = spec_from_data("cnn", digits.x, 10, dropout=0.1)
+    content = RecordDict({
+        "arrays": ArrayRecord(build_model(spec).state_dict()),
+        "config": ConfigRecord({"model-spec": spec.to_json(), "local-epochs": 1,
+                                "batch-size": 16, "lr": 0.01, "optimizer": "adam",
+                                "local-patience": 1, "seed": seed, "server-round": 1}),
+    })
+    return content, Context(run_id=1, node_id=11, node_config={}, state=RecordDict(),
+                            run_config={})
+
+
+def _device_samples(context: Context):
+    digits = load_dataset("digits")
+    return split_train_val(digits.x[:200], digits.y[:200], val_fraction=0.2, seed=0)
+
+
+def test_the_clientapp_flower_starts_for_each_message_does_not_import_torch():
+    code = "import sys, fedge.client.relay; assert 'torch' not in sys.modules, 'torch'"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_a_relayed_message_is_trained_exactly_as_in_process(tmp_path):
+    trainer = build_trainer(_device_samples, device="cpu")
+    content, context = _train_message()
+    context.node_config.update(serve_trainer(trainer, tmp_path))
+
+    relayed, direct = relay(content, context), trainer(content, context)
+
+    assert relayed["metrics"]["num-examples"] == direct["metrics"]["num-examples"] == 160
+    for a, b in zip(relayed["arrays"].to_numpy_ndarrays(),
+                    direct["arrays"].to_numpy_ndarrays(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_warm_trainer_answers_only_its_own_device_and_reports_failures(tmp_path):
+    def broken(content: RecordDict, context: Context) -> RecordDict:
+        raise ValueError("local labels must lie in 0..9")
+
+    content, context = _train_message()
+    context.node_config.update(serve_trainer(broken, tmp_path))
+    with pytest.raises(TrainerFailed, match=r"local labels must lie in 0\.\.9"):
+        relay(content, context)
+
+    device_key = context.node_config[AUTHKEY_KEY]
+    (tmp_path / "other.key").write_bytes(b"not the device's key")
+    context.node_config[AUTHKEY_KEY] = str(tmp_path / "other.key")
+    with pytest.raises(AuthenticationError):
+        relay(content, context)
+    context.node_config[AUTHKEY_KEY] = device_key  # and it still serves its own device
+    with pytest.raises(TrainerFailed):
+        relay(content, context)
 
 
 class Deployment:
@@ -93,6 +154,10 @@ class Deployment:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill(process)
+
+
+def _json_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith('{"time"')]
 
 
 @pytest.fixture
@@ -185,7 +250,7 @@ def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment)
                      "--certs", "certs", *(a for i in range(3) for a in (
                          "--authorized-key", f"keys/device{i}.pub")),
                      "--host", "127.0.0.1", "--port", str(d.port), "--health-port",
-                     str(health_port), "-o", "run")
+                     str(health_port), "-o", "run", "--log-format", "json")
 
     def serving() -> bool:
         with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
@@ -199,7 +264,13 @@ def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment)
     d.wait_for(serving, 60, "the health endpoint")
     for i in range(3):
         d.client(f"device{i}", f"device{i}.npz")
-    d.wait_for(lambda: len(d.metrics()["rounds"]) >= 1, 300, "round 1")
+    # fedge's log lines are JSON objects a log collector can parse, also those the
+    # ServerApp's process logs (Flower streams them to `fedge server`'s output).
+    def logged_round_1() -> bool:
+        return any(line["logger"] == "fedge.server" and line["message"].startswith("round 1:")
+                   for line in map(json.loads, _json_lines(d.log("server"))))
+
+    d.wait_for(logged_round_1, 300, "round 1 in the server's log")
     server.send_signal(signal.SIGTERM)
     assert server.wait(timeout=60) == 130
 
