@@ -2,9 +2,10 @@
 
 overhead = round time − the slowest client's local training time. Three polling
 configurations run side by side in one invocation, all with fedge's warm trainer
-(machines are noisy, so only the ratio is meaningful): Flower's defaults (the ServerApp grid checks for replies every 3 s, SuperExec for work
-every 1 s, an idle SuperNode for messages every 3 s), fedge's server-side polls alone,
-and fedge's full settings. Round 1 is left out: it includes the clients joining.
+(machines are noisy, so only the ratio is meaningful): Flower's defaults (the ServerApp
+grid checks for replies every 3 s, SuperExec for work every 1 s, an idle SuperNode for
+messages every 3 s), fedge's server-side polls alone, and fedge's full settings. Round 1
+is left out: it includes the clients joining.
 
     python benchmarks/deployment_overhead.py [--clients 3] [--rounds 5]
 """

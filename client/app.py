@@ -6,11 +6,12 @@ reply, and the server evaluates the global model itself.
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedge.client.data import LocalData
 from fedge.client.training import LocalTraining, pick_device, train_locally
@@ -88,9 +89,10 @@ def build_trainer(load_data: DataLoaderFn, device: str = "auto") -> Trainer:
     return train
 
 
-def build_client_app(load_data: DataLoaderFn, device: str = "auto") -> ClientApp:
-    """A ClientApp that trains in its own process (simulation)."""
-    app = ClientApp()
+def build_client_app(load_data: DataLoaderFn, device: str = "auto",
+                     mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp that trains in its own process (simulation), through Flower ``mods``."""
+    app = ClientApp(mods=list(mods))
     trainer = build_trainer(load_data, device)
 
     @app.train()

@@ -16,6 +16,7 @@ from pathlib import Path
 from fedge.client.app import build_trainer
 from fedge.client.data import LocalData, split_train_val
 from fedge.client.relay import serve_trainer
+from fedge.client.wire import FOLDER_KEY, check_wire_folder
 from fedge.datafiles import load_labelled_data
 from fedge.errors import FedgeError
 from fedge.processes import Children, free_port
@@ -60,8 +61,10 @@ def supernode_args(server: str, ca: Path | None, key: Path | None, node_config: 
 
 
 def run_client(server: str, data: DeviceData, ca: Path | None, key: Path | None,
-               device: str = "auto", join_timeout: float = 600.0) -> None:
-    """Check the data, then serve as a SuperNode until stopped.
+               device: str = "auto", join_timeout: float = 600.0,
+               record_wire: Path | None = None) -> None:
+    """Check the data, then serve as a SuperNode until stopped; with ``record_wire``, every
+    reply this device sends is also recorded in that folder (see :mod:`fedge.client.wire`).
 
     A SuperNode exits when it cannot join (the server is not up yet, has not registered
     this device's key yet, or speaks TLS to a plaintext client) and when its server goes
@@ -71,13 +74,15 @@ def run_client(server: str, data: DeviceData, ca: Path | None, key: Path | None,
     for path, what in ((ca, "CA certificate"), (key, "private key")):
         if path is not None and not path.is_file():
             raise FedgeError(f"{what} {path} does not exist")
+    wire = {} if record_wire is None else {FOLDER_KEY: str(check_wire_folder(record_wire))}
     samples = data.load()
     log.info("%d training and %d validation samples from %s", len(samples.train_y),
              len(samples.val_y), data.path)
-    with tempfile.TemporaryDirectory(prefix="fedge-client-") as workdir:
-        trainer = build_trainer(lambda context: samples, device)
+    trainer = build_trainer(lambda context: samples, device)
+    with (tempfile.TemporaryDirectory(prefix="fedge-client-") as workdir,
+          serve_trainer(trainer, Path(workdir)) as relay_entries):
         node_config = Path(workdir) / "node.toml"
-        node_config.write_text(node_config_toml(serve_trainer(trainer, Path(workdir))))
+        node_config.write_text(node_config_toml({**relay_entries, **wire}))
         children = Children(env={"FLWR_HOME": workdir})
         with children.running():
             args = supernode_args(server, ca, key, node_config, free_port(), join_timeout)

@@ -12,13 +12,18 @@ ends of that hand-off live here; the trainer itself is passed in.
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+
+from fedge.client.privacy import dp_clipping_mod
+from fedge.client.secagg import secagg_mod
+from fedge.client.wire import WireRecorder
 
 log = logging.getLogger("fedge.client")
 
@@ -31,24 +36,32 @@ class TrainerFailed(RuntimeError):
     """The warm trainer could not answer; Flower sends the server an error reply."""
 
 
-def serve_trainer(trainer: Trainer, workdir: Path) -> dict[str, str]:
-    """Answer relayed messages with ``trainer`` on a background thread for as long as
-    this process lives; returns the node-config entries the relay needs to find it."""
+@contextmanager
+def serve_trainer(trainer: Trainer, workdir: Path) -> Iterator[dict[str, str]]:
+    """Answer relayed messages with ``trainer`` on a background thread until the block
+    ends; yields the node-config entries the relay needs to find it."""
     socket, authkey = workdir / "trainer.sock", workdir / "trainer.key"
     authkey.touch(mode=0o600)
     authkey.write_bytes(secrets.token_bytes(32))
     listener = Listener(str(socket), family="AF_UNIX", authkey=authkey.read_bytes())
-    threading.Thread(target=_answer_forever, args=(listener, trainer), daemon=True,
-                     name="fedge-trainer").start()
-    return {SOCKET_KEY: str(socket), AUTHKEY_KEY: str(authkey)}
+    stopping = threading.Event()
+    threading.Thread(target=_answer_until_stopped, args=(listener, trainer, stopping),
+                     daemon=True, name="fedge-trainer").start()
+    try:
+        yield {SOCKET_KEY: str(socket), AUTHKEY_KEY: str(authkey)}
+    finally:
+        stopping.set()
+        listener.close()  # removes the socket while its folder still exists
 
 
-def _answer_forever(listener: Listener, trainer: Trainer) -> None:
-    while True:
+def _answer_until_stopped(listener: Listener, trainer: Trainer,
+                          stopping: threading.Event) -> None:
+    while not stopping.is_set():
         try:
             connection = listener.accept()
         except (AuthenticationError, OSError) as error:
-            log.warning("refused a connection to the trainer: %s", error)
+            if not stopping.is_set():
+                log.warning("refused a connection to the trainer: %s", error)
             continue
         with connection:
             content, context = connection.recv()
@@ -71,7 +84,11 @@ def relay(content: RecordDict, context: Context) -> RecordDict:
     return answer
 
 
-app = ClientApp()
+# The wire recorder is the first mod, the outermost: it records what leaves the device
+# after every other mod (`fedge client --record-wire` names its folder in the node config).
+# DP clipping is the last, the innermost: it clips the trainer's reply when the server asks.
+# SecAgg+ answers a secure server's rounds (masking what the trainer sent), nothing else.
+app = ClientApp(mods=[WireRecorder(), secagg_mod, dp_clipping_mod])
 
 
 @app.train()

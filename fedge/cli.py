@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -49,14 +49,23 @@ def _show_logs(verbose: bool) -> None:
 def _round_line(record: Any, total: int, best: bool) -> str:
     train = "   n/a" if record.train_loss is None else f"{record.train_loss:6.3f}"
     star = " [green]★ best[/]" if best else ""
+    faults = (f"  failed {record.failures:>2}  timed out {record.timeouts:>2}"
+              if record.failures or record.timeouts else "")
+    simulated = ("" if record.simulated_seconds is None
+                 else f"  simulated {record.simulated_seconds:6.1f}s")
+    epsilon = "" if record.epsilon is None else f"  ε {record.epsilon:6.2f}"
     return (f"round {record.round:>3}/{total}  train_loss {train}  "
             f"val_loss {record.val_loss:6.3f}  val_acc {record.val_accuracy:6.3f}  "
-            f"clients {record.num_clients:>3}  {record.seconds:5.2f}s{star}")
+            f"clients {record.num_clients:>3}{faults}{simulated}{epsilon}  "
+            f"{record.seconds:5.2f}s{star}")
 
 
 Opt = typer.Option
 LogFormatOption = Annotated[LogFormat, Opt(help="text, or json: one JSON object a line "
                                                 "for a log collector")]
+RecordWireOption = Annotated[Path | None, Opt(
+    help="record every message a client sends into this folder (check it with "
+         "`fedge audit-wire`)")]
 
 
 def _new_run_dir() -> Path:
@@ -103,15 +112,36 @@ def simulate(
     local_patience: Annotated[int | None, _setting("local_patience")] = None,
     proximal_mu: Annotated[float | None, _setting("proximal_mu")] = None,
     server_lr: Annotated[float | None, _setting("server_lr")] = None,
+    trimmed_fraction: Annotated[float | None, _setting("trimmed_fraction")] = None,
+    krum_byzantine: Annotated[int | None, _setting("krum_byzantine")] = None,
+    multikrum_select: Annotated[int | None, _setting("multikrum_select")] = None,
+    max_norm_ratio: Annotated[float | None, _setting("max_norm_ratio")] = None,
+    byzantine: Annotated[float | None, _setting("byzantine")] = None,
+    attack: Annotated[str | None, _setting("attack")] = None,
+    attack_scale: Annotated[float | None, _setting("attack_scale")] = None,
     seed: Annotated[int | None, _setting("seed")] = None,
     backend: Annotated[str | None, _setting("backend")] = None,
     device: Annotated[str | None, _setting("device")] = None,
+    offline_fraction: Annotated[float | None, _setting("offline_fraction")] = None,
+    drop_fraction: Annotated[float | None, _setting("drop_fraction")] = None,
+    slow_fraction: Annotated[float | None, _setting("slow_fraction")] = None,
+    slowdown: Annotated[float | None, _setting("slowdown")] = None,
+    samples_per_second: Annotated[float | None, _setting("samples_per_second")] = None,
+    round_timeout: Annotated[float | None, _setting("round_timeout")] = None,
+    quarantine: Annotated[float | None, _setting("quarantine")] = None,
+    dp_clip_norm: Annotated[float | None, _setting("dp_clip_norm")] = None,
+    dp_noise_multiplier: Annotated[float | None, _setting("dp_noise_multiplier")] = None,
+    dp_delta: Annotated[float | None, _setting("dp_delta")] = None,
+    secagg: Annotated[bool | None, _setting("secagg")] = None,
+    secagg_num_shares: Annotated[int | None, _setting("secagg_num_shares")] = None,
+    secagg_threshold: Annotated[int | None, _setting("secagg_threshold")] = None,
     out: Annotated[Path | None, Opt("--out", "-o", help="run folder  "
                                                          "\\[default: runs/<timestamp>]")] = None,
     overwrite: Annotated[bool, Opt(help="replace an existing run folder")] = False,
     resume: Annotated[bool, Opt(help="continue the interrupted run in --out after its last "
                                      "completed round")] = False,
     verbose: Annotated[bool, Opt("--verbose", "-v", help="show Flower's logs")] = False,
+    record_wire: RecordWireOption = None,
 ) -> None:
     """Run a federated training of many clients on this machine."""
     settings = load_config(
@@ -121,8 +151,18 @@ def simulate(
         dropout=dropout, patience=patience, min_delta=min_delta, local_patience=local_patience,
         proximal_mu=proximal_mu, server_lr=server_lr, seed=seed, backend=backend,
         device=device,
+        trimmed_fraction=trimmed_fraction, krum_byzantine=krum_byzantine,
+        multikrum_select=multikrum_select, max_norm_ratio=max_norm_ratio, byzantine=byzantine,
+        attack=attack, attack_scale=attack_scale,
+        offline_fraction=offline_fraction, drop_fraction=drop_fraction,
+        slow_fraction=slow_fraction, slowdown=slowdown, samples_per_second=samples_per_second,
+        round_timeout=round_timeout, quarantine=quarantine,
+        dp_clip_norm=dp_clip_norm, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
+        secagg=secagg, secagg_num_shares=secagg_num_shares, secagg_threshold=secagg_threshold,
     )
     with console.status("loading data and partitioning clients..."):
+        from fedge.simulations.attacks import describe_attack
+        from fedge.simulations.heterogeneity import describe_devices
         from fedge.simulations.runner import plan_simulation, simulate
 
         _show_logs(verbose)
@@ -138,19 +178,40 @@ def simulate(
         f"{settings.clients} clients ({settings.partition}, {min(sizes)}–{max(sizes)} samples "
         f"each), {settings.strategy}, ≤{settings.rounds} rounds, backend {settings.backend}",
         highlight=False)
+    if staged := describe_attack(settings):
+        console.print(f"[bold red]attack[/]: {staged}", highlight=False)
+    if devices := describe_devices(settings):
+        console.print(f"[bold]devices[/]: {devices}", highlight=False)
+    if settings.secagg:
+        console.print(f"[bold]secure aggregation[/]: SecAgg+, secrets shared among "
+                      f"{settings.secagg_num_shares} clients, {settings.secagg_threshold} "
+                      "rebuild one", highlight=False)
 
     def show(record: Any, best: bool) -> None:
         console.print(_round_line(record, settings.rounds, best), highlight=False)
 
-    outcome = simulate(plan, run_dir, overwrite=overwrite, on_round=show, resume=resume)
+    outcome = simulate(plan, run_dir, overwrite=overwrite, on_round=show, resume=resume,
+                       record_wire=record_wire)
     stop = "stopped early (validation loss plateaued)" if outcome.stopped_early else "all rounds"
     console.print(
         f"[bold green]done[/]: {outcome.rounds_run} rounds, {stop}; best round "
         f"{outcome.best_round}: test accuracy {outcome.test_accuracy:.3f} "
         f"(loss {outcome.test_loss:.3f}); ONNX parity {outcome.onnx_report['max_abs_diff']:.1e}",
         highlight=False)
+    if outcome.privacy:
+        console.print(_privacy_line(outcome.privacy), highlight=False)
     console.print(f"run folder: {outcome.run_dir}  (metrics.json, checkpoint.pt, best.pt, "
                   "curves.png, model.onnx, onnx_report.json)", highlight=False)
+
+
+def _privacy_line(privacy: dict) -> str:
+    setting = (f"{privacy['clients_per_round']} clients a round clip updates to norm "
+               f"{privacy['clip_norm']:g}")
+    if privacy["epsilon"] is None:
+        return f"privacy: {setting}; no noise, so no privacy guarantee"
+    return (f"privacy: {setting}, noise σ {privacy['noise_multiplier']:g}: "
+            f"(ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:g})-DP for each client "
+            f"after {privacy['releases']} noised rounds, by {privacy['accountant']}")
 
 
 @app.command("export")
@@ -159,19 +220,56 @@ def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt or best.pt of a run")],
     output: Annotated[Path, Opt("--output", "-o", help="ONNX file to write")],
     overwrite: Annotated[bool, Opt(help="replace an existing ONNX file")] = False,
+    quantize: Annotated[Literal["int8", "int8-dynamic"] | None, Opt(
+        help="write an int8 model: int8 (static, calibrated on held-out samples) or "
+             "int8-dynamic (weights only)")] = None,
+    eval_data: Annotated[Path | None, Opt(
+        help="labelled held-out samples (CSV, NPZ or image folder) for the int8 vs fp32 "
+             "accuracy  \\[default: agreement with fp32 on the checkpoint's held-out "
+             "samples]")] = None,
 ) -> None:
     """Export a checkpoint's global model to ONNX, verified in onnxruntime."""
     if output.exists() and not overwrite:
         raise FedgeError(f"{output} already exists; pass --overwrite to replace it")
-    from fedge.models.export import export_onnx
     from fedge.server.checkpoint import load_checkpoint
 
     saved = load_checkpoint(checkpoint)
-    report = export_onnx(saved.model(), saved.model_spec, saved.reference_inputs.numpy(), output)
-    console.print(f"wrote {output}: round {saved.round}, opset {report['opset']}, "
-                  f"{report['size_bytes']} bytes, max |onnxruntime − torch| "
-                  f"{report['max_abs_diff']:.1e} on {report['compared_samples']} held-out "
-                  "samples", highlight=False)
+    if quantize is None:
+        from fedge.models.export import export_onnx
+
+        report = export_onnx(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
+                             output)
+        console.print(f"wrote {output}: round {saved.round}, opset {report['opset']}, "
+                      f"{report['size_bytes']} bytes, max |onnxruntime − torch| "
+                      f"{report['max_abs_diff']:.1e} on {report['compared_samples']} held-out "
+                      "samples", highlight=False)
+        return
+    from fedge.datafiles import load_labelled_data
+    from fedge.models.quantize import export_int8
+
+    eval_x, eval_y = (load_labelled_data(eval_data, sample_shape=saved.model_spec.input_shape)
+                      if eval_data else (None, None))
+    method = "dynamic" if quantize == "int8-dynamic" else "static"
+    report = export_int8(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
+                         output, method, eval_x, eval_y)
+    console.print(f"wrote {output}: int8 ({method}) of round {saved.round}", highlight=False)
+    console.print(_quantization_table(report))
+
+
+def _quantization_table(report: dict) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"int8 vs fp32 on {report['evaluated_samples']} held-out samples")
+    for column in ("model", "size (bytes)", "accuracy", "batch-1 latency (µs)"):
+        table.add_column(column, justify="right")
+    for name in ("fp32", "int8"):
+        row = report[name]
+        accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        table.add_row(name, str(row["size_bytes"]), accuracy,
+                      f"{row['latency_us_batch1']:.1f}")
+    table.caption = (f"int8/fp32 size {report['size_ratio']:.2f}×; int8 predicts the fp32 "
+                     f"class on {report['agreement']:.1%} of the samples")
+    return table
 
 
 @app.command()
@@ -244,6 +342,7 @@ def server(
 ) -> None:
     """Serve a federation to clients on other machines (Flower's Deployment Engine)."""
     from fedge.server.deployment import Listener, ServerSettings, serve
+    from fedge.server.privacy import check_privacy
 
     _show_logs(verbose=False)
     show_fedge_logs(log_format)
@@ -252,6 +351,7 @@ def server(
     settings = ServerSettings(config=load_config(config), val_data=val_data,
                               test_data=test_data, run_dir=out or _new_run_dir(),
                               log_format=log_format)
+    check_privacy(settings.config)
     serve(settings, Listener(host, port, certs, tuple(authorized_keys or ()), health_port))
     console.print(f"run finished: {settings.run_dir}", highlight=False)
 
@@ -272,6 +372,7 @@ def client(
                                             "up")] = 600.0,
     insecure: Annotated[bool, Opt(help="no TLS: loopback tests only")] = False,
     log_format: LogFormatOption = "text",
+    record_wire: RecordWireOption = None,
 ) -> None:
     """Join a federation from this device; the data never leaves it."""
     from fedge.client.deployment import DeviceData, run_client
@@ -279,4 +380,60 @@ def client(
     show_fedge_logs(log_format)
     _check_transport(insecure, ca, "--ca", "traffic is unencrypted")
     run_client(server, DeviceData(data, label_column, val_fraction), ca, key, device,
-               join_timeout)
+               join_timeout, record_wire)
+
+
+MAX_SHOWN_VIOLATIONS = 20
+
+
+@app.command("audit-wire")
+@_friendly_errors
+def audit_wire(
+    recording: Annotated[Path, typer.Argument(help="folder written by --record-wire")],
+    data: Annotated[Path | None, Opt(help="the client's samples, as given to `fedge client "
+                                          "--data`")] = None,
+    dataset: Annotated[str | None, Opt(help="or the data set of a `fedge simulate` run: "
+                                            "all of its samples")] = None,
+    seed: Annotated[int, Opt(help="the simulation's --seed (synthetic data sets depend on "
+                                  "it)")] = 0,
+    label_column: Annotated[str, Opt(help="CSV column holding the class id")] = "label",
+) -> None:
+    """Check a wire recording: model-shaped arrays and scalar metrics only, no raw samples
+    (exit status 1 if not)."""
+    if (data is None) == (dataset is None):
+        raise FedgeError("give the samples to search for: --data FILE or --dataset NAME, "
+                         "not both or neither")
+    from rich.table import Table
+
+    from fedge.client.wire import audit_recording
+
+    if data is not None:
+        from fedge.datafiles import load_labelled_data
+
+        samples, _ = load_labelled_data(data, label_column=label_column)
+    else:
+        from fedge.simulations.datasets import load_dataset
+
+        samples = load_dataset(dataset, seed).x
+    report = audit_recording(recording, samples)
+    summary = Table("recorded", "count", title=f"wire recording {recording}")
+    for name, count in (("messages", report.messages), ("nodes", report.nodes),
+                        ("rounds", report.rounds), ("arrays", report.arrays),
+                        ("metrics", report.metrics), ("error replies", report.error_replies),
+                        ("samples searched", report.samples_searched),
+                        ("samples skipped (too short or constant)", report.samples_skipped)):
+        summary.add_row(name, str(count))
+    console.print(summary)
+    if report.passed:
+        console.print("[bold green]passed[/]: only the model's parameters and scalar metrics "
+                      "were sent, and no sample verbatim", highlight=False)
+        return
+    problems = Table("message", "violation", title="violations")
+    for violation in report.violations[:MAX_SHOWN_VIOLATIONS]:
+        problems.add_row(violation.message, violation.problem)
+    console.print(problems)
+    hidden = len(report.violations) - MAX_SHOWN_VIOLATIONS
+    more = f" (first {MAX_SHOWN_VIOLATIONS} shown)" if hidden > 0 else ""
+    console.print(f"[bold red]failed[/]: {len(report.violations)} violations{more}",
+                  highlight=False)
+    raise typer.Exit(1)

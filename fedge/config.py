@@ -25,7 +25,8 @@ class RunConfig(BaseModel):
     rounds: int = Field(20, ge=1, description="maximum rounds")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients per round")
     min_clients: int = Field(2, ge=1, description="minimum clients per round")
-    strategy: str = Field("fedavg", description="fedavg | fedprox | fedadam")
+    strategy: str = Field("fedavg", description="fedavg | fedprox | fedadam | fedmedian | "
+                                                "fedtrimmedavg | krum | multikrum")
     partition: str = Field("dirichlet:0.5", description="iid | dirichlet:ALPHA | shards:K")
     local_epochs: int = Field(5, ge=1, description="local epoch budget per round")
     batch_size: int = Field(32, ge=1, description="local mini-batch size")
@@ -42,6 +43,20 @@ class RunConfig(BaseModel):
                                                                  "held out for early stopping")
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight μ")
     server_lr: float = Field(0.01, gt=0.0, description="FedAdam server learning rate η")
+    trimmed_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="fedtrimmedavg: share β "
+                                    "of the largest and of the smallest values cut per weight")
+    krum_byzantine: int = Field(2, ge=0, description="krum | multikrum: Byzantine clients f "
+                                                     "tolerated per round")
+    multikrum_select: int | None = Field(None, ge=1, description="multikrum: updates averaged "
+                                         "per round (default: clients per round − f)")
+    max_norm_ratio: float = Field(10.0, ge=0.0, description="reject an update ‖w_k − w‖ larger "
+                                  "than this many times the round's median (0: off)")
+    byzantine: float = Field(0.0, ge=0.0, lt=1.0, description="simulation: share of clients "
+                             "that attack in every round (chosen by the seed)")
+    attack: str | None = Field(None, description="simulation: signflip | scale | nan | "
+                                                 "labelflip (needs --byzantine)")
+    attack_scale: float = Field(100.0, gt=0.0, description="simulation: attack strength s: "
+                                "signflip sends w − s·Δ, scale w + s·Δ")
     round_timeout: float = Field(600.0, gt=0.0, description="seconds a round waits for replies")
     min_results: int = Field(1, ge=1, description="fewest client results a round aggregates; "
                                                   "with fewer it keeps the global model")
@@ -49,10 +64,51 @@ class RunConfig(BaseModel):
                                                           "checks for client replies")
     join_timeout: float = Field(300.0, gt=0.0, description="seconds to wait for min_clients to "
                                                            "connect before the run gives up")
+    quarantine: float = Field(60.0, ge=0.0, description="seconds a client that failed or "
+                              "missed the deadline is not sampled (simulated seconds when "
+                              "the simulation has slow, offline or dropping clients)")
+    offline_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="simulation: chance a "
+                                    "client is offline for a round (not sampled); at least "
+                                    "min_clients stay online")
+    drop_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="simulation: chance a "
+                                 "sampled client drops out mid-round (counted as a failure)")
+    slow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="simulation: share of "
+                                 "clients (chosen by the seed) that train `slowdown` times "
+                                 "slower")
+    slowdown: float = Field(10.0, ge=1.0, description="simulation: how many times slower a "
+                            "slow client trains")
+    samples_per_second: float = Field(100.0, gt=0.0, description="simulation: a client's "
+                                      "training speed on the simulated clock; a round takes "
+                                      "it epochs × samples / this seconds (× slowdown)")
     seed: int = Field(0, description="random seed: the same seed gives the same run")
     backend: Literal["inprocess", "ray"] = Field("inprocess", description="inprocess | ray")
     device: str = Field("auto", description="auto | cpu | cuda | mps (auto: CUDA, then MPS, "
                                             "then CPU)")
+    dp_clip_norm: float | None = Field(None, gt=0.0, description="differential privacy: "
+                                       "clients clip their update to this L2 norm C; a round "
+                                       "then takes exactly max(fraction·clients, min_clients) "
+                                       "clients, averaged with equal weights")
+    dp_noise_multiplier: float = Field(0.0, ge=0.0, description="differential privacy: the "
+                                       "server adds Gaussian noise σ·C/m to the mean of the m "
+                                       "clipped updates (0: clipping only, no privacy)")
+    dp_delta: float = Field(1e-5, gt=0.0, lt=1.0, description="differential privacy: the δ "
+                                                             "at which ε is reported")
+    secagg: bool = Field(False, description="secure aggregation (Flower's SecAgg+): the "
+                         "server sees only the weighted sum of the clients' weights, never "
+                         "one client's (fedavg, fedprox)")
+    secagg_num_shares: int = Field(3, ge=3, description="SecAgg+: clients (itself included) "
+                                   "among which each client's secrets are shared")
+    secagg_threshold: int = Field(2, ge=2, description="SecAgg+: shares needed to rebuild a "
+                                  "secret; higher is more private, lower survives more "
+                                  "dropouts (< secagg_num_shares, ≤ min_clients)")
+    secagg_clipping_range: float = Field(8.0, gt=0.0, description="SecAgg+: every weight × "
+                                         "samples / secagg_max_weight must lie within ± this")
+    secagg_quantization_range: int = Field(2**22, ge=2, lt=2**32, description="SecAgg+: "
+                                           "integer levels a weight is rounded to (error ≤ 2 "
+                                           "× clipping range / levels); clients per round × "
+                                           "levels must stay below 2**32")
+    secagg_max_weight: float = Field(1000.0, gt=0.0, description="SecAgg+: the most training "
+                                     "samples a client may have (its FedAvg weight)")
 
 def load_config(path: Path | None = None, **overrides: object) -> RunConfig:
     """Defaults, then the TOML file at ``path`` (if any), then non-None ``overrides``."""

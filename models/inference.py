@@ -46,7 +46,11 @@ def predict(model_path: Path, inputs: np.ndarray) -> np.ndarray:
         raise FedgeError(f"{model_path} is not a valid ONNX model: {error}") from error
     model_input = session.get_inputs()[0]
     sample_shape = tuple(int(d) for d in model_input.shape[1:])
-    dtype = np.int64 if model_input.type == "tensor(int64)" else np.float32
-    batch = _fit_to_model(np.asarray(inputs), sample_shape).astype(dtype)
+    batch = _fit_to_model(np.asarray(inputs), sample_shape).astype(input_dtype(model_input))
     logits = session.run(None, {model_input.name: batch})[0]
     return logits.argmax(axis=1)
+
+
+def input_dtype(model_input: object) -> type:
+    """The numpy type of an onnxruntime session input: token ids or float samples."""
+    return np.int64 if getattr(model_input, "type", "") == "tensor(int64)" else np.float32

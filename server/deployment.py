@@ -26,6 +26,7 @@ from fedge.processes import Children, wait_for_port
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, ServerData
 from fedge.server.run_folder import resumable_checkpoint, run_finished
+from fedge.server.secagg import check_secagg
 
 log = logging.getLogger("fedge.server")
 
@@ -151,6 +152,7 @@ def serve(settings: ServerSettings, listener: Listener, startup_timeout: float =
     """Run the SuperLink and the federation until the run ends; SIGTERM stops both, and
     the run folder keeps the last completed round for a restart to resume from."""
     check_listener(listener)
+    check_secagg(settings.config)
     run_dir = settings.run_dir.resolve()
     flower_home = run_dir / ".flower"
     app_dir = flower_home / "app"

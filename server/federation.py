@@ -21,8 +21,16 @@ from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import build_model, spec_from_data
 from fedge.server.checkpoint import Checkpoint, load_checkpoint
 from fedge.server.grid import RoundGrid, RoundStats
+from fedge.server.privacy import (
+    check_privacy,
+    epsilon_spent,
+    min_round_clients,
+    privacy_report,
+)
 from fedge.server.rounds import GlobalEarlyStop, RoundRecord, RoundTracker
 from fedge.server.run_folder import plot_curves
+from fedge.server.screening import UpdateScreen
+from fedge.server.secagg import check_secagg, run_secure_rounds, secure_round_stats
 from fedge.server.strategies import (
     ContinuedRounds,
     build_strategy,
@@ -35,7 +43,7 @@ log = logging.getLogger("fedge.server")
 REFERENCE_SAMPLES = 64  # held-out inputs kept in checkpoints to verify later exports
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_CHANGES = {"rounds", "round_timeout", "join_timeout", "min_results", "backend",
-                     "device", "poll_interval"}
+                     "device", "poll_interval", "quarantine", "max_norm_ratio"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class RunOutcome:
     test_loss: float
     test_accuracy: float
     onnx_report: dict
+    privacy: dict | None = None  # the run's differential privacy, ε included, if any
 
 
 class Federation:
@@ -75,6 +84,8 @@ class Federation:
                  resume: Checkpoint | None = None) -> None:
         if config.model is None:
             raise FedgeError("the server needs a model name")
+        check_privacy(config)
+        check_secagg(config)
         if resume is not None:
             _check_resumable(config, resume)
         self.config, self.data, self.run_dir = config, data, run_dir
@@ -94,21 +105,29 @@ class Federation:
 
         return app
 
-    def run(self, flower_grid: Grid) -> RunOutcome:
+    def run(self, flower_grid: Grid, clock: Callable[[], float] | None = None) -> RunOutcome:
+        """The whole run on ``flower_grid``; a simulation passes its simulated ``clock``."""
         config = self.config
         torch.manual_seed(config.seed)
-        # Flower samples clients with the global `random` module.
+        # Flower samples clients with the global `random` module, and SecAgg+'s client mod
+        # rounds stochastically with numpy's (clients in this process: a simulation).
         random.seed(config.seed)
-        grid = RoundGrid(flower_grid, min_nodes=config.min_clients,
+        np.random.seed(config.seed)
+        grid = RoundGrid(flower_grid, min_nodes=min_round_clients(config),
                          min_replies=config.min_results, join_timeout=config.join_timeout,
-                         poll_interval=config.poll_interval)
+                         poll_interval=config.poll_interval, clock=clock,
+                         quarantine=config.quarantine)
         self._tracker = RoundTracker(
             self.spec, self.data.val_x, self.data.val_y, config.patience, config.min_delta,
             on_round=self._save_round,
-            round_stats=lambda: grid.stats[-1] if grid.stats else RoundStats())
+            round_stats=(secure_round_stats(grid) if config.secagg
+                         else lambda: grid.stats[-1] if grid.stats else RoundStats()),
+            epsilon=lambda: epsilon_spent(self._strategy))
         self._strategy = build_strategy(config, self._tracker.aggregate_train_metrics)
         started = time.perf_counter()
         strategy, arrays = self._starting_point()
+        strategy = UpdateScreen(strategy, config.max_norm_ratio, self._tracker.count_rejected,
+                                round_offset=self._tracker.completed_rounds)
         remaining = config.rounds - self._tracker.completed_rounds
         if remaining > 0 and not self._tracker.plateaued():
             self._rounds(strategy, grid, arrays, remaining)
@@ -136,6 +155,10 @@ class Federation:
     def _rounds(self, strategy: Strategy, grid: Grid, arrays: ArrayRecord, rounds: int) -> None:
         offset = self._tracker.completed_rounds
         try:
+            if self.config.secagg:
+                run_secure_rounds(self.config, grid, arrays, rounds, self._tracker,
+                                  self._train_config())
+                return
             strategy.start(
                 grid=grid, initial_arrays=arrays, num_rounds=rounds,
                 timeout=self.config.round_timeout, train_config=self._train_config(),
@@ -188,6 +211,7 @@ class Federation:
             "rounds": [r.as_dict() for r in tracker.history],
             "best_round": tracker.best_round,
             "stopped_early": tracker.stopped_early,
+            "privacy": privacy_report(self._strategy, self.config),
             **extra,
         }
 
@@ -208,11 +232,14 @@ class Federation:
             seconds=seconds,
         ))
         return RunOutcome(self.run_dir, len(tracker.history), tracker.best_round,
-                          tracker.stopped_early, test_loss, test_accuracy, report)
+                          tracker.stopped_early, test_loss, test_accuracy, report,
+                          privacy_report(self._strategy, self.config))
 
 
 def _check_resumable(config: RunConfig, checkpoint: Checkpoint) -> None:
-    saved = checkpoint.config
+    # Settings added after the checkpoint was written count as their defaults.
+    saved = {k: field.default for k, field in RunConfig.model_fields.items()}
+    saved.update(checkpoint.config)
     changed = sorted(k for k, v in config.model_dump().items()
                      if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if changed:

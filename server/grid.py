@@ -9,7 +9,7 @@ every ``poll_interval`` seconds (Flower's HTTP grid sleeps 3 s between polls).
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from flwr.app import Message, RecordDict
@@ -19,6 +19,10 @@ from flwr.supercore.run import Run
 from fedge.errors import FedgeError
 
 log = logging.getLogger("fedge.server")
+
+# Reply error code (outside Flower's ErrorCode range) for a result that came after the
+# round's deadline: a simulated late device. Counted as a timeout, like a missing reply.
+MISSED_DEADLINE = 100
 
 
 class NotEnoughClients(FedgeError):
@@ -34,6 +38,7 @@ class RoundStats:
     failures: int = 0  # error replies: the ClientApp raised, or its node was unavailable
     timeouts: int = 0  # no reply before the round's deadline
     discarded: bool = False  # fewer than `min_replies` results: nothing was aggregated
+    simulated_seconds: float | None = None  # the round's duration on a simulated clock
 
 
 class RoundGrid(Grid):
@@ -45,12 +50,15 @@ class RoundGrid(Grid):
       the round would otherwise lack its minimum of nodes.
     - While fewer than ``min_nodes`` are connected, :meth:`get_node_ids` raises
       :class:`NotEnoughClients` after ``join_timeout`` seconds.
+    - With a simulation's ``clock`` (seconds), quarantines run on it and each round's
+      duration on it is reported as ``RoundStats.simulated_seconds``.
     """
 
     def __init__(self, grid: Grid, *, min_nodes: int, min_replies: int,
                  join_timeout: float, quarantine: float = 60.0,
-                 poll_interval: float = 0.1) -> None:
+                 poll_interval: float = 0.1, clock: Callable[[], float] | None = None) -> None:
         self.grid = grid
+        self.clock = clock
         self.min_nodes, self.min_replies = min_nodes, min_replies
         self.join_timeout, self.quarantine = join_timeout, quarantine
         self.poll_interval = poll_interval
@@ -79,7 +87,8 @@ class RoundGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         now = time.monotonic()
         connected = list(self.grid.get_node_ids())
-        healthy = [n for n in connected if self._suspended_until.get(n, 0.0) <= now]
+        healthy = [n for n in connected
+                   if self._suspended_until.get(n, 0.0) <= self._quarantine_now()]
         nodes = healthy if len(healthy) >= self.min_nodes else connected
         if len(nodes) >= self.min_nodes:
             self._short_since = None
@@ -102,6 +111,7 @@ class RoundGrid(Grid):
         if not messages:
             return []
         # Flower returns ids in message order, None for a message it could not push.
+        simulated_start = self.clock() if self.clock else None
         ids = list(self.grid.push_messages(messages))
         destination = {i: m.metadata.dst_node_id
                        for i, m in zip(ids, messages, strict=True) if i is not None}
@@ -123,11 +133,20 @@ class RoundGrid(Grid):
         # float sums on every run with the same seed.
         order = {message_id: position for position, message_id in enumerate(ids)}
         replies.sort(key=lambda reply: order[reply.metadata.reply_to_message_id])
-        return self._settle(replies, [destination[i] for i in pending], stats, timeout)
+        # A late result counts as no reply, as it would in a deployment.
+        late = [r.metadata.src_node_id for r in replies if _missed_deadline(r)]
+        replies = [r for r in replies if not _missed_deadline(r)]
+        silent = [destination[i] for i in pending] + late
+        if simulated_start is not None:
+            stats.simulated_seconds = self.clock() - simulated_start
+        return self._settle(replies, silent, stats, timeout)
+
+    def _quarantine_now(self) -> float:
+        return self.clock() if self.clock else time.monotonic()
 
     def _settle(self, replies: list[Message], silent: list[int], stats: RoundStats,
                 timeout: float | None) -> list[Message]:
-        suspend_until = time.monotonic() + self.quarantine
+        suspend_until = self._quarantine_now() + self.quarantine
         for node in silent:
             log.warning("client node %d did not answer within %.0f s; not sampled for "
                         "%.0f s", node, timeout or 0, self.quarantine)
@@ -147,3 +166,7 @@ class RoundGrid(Grid):
                         self.min_replies)
             return []
         return replies
+
+
+def _missed_deadline(reply: Message) -> bool:
+    return reply.has_error() and reply.error.code == MISSED_DEADLINE

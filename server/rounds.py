@@ -36,6 +36,9 @@ class RoundRecord:
     timeouts: int
     slowest_client_seconds: float | None  # local training time of the slowest client
     seconds: float
+    rejected: int = 0  # updates the server's screen kept out of aggregation (0 in older runs)
+    simulated_seconds: float | None = None  # the round on a simulation's clock, if it has one
+    epsilon: float | None = None  # differential privacy spent so far (at the run's δ), if any
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,21 +53,24 @@ class RoundTracker:
 
     Pass :meth:`aggregate_train_metrics` as the strategy's ``train_metrics_aggr_fn`` and
     :meth:`evaluate` as ``evaluate_fn`` of ``Strategy.start``. ``round_stats`` reports
-    the last round's failures and timeouts.
+    the last round's failures and timeouts, ``epsilon`` the privacy spent after it.
     """
 
     def __init__(self, spec: ModelSpec, val_x: np.ndarray, val_y: np.ndarray, patience: int,
                  min_delta: float, on_round: OnRound,
-                 round_stats: Callable[[], RoundStats]) -> None:
+                 round_stats: Callable[[], RoundStats],
+                 epsilon: Callable[[], float | None] = lambda: None) -> None:
         self.spec, self.val_x, self.val_y = spec, val_x, val_y
         self.patience, self.min_delta = patience, min_delta
         self.on_round, self.round_stats = on_round, round_stats
+        self.epsilon = epsilon
         self.history: list[RoundRecord] = []
         self.initial: dict | None = None
         self.best_round: int | None = None
         self.best_val_loss = math.inf
         self.stopped_early = False
         self._client_metrics: tuple[MetricRecord, int, float | None] | None = None
+        self._rejected = 0
         self._clock = time.perf_counter()
 
     @property
@@ -89,6 +95,10 @@ class RoundTracker:
                       default=None)
         self._client_metrics = (metrics, len(replies), slowest)
         return metrics
+
+    def count_rejected(self, rejected: int) -> None:
+        """Pass as the update screen's ``on_screened``: this round's rejected replies."""
+        self._rejected = rejected
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = build_model(self.spec)
@@ -127,5 +137,6 @@ class RoundTracker:
             client_val_loss=client("val_loss"), client_val_accuracy=client("val_accuracy"),
             client_epochs=client("epochs"), clients_stopped_early=client("stopped_early"),
             failures=stats.failures, timeouts=stats.timeouts,
-            slowest_client_seconds=slowest, seconds=now - started,
+            slowest_client_seconds=slowest, seconds=now - started, rejected=self._rejected,
+            simulated_seconds=stats.simulated_seconds, epsilon=self.epsilon(),
         )

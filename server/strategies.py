@@ -9,6 +9,21 @@ their train replies and the server evaluates the global model on its own held-ou
   (μ = ``proximal_mu``, sent to clients as ``proximal-mu``)
 - ``fedadam``: Δ = FedAvg(w_k) − w;  m ← β₁m + (1−β₁)Δ;  v ← β₂v + (1−β₂)Δ²;
   w ← w + η · m / (√v + τ)  (η = ``server_lr``)
+
+Byzantine-robust aggregation of the K updates of a round, up to f of them malicious
+(unweighted: a liar could claim any ``num-examples``):
+
+- ``fedmedian``: w ← median_k w_k, coordinate by coordinate; holds while f < K/2
+- ``fedtrimmedavg``: per coordinate, drop the ⌊β·K⌋ largest and the ⌊β·K⌋ smallest of
+  the K values and average the rest (β = ``trimmed_fraction`` < 0.5); holds while
+  f ≤ ⌊β·K⌋
+- ``krum``: score(k) = Σ_{j ∈ N_k} ‖w_k − w_j‖², N_k the K − f − 2 updates nearest to
+  w_k; w ← the w_k with the lowest score (f = ``krum_byzantine``; needs K ≥ 2f + 3)
+- ``multikrum``: w ← FedAvg of the m lowest-scoring w_k (m = ``multikrum_select``,
+  default: clients per round − f)
+
+With ``dp_clip_norm`` set, ``fedavg`` and ``fedprox`` run as DP-FedAvg: clipped updates,
+equal weights, Gaussian noise on the mean (:mod:`fedge.server.privacy`).
 """
 
 from collections.abc import Callable, Iterable
@@ -16,11 +31,21 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp import Grid, RdpAccountant
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
+from fedge.server.privacy import private_sampling, with_privacy
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -38,7 +63,20 @@ STRATEGIES: dict[str, Callable[[RunConfig], dict]] = {
     "fedavg": lambda c: {"cls": FedAvg},
     "fedprox": lambda c: {"cls": FedProx, "proximal_mu": c.proximal_mu},
     "fedadam": lambda c: {"cls": FedAdam, "eta": c.server_lr, "eta_l": c.lr},
+    "fedmedian": lambda c: {"cls": FedMedian},
+    "fedtrimmedavg": lambda c: {"cls": FedTrimmedAvg, "beta": c.trimmed_fraction},
+    "krum": lambda c: {"cls": Krum, "num_malicious_nodes": c.krum_byzantine},
+    "multikrum": lambda c: {"cls": MultiKrum, "num_malicious_nodes": c.krum_byzantine,
+                            "num_nodes_to_select": _multikrum_select(c)},
 }
+
+
+def _multikrum_select(config: RunConfig) -> int:
+    """m, by default the clients a round samples (as FedAvg counts them) less f."""
+    if config.multikrum_select is not None:
+        return config.multikrum_select
+    per_round = max(int(config.clients * config.fraction), config.min_clients)
+    return max(1, per_round - config.krum_byzantine)
 
 
 def check_strategy_name(name: str) -> None:
@@ -50,14 +88,21 @@ def build_strategy(config: RunConfig, train_metrics_aggr_fn: MetricsAggregator) 
     check_strategy_name(config.strategy)
     params = STRATEGIES[config.strategy](config)
     cls = params.pop("cls")
-    return cls(**_sampling(config), train_metrics_aggr_fn=train_metrics_aggr_fn, **params)
+    sampling = {**_sampling(config), **private_sampling(config)}
+    strategy = cls(**sampling, train_metrics_aggr_fn=train_metrics_aggr_fn, **params)
+    return with_privacy(strategy, config)
 
 
 def strategy_state(strategy: Strategy) -> dict:
-    """The strategy's attributes (FedAdam's moments included) in checkpointable form."""
+    """The strategy's attributes (FedAdam's moments included) in checkpointable form; a
+    wrapped strategy's too, and a privacy accountant's ledger (its own ``state_dict``)."""
     state: dict = {"class": type(strategy).__name__}
     for name, value in vars(strategy).items():
-        if isinstance(value, dict) and all(isinstance(v, np.ndarray) for v in value.values()):
+        if isinstance(value, Strategy):
+            state[name] = strategy_state(value)
+        elif isinstance(value, RdpAccountant):
+            state[name] = value.state_dict()
+        elif isinstance(value, dict) and all(isinstance(v, np.ndarray) for v in value.values()):
             state[name] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
         elif value is None or isinstance(value, bool | int | float | str):
             state[name] = value
@@ -71,6 +116,13 @@ def restore_strategy_state(strategy: Strategy, state: dict) -> None:
                          f"uses {type(strategy).__name__}")
     for name, value in state.items():
         if name == "class":
+            continue
+        current = getattr(strategy, name, None)
+        if isinstance(current, Strategy):
+            restore_strategy_state(current, value)
+            continue
+        if isinstance(current, RdpAccountant):
+            current.load_state_dict(value)
             continue
         if isinstance(value, dict):
             value = {k: v.numpy() for k, v in value.items()}

@@ -4,6 +4,7 @@ Flower's strategies drive it through ``Strategy.start(grid=...)`` exactly as the
 the Ray simulation engine or the Deployment Engine, without Ray's ~10 s start-up.
 """
 
+import copy
 import uuid
 from collections.abc import Iterable
 
@@ -77,7 +78,9 @@ class InProcessGrid(Grid):
             return Message(Error(CLIENT_APP_ERROR, f"no node {message.metadata.dst_node_id}"),
                            reply_to=message)
         try:
-            return self.client_app(message, context)
+            # Each node gets its own copy, as over a network: SecAgg+ sends one RecordDict
+            # to every node, and Flower's client mod edits it.
+            return self.client_app(copy.deepcopy(message), context)
         except Exception as error:  # a failing client must not end the round
             return Message(Error(CLIENT_APP_ERROR, f"{type(error).__name__}: {error}"),
                            reply_to=message)

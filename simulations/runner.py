@@ -11,16 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedge.client.app import build_client_app
+from fedge.client.privacy import dp_clipping_mod
+from fedge.client.secagg import secagg_mod
+from fedge.client.wire import WireRecorder, check_wire_folder
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.models.registry import check_sample_shape
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, RunOutcome, ServerData
+from fedge.server.privacy import check_privacy
 from fedge.server.rounds import RoundRecord
 from fedge.server.run_folder import prepare_run_dir, resumable_checkpoint
+from fedge.server.secagg import check_secagg
 from fedge.server.strategies import check_strategy_name
+from fedge.simulations.attacks import check_attack, staged_attack
 from fedge.simulations.clients import SimulatedClients
 from fedge.simulations.datasets import load_dataset, split_federated
+from fedge.simulations.heterogeneity import check_heterogeneity, with_devices
 from fedge.simulations.partition import PartitionSpec
 
 
@@ -40,6 +47,10 @@ def plan_simulation(config: RunConfig) -> SimulationPlan:
     config = config.model_copy(update={"model": config.model or dataset.default_model})
     check_sample_shape(config.model, dataset.x.shape[1:])
     check_strategy_name(config.strategy)
+    check_attack(config)
+    check_heterogeneity(config)
+    check_privacy(config)
+    check_secagg(config)
     PartitionSpec.parse(config.partition)
     if config.min_clients > config.clients:
         raise FedgeError(f"min_clients ({config.min_clients}) is larger than the number of "
@@ -57,21 +68,33 @@ def plan_simulation(config: RunConfig) -> SimulationPlan:
 
 def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
              on_round: Callable[[RoundRecord, bool], None] | None = None,
-             resume: bool = False) -> RunOutcome:
+             resume: bool = False, record_wire: Path | None = None) -> RunOutcome:
     """Run the planned federation and write its run folder ``run_dir``; with ``resume``,
-    continue the interrupted run in ``run_dir`` after its last checkpointed round."""
+    continue the interrupted run in ``run_dir`` after its last checkpointed round; with
+    ``record_wire``, record every client reply in that folder (:mod:`fedge.client.wire`)."""
     config = plan.config
+    # The wire recorder stays the first mod, the outermost: it records what leaves a client.
+    mods = [] if record_wire is None else [WireRecorder(check_wire_folder(record_wire))]
     if resume:
         checkpoint = load_checkpoint(resumable_checkpoint(run_dir))
         federation = Federation(config, plan.server_data, run_dir, on_round, checkpoint)
     else:
         federation = Federation(config, plan.server_data, prepare_run_dir(run_dir, overwrite),
                                 on_round)
-    client_app = build_client_app(plan.clients.local_data, device=config.device)
+    load_data, attack_mods = staged_attack(config, plan.clients.local_data,
+                                           plan.server_data.num_classes)
+    # DP clipping is the last mod, the innermost: it clips what honest training produced
+    # (an attacker's mod acts after it, as a malicious device would not clip). SecAgg+
+    # masks what the mods inside it produce; it passes plaintext rounds through.
+    client_app = build_client_app(load_data, device=config.device,
+                                  mods=[*mods, secagg_mod, *attack_mods, dp_clipping_mod])
     if config.backend == "inprocess":
         from fedge.simulations.inprocess import InProcessGrid
 
-        return federation.run(InProcessGrid(client_app, config.clients))
+        first_round = (federation.resume.round if federation.resume else 0) + 1
+        grid, clock = with_devices(InProcessGrid(client_app, config.clients), config,
+                                   first_round)
+        return federation.run(grid, clock=clock)
 
     from flwr.simulation import run_simulation
 

@@ -50,9 +50,10 @@ def test_the_clientapp_flower_starts_for_each_message_does_not_import_torch():
 def test_a_relayed_message_is_trained_exactly_as_in_process(tmp_path):
     trainer = build_trainer(_device_samples, device="cpu")
     content, context = _train_message()
-    context.node_config.update(serve_trainer(trainer, tmp_path))
-
-    relayed, direct = relay(content, context), trainer(content, context)
+    with serve_trainer(trainer, tmp_path) as entries:
+        context.node_config.update(entries)
+        relayed, direct = relay(content, context), trainer(content, context)
+    assert not (tmp_path / "trainer.sock").exists()  # cleaned up with the client
 
     assert relayed["metrics"]["num-examples"] == direct["metrics"]["num-examples"] == 160
     for a, b in zip(relayed["arrays"].to_numpy_ndarrays(),
@@ -65,18 +66,18 @@ def test_the_warm_trainer_answers_only_its_own_device_and_reports_failures(tmp_p
         raise ValueError("local labels must lie in 0..9")
 
     content, context = _train_message()
-    context.node_config.update(serve_trainer(broken, tmp_path))
-    with pytest.raises(TrainerFailed, match=r"local labels must lie in 0\.\.9"):
-        relay(content, context)
+    with serve_trainer(broken, tmp_path) as entries:
+        context.node_config.update(entries)
+        with pytest.raises(TrainerFailed, match=r"local labels must lie in 0\.\.9"):
+            relay(content, context)
 
-    device_key = context.node_config[AUTHKEY_KEY]
-    (tmp_path / "other.key").write_bytes(b"not the device's key")
-    context.node_config[AUTHKEY_KEY] = str(tmp_path / "other.key")
-    with pytest.raises(AuthenticationError):
-        relay(content, context)
-    context.node_config[AUTHKEY_KEY] = device_key  # and it still serves its own device
-    with pytest.raises(TrainerFailed):
-        relay(content, context)
+        (tmp_path / "other.key").write_bytes(b"not the device's key")
+        context.node_config[AUTHKEY_KEY] = str(tmp_path / "other.key")
+        with pytest.raises(AuthenticationError):
+            relay(content, context)
+        context.node_config[AUTHKEY_KEY] = entries[AUTHKEY_KEY]  # it still serves its device
+        with pytest.raises(TrainerFailed):
+            relay(content, context)
 
 
 class Deployment:

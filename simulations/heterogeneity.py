@@ -1,0 +1,213 @@
+"""Unequal, unreliable devices in simulation, on a simulated clock.
+
+Real fleets are not ten identical machines that always answer. Three seeded draws make the
+simulated clients behave like devices (client ``k`` is the ``k``-th node, its partition):
+
+- **speed**: ``round(slow_fraction · clients)`` clients, chosen once from the seed, train
+  ``slowdown`` times slower than the others;
+- **offline**: in every round each client is offline with probability ``offline_fraction``:
+  not connected, so the strategy cannot sample it. At least ``min_clients`` stay online
+  (those that drew the largest numbers), so a round never waits for connections;
+- **drop**: a sampled client drops out mid-round with probability ``drop_fraction``: its
+  result never arrives, and the server gets Flower's "node unavailable" error, as from a
+  SuperLink whose node went away. The server counts it as a failure.
+
+Time is simulated, not measured, so the same seed gives the same run on any machine. A
+client's round takes
+
+    t_k = slowdown_k · epochs_k · n_k / samples_per_second
+
+simulated seconds (``n_k`` its training samples, ``epochs_k`` the local epochs it ran,
+``slowdown_k`` 1 or ``slowdown``). The server's deadline applies as in deployment: a client
+with ``t_k > round_timeout`` missed the round and counts as a timeout, and the round lasts
+``round_timeout``; otherwise it lasts ``max_k t_k`` over the results (a drop does not
+lengthen it). Nothing waits in real time: late results are turned into error replies at
+once, and the server's quarantine of failed and late clients (``quarantine`` seconds) runs
+on the simulated clock.
+"""
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fedge.config import RunConfig
+from fedge.errors import FedgeError
+from fedge.server.grid import MISSED_DEADLINE
+
+# Flower's ErrorCode.NODE_UNAVAILABLE: the SuperLink's reply for a node that went away.
+NODE_UNAVAILABLE = 5
+# Purposes of the seeded draws, so that each has its own random stream.
+_SLOW, _OFFLINE, _DROP = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class DeviceFleet:
+    """The seeded behaviour of ``clients`` simulated devices (see the module docstring)."""
+
+    clients: int
+    seed: int
+    offline_fraction: float = 0.0
+    drop_fraction: float = 0.0
+    slow_fraction: float = 0.0
+    slowdown: float = 10.0
+    samples_per_second: float = 100.0
+    min_online: int = 1
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "DeviceFleet":
+        return cls(clients=config.clients, seed=config.seed,
+                   offline_fraction=config.offline_fraction,
+                   drop_fraction=config.drop_fraction, slow_fraction=config.slow_fraction,
+                   slowdown=config.slowdown, samples_per_second=config.samples_per_second,
+                   min_online=config.min_clients)
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Whether any client is ever slow, offline or dropping; if not, the simulation
+        runs without a simulated clock, as before."""
+        return max(self.offline_fraction, self.drop_fraction, self.slow_fraction) > 0
+
+    def slow_clients(self) -> list[int]:
+        count = round(self.slow_fraction * self.clients)
+        chosen = self._draws(_SLOW).permutation(self.clients)[:count]
+        return sorted(int(k) for k in chosen)
+
+    def online(self, server_round: int) -> list[int]:
+        """The clients connected during ``server_round``: each is offline with probability
+        ``offline_fraction``, but the ``min_online`` largest draws always stay online."""
+        draws = self._draws(_OFFLINE, server_round).random(self.clients)
+        keep = set(np.argsort(-draws, kind="stable")[:self.min_online].tolist())
+        keep |= set(np.flatnonzero(draws >= self.offline_fraction).tolist())
+        return sorted(keep)
+
+    def drops(self, server_round: int, client: int) -> bool:
+        """Whether ``client`` drops out mid-round if it is sampled in ``server_round``
+        (drawn for every client, so it does not depend on who else was sampled)."""
+        return bool(self._draws(_DROP, server_round).random(self.clients)[client]
+                    < self.drop_fraction)
+
+    def training_seconds(self, client: int, epochs: float, samples: float) -> float:
+        """``t_k = slowdown_k · epochs_k · n_k / samples_per_second``."""
+        slowdown = self.slowdown if client in self.slow_clients() else 1.0
+        return slowdown * epochs * samples / self.samples_per_second
+
+    def _draws(self, purpose: int, server_round: int = 0) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.seed, purpose, server_round]))
+
+
+class HeterogeneousGrid(Grid):
+    """``grid``'s nodes as the devices of ``fleet``, with the server's ``round_timeout``
+    applied on a simulated clock (:meth:`clock`, for the server's quarantine).
+
+    Rounds are counted from ``first_round`` (after a resumed run's checkpoint), one per
+    batch of pushed messages: fedge's strategies send one train message per client per
+    round and skip Flower's evaluate round-trip.
+    """
+
+    def __init__(self, grid: Grid, fleet: DeviceFleet, round_timeout: float,
+                 first_round: int = 1) -> None:
+        self.grid, self.fleet, self.round_timeout = grid, fleet, round_timeout
+        self._next_round = first_round
+        self._now = 0.0
+        self._nodes = sorted(grid.get_node_ids())  # client k is the k-th node
+        # message id → (message, its round, the simulated time it was sent)
+        self._sent: dict[str, tuple[Message, int, float]] = {}
+
+    def clock(self) -> float:
+        """Simulated seconds since the run (or its resumption) started."""
+        return self._now
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [self._nodes[k] for k in self.fleet.online(self._next_round)]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        server_round, self._next_round = self._next_round, self._next_round + 1
+        # Dropped clients train too: they vanish after doing the work, mid-round.
+        ids = list(self.grid.push_messages(messages))
+        for message_id, message in zip(ids, messages, strict=True):
+            if message_id is not None:
+                self._sent[message_id] = (message, server_round, self._now)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for reply in self.grid.pull_messages(message_ids):
+            message, server_round, sent = self._sent.pop(reply.metadata.reply_to_message_id)
+            replies.append(self._as_device(reply, message, server_round, sent))
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def _as_device(self, reply: Message, message: Message, server_round: int,
+                   sent: float) -> Message:
+        """The reply the server would get from this device: an error if it dropped out or
+        missed the deadline; the clock moves on to when the reply arrives."""
+        client = self._nodes.index(message.metadata.dst_node_id)
+        if self.fleet.drops(server_round, client):
+            return Message(Error(NODE_UNAVAILABLE, f"simulated: client {client} dropped out "
+                                                   "mid-round"), reply_to=message)
+        if reply.has_error():
+            return reply
+        metrics = reply.content["metrics"]
+        seconds = self.fleet.training_seconds(client, float(metrics["epochs"]),
+                                              float(metrics["num-examples"]))
+        self._now = max(self._now, sent + min(seconds, self.round_timeout))
+        if seconds > self.round_timeout:
+            return Message(Error(MISSED_DEADLINE, f"simulated: client {client} needed "
+                                                  f"{seconds:.1f} s, the round "
+                                                  f"{self.round_timeout:g} s"), reply_to=message)
+        return reply
+
+
+def check_heterogeneity(config: RunConfig) -> None:
+    """Device heterogeneity needs the in-process backend, where the simulated clock runs,
+    and one message per client per round (SecAgg+ exchanges several)."""
+    if not DeviceFleet.from_config(config).heterogeneous:
+        return
+    if config.backend == "ray":
+        raise FedgeError("offline_fraction, drop_fraction and slow_fraction need backend "
+                         "inprocess: the Ray backend has no simulated clock")
+    if config.secagg:
+        raise FedgeError("offline_fraction, drop_fraction and slow_fraction do not work with "
+                         "secagg yet: the simulated devices expect one message per round")
+
+
+def describe_devices(config: RunConfig) -> str | None:
+    """One line for the start of a run, or None when every device is alike."""
+    fleet = DeviceFleet.from_config(config)
+    if not fleet.heterogeneous:
+        return None
+    slow = len(fleet.slow_clients())
+    return (f"{slow} slow clients (×{fleet.slowdown:g}), " if slow else "") + (
+        f"{fleet.offline_fraction:.0%} offline and {fleet.drop_fraction:.0%} dropping per "
+        f"round; simulated clock at {fleet.samples_per_second:g} samples/s, deadline "
+        f"{config.round_timeout:g} s, quarantine {config.quarantine:g} s")
+
+
+def with_devices(grid: Grid, config: RunConfig,
+                 first_round: int = 1) -> tuple[Grid, Callable[[], float] | None]:
+    """``grid`` with the configured device heterogeneity, and its simulated clock; or
+    ``grid`` itself and no clock when every device is alike."""
+    fleet = DeviceFleet.from_config(config)
+    if not fleet.heterogeneous:
+        return grid, None
+    devices = HeterogeneousGrid(grid, fleet, config.round_timeout, first_round)
+    return devices, devices.clock
