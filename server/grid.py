@@ -41,7 +41,38 @@ class RoundStats:
     simulated_seconds: float | None = None  # the round's duration on a simulated clock
 
 
-class RoundGrid(Grid):
+class GridWrapper(Grid):
+    """A Grid that delegates everything to ``grid``; subclasses change what they need."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class RoundGrid(GridWrapper):
     """Delegates to ``grid``; ``send_and_receive`` waits at most its ``timeout``.
 
     - A round that gets fewer than ``min_replies`` results returns none, so the strategy
@@ -57,7 +88,7 @@ class RoundGrid(Grid):
     def __init__(self, grid: Grid, *, min_nodes: int, min_replies: int,
                  join_timeout: float, quarantine: float = 60.0,
                  poll_interval: float = 0.1, clock: Callable[[], float] | None = None) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.clock = clock
         self.min_nodes, self.min_replies = min_nodes, min_replies
         self.join_timeout, self.quarantine = join_timeout, quarantine
@@ -66,23 +97,6 @@ class RoundGrid(Grid):
         self._suspended_until: dict[int, float] = {}
         self._short_since: float | None = None
         self._last_wait_log = 0.0
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def get_node_ids(self) -> Iterable[int]:
         now = time.monotonic()

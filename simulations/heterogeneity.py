@@ -30,13 +30,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Error, Message
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
-from fedge.server.grid import MISSED_DEADLINE
+from fedge.server.grid import MISSED_DEADLINE, GridWrapper
 
 # Flower's ErrorCode.NODE_UNAVAILABLE: the SuperLink's reply for a node that went away.
 NODE_UNAVAILABLE = 5
@@ -99,7 +98,7 @@ class DeviceFleet:
         return np.random.default_rng(np.random.SeedSequence([self.seed, purpose, server_round]))
 
 
-class HeterogeneousGrid(Grid):
+class HeterogeneousGrid(GridWrapper):
     """``grid``'s nodes as the devices of ``fleet``, with the server's ``round_timeout``
     applied on a simulated clock (:meth:`clock`, for the server's quarantine).
 
@@ -110,7 +109,8 @@ class HeterogeneousGrid(Grid):
 
     def __init__(self, grid: Grid, fleet: DeviceFleet, round_timeout: float,
                  first_round: int = 1) -> None:
-        self.grid, self.fleet, self.round_timeout = grid, fleet, round_timeout
+        super().__init__(grid)
+        self.fleet, self.round_timeout = fleet, round_timeout
         self._next_round = first_round
         self._now = 0.0
         self._nodes = sorted(grid.get_node_ids())  # client k is the k-th node
@@ -120,17 +120,6 @@ class HeterogeneousGrid(Grid):
     def clock(self) -> float:
         """Simulated seconds since the run (or its resumption) started."""
         return self._now
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return [self._nodes[k] for k in self.fleet.online(self._next_round)]
