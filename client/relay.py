@@ -21,6 +21,7 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedge.client.compression import compression_mod
 from fedge.client.privacy import dp_clipping_mod
 from fedge.client.secagg import secagg_mod
 from fedge.client.wire import WireRecorder
@@ -88,7 +89,8 @@ def relay(content: RecordDict, context: Context) -> RecordDict:
 # after every other mod (`fedge client --record-wire` names its folder in the node config).
 # DP clipping is the last, the innermost: it clips the trainer's reply when the server asks.
 # SecAgg+ answers a secure server's rounds (masking what the trainer sent), nothing else.
-app = ClientApp(mods=[WireRecorder(), secagg_mod, dp_clipping_mod])
+# Compression sends the clipped update quantized when the server's config asks for it.
+app = ClientApp(mods=[WireRecorder(), secagg_mod, compression_mod, dp_clipping_mod])
 
 
 @app.train()

@@ -135,6 +135,7 @@ def simulate(
     secagg: Annotated[bool | None, _setting("secagg")] = None,
     secagg_num_shares: Annotated[int | None, _setting("secagg_num_shares")] = None,
     secagg_threshold: Annotated[int | None, _setting("secagg_threshold")] = None,
+    compress: Annotated[str | None, _setting("compress")] = None,
     out: Annotated[Path | None, Opt("--out", "-o", help="run folder  "
                                                          "\\[default: runs/<timestamp>]")] = None,
     overwrite: Annotated[bool, Opt(help="replace an existing run folder")] = False,
@@ -159,6 +160,7 @@ def simulate(
         round_timeout=round_timeout, quarantine=quarantine,
         dp_clip_norm=dp_clip_norm, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
         secagg=secagg, secagg_num_shares=secagg_num_shares, secagg_threshold=secagg_threshold,
+        compress=compress,
     )
     with console.status("loading data and partitioning clients..."):
         from fedge.simulations.attacks import describe_attack

@@ -109,6 +109,10 @@ class RunConfig(BaseModel):
                                            "levels must stay below 2**32")
     secagg_max_weight: float = Field(1000.0, gt=0.0, description="SecAgg+: the most training "
                                      "samples a client may have (its FedAvg weight)")
+    compress: Literal["none", "fp16", "int8"] = Field("none", description="none | fp16 | "
+                                                      "int8: clients send their update "
+                                                      "w_local − w quantized (int8: one "
+                                                      "scale per array)")
 
 def load_config(path: Path | None = None, **overrides: object) -> RunConfig:
     """Defaults, then the TOML file at ``path`` (if any), then non-None ``overrides``."""

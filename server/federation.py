@@ -20,6 +20,7 @@ from fedge.models.export import export_onnx
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import build_model, spec_from_data
 from fedge.server.checkpoint import Checkpoint, load_checkpoint
+from fedge.server.compression import DecodeUpdates, check_compression, compression_config
 from fedge.server.grid import RoundGrid, RoundStats
 from fedge.server.privacy import (
     check_privacy,
@@ -86,6 +87,7 @@ class Federation:
             raise FedgeError("the server needs a model name")
         check_privacy(config)
         check_secagg(config)
+        check_compression(config)
         if resume is not None:
             _check_resumable(config, resume)
         self.config, self.data, self.run_dir = config, data, run_dir
@@ -128,6 +130,8 @@ class Federation:
         strategy, arrays = self._starting_point()
         strategy = UpdateScreen(strategy, config.max_norm_ratio, self._tracker.count_rejected,
                                 round_offset=self._tracker.completed_rounds)
+        # Decoding comes first: the screen and the strategy see weights, not updates.
+        strategy = DecodeUpdates(strategy, self._tracker.count_bytes)
         remaining = config.rounds - self._tracker.completed_rounds
         if remaining > 0 and not self._tracker.plateaued():
             self._rounds(strategy, grid, arrays, remaining)
@@ -174,7 +178,7 @@ class Federation:
         return ConfigRecord({
             "model-spec": self.spec.to_json(), "local-epochs": c.local_epochs,
             "batch-size": c.batch_size, "lr": c.lr, "optimizer": c.optimizer,
-            "local-patience": c.local_patience, "seed": c.seed,
+            "local-patience": c.local_patience, "seed": c.seed, **compression_config(c),
         })
 
     def _checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Checkpoint:

@@ -39,6 +39,7 @@ class RoundRecord:
     rejected: int = 0  # updates the server's screen kept out of aggregation (0 in older runs)
     simulated_seconds: float | None = None  # the round on a simulation's clock, if it has one
     epsilon: float | None = None  # differential privacy spent so far (at the run's δ), if any
+    bytes_per_client: float | None = None  # mean bytes of the arrays a reply sent, if known
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +72,7 @@ class RoundTracker:
         self.stopped_early = False
         self._client_metrics: tuple[MetricRecord, int, float | None] | None = None
         self._rejected = 0
+        self._bytes_per_client: float | None = None
         self._clock = time.perf_counter()
 
     @property
@@ -99,6 +101,10 @@ class RoundTracker:
     def count_rejected(self, rejected: int) -> None:
         """Pass as the update screen's ``on_screened``: this round's rejected replies."""
         self._rejected = rejected
+
+    def count_bytes(self, bytes_per_client: float | None) -> None:
+        """Pass as the update decoder's ``on_bytes``: this round's mean bytes per reply."""
+        self._bytes_per_client = bytes_per_client
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = build_model(self.spec)
@@ -139,4 +145,5 @@ class RoundTracker:
             failures=stats.failures, timeouts=stats.timeouts,
             slowest_client_seconds=slowest, seconds=now - started, rejected=self._rejected,
             simulated_seconds=stats.simulated_seconds, epsilon=self.epsilon(),
+            bytes_per_client=self._bytes_per_client,
         )

@@ -1,7 +1,9 @@
 """Simulated clients: each node's private samples, derived from its partition id.
 
 Only this small description travels to workers (Ray pickles the ClientApp for every
-message); the samples are rebuilt and cached inside each worker process.
+message). Inside each process the data set and one index array per partition are cached;
+a client's ``LocalData`` is rebuilt from them for every message and dropped after it, so
+memory grows with the clients sampled in a round, not with the clients registered.
 """
 
 from dataclasses import dataclass
@@ -42,7 +44,6 @@ def _partitions(clients: SimulatedClients) -> list[np.ndarray]:
                              clients.seed)
 
 
-@lru_cache(maxsize=1024)
 def _local_data(clients: SimulatedClients, partition_id: int) -> LocalData:
     x, y = _client_samples(clients.dataset, clients.seed)
     rows = _partitions(clients)[partition_id]

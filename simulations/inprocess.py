@@ -25,19 +25,18 @@ CLIENT_APP_ERROR = 2  # reply error code for an exception inside the ClientApp
 
 class InProcessGrid(Grid):
     """Nodes ``1001, 1002, ...``, each with a persistent Context whose node config
-    carries ``partition-id`` and ``num-partitions`` as in Flower's simulation engine."""
+    carries ``partition-id`` and ``num-partitions`` as in Flower's simulation engine.
+
+    A node's Context is made when a message arrives and kept only while its ``state``
+    holds something (SecAgg+'s keys between stages): registering 10,000 nodes costs
+    nothing, and memory follows the nodes sampled, not the nodes registered."""
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
-        self._contexts = {
-            FIRST_CLIENT_NODE_ID + i: Context(
-                run_id=run_id, node_id=FIRST_CLIENT_NODE_ID + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(), run_config={},
-            )
-            for i in range(num_nodes)
-        }
+        self.num_nodes = num_nodes
+        self._run_id = run_id
+        self._contexts: dict[int, Context] = {}
         self._replies: dict[str, Message] = {}
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE_ID, 1
 
@@ -53,7 +52,7 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self._contexts)
+        return list(range(FIRST_CLIENT_NODE_ID, FIRST_CLIENT_NODE_ID + self.num_nodes))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Run each message through the ClientApp now; replies wait for ``pull_messages``."""
@@ -73,7 +72,7 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
     def _handle(self, message: Message) -> Message:
-        context = self._contexts.get(message.metadata.dst_node_id)
+        context = self._context(message.metadata.dst_node_id)
         if context is None:
             return Message(Error(CLIENT_APP_ERROR, f"no node {message.metadata.dst_node_id}"),
                            reply_to=message)
@@ -84,3 +83,22 @@ class InProcessGrid(Grid):
         except Exception as error:  # a failing client must not end the round
             return Message(Error(CLIENT_APP_ERROR, f"{type(error).__name__}: {error}"),
                            reply_to=message)
+        finally:
+            if not context.state:
+                self._contexts.pop(context.node_id, None)
+
+    def live_contexts(self) -> int:
+        """How many node Contexts are held now (nodes whose ``state`` holds something)."""
+        return len(self._contexts)
+
+    def _context(self, node_id: int) -> Context | None:
+        partition_id = node_id - FIRST_CLIENT_NODE_ID
+        if not 0 <= partition_id < self.num_nodes:
+            return None
+        if node_id not in self._contexts:
+            self._contexts[node_id] = Context(
+                run_id=self._run_id, node_id=node_id,
+                node_config={"partition-id": partition_id, "num-partitions": self.num_nodes},
+                state=RecordDict(), run_config={},
+            )
+        return self._contexts[node_id]

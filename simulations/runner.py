@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedge.client.app import build_client_app
+from fedge.client.compression import compression_mod
 from fedge.client.privacy import dp_clipping_mod
 from fedge.client.secagg import secagg_mod
 from fedge.client.wire import WireRecorder, check_wire_folder
@@ -18,6 +19,7 @@ from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.models.registry import check_sample_shape
 from fedge.server.checkpoint import load_checkpoint
+from fedge.server.compression import check_compression
 from fedge.server.federation import Federation, RunOutcome, ServerData
 from fedge.server.privacy import check_privacy
 from fedge.server.rounds import RoundRecord
@@ -51,6 +53,7 @@ def plan_simulation(config: RunConfig) -> SimulationPlan:
     check_heterogeneity(config)
     check_privacy(config)
     check_secagg(config)
+    check_compression(config)
     PartitionSpec.parse(config.partition)
     if config.min_clients > config.clients:
         raise FedgeError(f"min_clients ({config.min_clients}) is larger than the number of "
@@ -85,9 +88,11 @@ def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
                                            plan.server_data.num_classes)
     # DP clipping is the last mod, the innermost: it clips what honest training produced
     # (an attacker's mod acts after it, as a malicious device would not clip). SecAgg+
-    # masks what the mods inside it produce; it passes plaintext rounds through.
+    # masks what the mods inside it produce; it passes plaintext rounds through. Compression
+    # quantizes what the device sends, an attacker's update included.
     client_app = build_client_app(load_data, device=config.device,
-                                  mods=[*mods, secagg_mod, *attack_mods, dp_clipping_mod])
+                                  mods=[*mods, secagg_mod, compression_mod, *attack_mods,
+                                        dp_clipping_mod])
     if config.backend == "inprocess":
         from fedge.simulations.inprocess import InProcessGrid
 

@@ -1,0 +1,132 @@
+"""Federated overhead: a simulation of 10 clients vs centralized training of the same
+samples for the same epochs, with the same model. Goal: ≤ 1.25× the centralized time.
+
+The simulation (in-process backend, iid digits, every round run: global and local early
+stopping are out of reach) trains ``rounds × local_epochs`` epochs over the clients'
+training samples in total; the centralized run trains the union of those samples for as
+many epochs with fedge's own ``train_locally``, validating on the union of the clients'
+validation samples. Both run in this one invocation on one CPU device (the machine is
+noisy: compare the ratio, not the seconds), after a warm-up that pays torch's lazy imports
+(the first optimizer imports ``torch._dynamo``) so neither side pays them.
+
+    python benchmarks/federated_overhead.py [--clients 10] [--rounds 5] [--local-epochs 2]
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedge.client.data import LocalData
+from fedge.client.training import LocalTraining, train_locally
+from fedge.config import RunConfig
+from fedge.models.metrics import evaluate_classifier
+from fedge.models.registry import build_model
+from fedge.server.federation import Federation
+from fedge.simulations.runner import plan_simulation, simulate
+
+
+def union_of_clients(plan) -> LocalData:
+    clients = plan.clients
+    parts = [clients.local_data(_Context(i)) for i in range(clients.num_clients)]
+    return LocalData(*(np.concatenate([getattr(p, f) for p in parts])
+                       for f in ("train_x", "train_y", "val_x", "val_y")))
+
+
+class _Context:
+    """The one field of a Flower Context that ``SimulatedClients.local_data`` reads."""
+
+    def __init__(self, partition_id: int) -> None:
+        self.node_config = {"partition-id": partition_id}
+
+
+def federated(config: RunConfig, folder: Path) -> dict:
+    started = time.perf_counter()
+    plan = plan_simulation(config)
+    outcome = simulate(plan, folder / "run")
+    wall = time.perf_counter() - started
+    metrics = json.loads((folder / "run" / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    return {"wall": wall, "accuracy": outcome.test_accuracy, "rounds": len(rounds),
+            "federation": metrics["seconds"],
+            "round_seconds": sum(r["seconds"] for r in rounds),
+            "slowest_client": sum(r["slowest_client_seconds"] or 0.0 for r in rounds),
+            "epochs": sum((r["client_epochs"] or 0.0) for r in rounds) / len(rounds)}
+
+
+def centralized(config: RunConfig) -> dict:
+    started = time.perf_counter()
+    plan = plan_simulation(config)
+    data = union_of_clients(plan)
+    # The same model definition, input scaling included, as the federation's.
+    spec = Federation(plan.config, plan.server_data, Path("unused")).spec
+    torch.manual_seed(config.seed)
+    model = build_model(spec)
+    epochs = config.rounds * config.local_epochs
+    report = train_locally(model, spec, data, LocalTraining(
+        epochs=epochs, batch_size=config.batch_size, lr=config.lr, optimizer=config.optimizer,
+        patience=epochs + 1, seed=config.seed), torch.device("cpu"))
+    _, accuracy = evaluate_classifier(model, spec, plan.server_data.test_x,
+                                      plan.server_data.test_y)
+    return {"wall": time.perf_counter() - started, "accuracy": accuracy,
+            "epochs": report.epochs, "samples": len(data.train_y)}
+
+
+def warm_up() -> float:
+    started = time.perf_counter()
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-epochs", type=int, default=2)
+    args = parser.parse_args()
+    config = RunConfig(dataset="digits", clients=args.clients, min_clients=args.clients,
+                       partition="iid", rounds=args.rounds, local_epochs=args.local_epochs,
+                       patience=args.rounds + 1, local_patience=args.local_epochs + 1,
+                       device="cpu", seed=0)
+    warm_up_seconds = warm_up()
+    with tempfile.TemporaryDirectory() as folder:
+        fed = federated(config, Path(folder))
+    central = centralized(config)
+    ratio = fed["wall"] / central["wall"]
+    print(f"\ndigits, {args.clients} iid clients, {fed['rounds']} rounds × "
+          f"{args.local_epochs} local epochs vs centralized {central['epochs']} epochs on the "
+          f"same {central['samples']} training samples; torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"warm-up (torch's lazy imports, paid once by whichever trains first): "
+          f"{warm_up_seconds:.2f} s")
+    print("| run | wall s | test accuracy | ratio to centralized | ratio without the final "
+          "ONNX export |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| centralized train_locally | {central['wall']:.2f} | {central['accuracy']:.4f} "
+          "| 1.00× | 1.00× |")
+    verdict = "met" if ratio <= 1.25 else "missed"
+    print(f"| fedge simulate (in-process) | {fed['wall']:.2f} | {fed['accuracy']:.4f} "
+          f"| {ratio:.2f}× (goal ≤ 1.25× {verdict}) | "
+          f"{fed['federation'] / central['wall']:.2f}× |")
+    print("\nwhere the simulation's time went (seconds, from metrics.json)")
+    print("| part | seconds | share of wall |")
+    print("|---|---:|---:|")
+    parts = {
+        "rounds (sum of `seconds`: clients + server evaluation + checkpoint)":
+            fed["round_seconds"],
+        "  of which slowest client's training (sum of `slowest_client_seconds`)":
+            fed["slowest_client"],
+        "federation `seconds` (rounds + start)": fed["federation"],
+        "plan + final test + ONNX export + plot (wall − `seconds`)":
+            fed["wall"] - fed["federation"],
+    }
+    for name, seconds in parts.items():
+        print(f"| {name} | {seconds:.2f} | {seconds / fed['wall']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
