@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
+from fedge.server.strategies import StrategyWrapper
 
 log = logging.getLogger("fedge.server")
 
@@ -83,18 +83,13 @@ def sent_bytes(reply: Message) -> int:
                for array in record.values())
 
 
-class DecodeUpdates(Strategy):
+class DecodeUpdates(StrategyWrapper):
     """``strategy`` that receives every train reply as weights: compressed replies are
     decoded first. ``on_bytes(mean)`` hears each round's mean bytes sent per reply."""
 
     def __init__(self, strategy: Strategy, on_bytes: Callable[[float | None], None]) -> None:
-        self.strategy, self.on_bytes = strategy, on_bytes
-        self._sent: dict[str, np.ndarray] = {}
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self._sent = {name: array.numpy() for name, array in arrays.items()}
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        super().__init__(strategy)
+        self.on_bytes = on_bytes
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -114,20 +109,10 @@ class DecodeUpdates(Strategy):
         try:
             if not isinstance(how, ConfigRecord) or len(arrays) != 1:
                 raise ValueError("expected one ArrayRecord and a compression ConfigRecord")
-            records[arrays[0]] = decompress_arrays(records[arrays[0]], how, self._sent)
+            records[arrays[0]] = decompress_arrays(records[arrays[0]], how, self.sent)
         except Exception as error:  # whatever a client sent, the round goes on
             log.warning("cannot decode the compressed update of client node %d: %s",
                         reply.metadata.src_node_id, error)
             records = {n: r for n, r in records.items() if not isinstance(r, ArrayRecord)}
         return RecordDict(records)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()

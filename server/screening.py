@@ -33,9 +33,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
+
+from fedge.server.strategies import StrategyWrapper
 
 log = logging.getLogger("fedge.server")
 
@@ -144,7 +145,7 @@ def _norm_outliers(norms: dict[int, float], max_norm_ratio: float) -> dict[int, 
             for position, norm in norms.items() if norm > limit}
 
 
-class UpdateScreen(Strategy):
+class UpdateScreen(StrategyWrapper):
     """``strategy`` with every round's train replies screened before it aggregates them.
 
     ``on_screened(rejected)`` is told how many replies each round rejected; log lines
@@ -153,31 +154,16 @@ class UpdateScreen(Strategy):
 
     def __init__(self, strategy: Strategy, max_norm_ratio: float,
                  on_screened: Callable[[int], None], round_offset: int = 0) -> None:
-        self.strategy, self.max_norm_ratio = strategy, max_norm_ratio
+        super().__init__(strategy)
+        self.max_norm_ratio = max_norm_ratio
         self.on_screened, self.round_offset = on_screened, round_offset
-        self._sent: dict[str, np.ndarray] = {}
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self._sent = {name: array.numpy() for name, array in arrays.items()}
-        return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, rejections = screen_replies(self._sent, list(replies), self.max_norm_ratio)
+        kept, rejections = screen_replies(self.sent, list(replies), self.max_norm_ratio)
         for rejection in rejections:
             log.warning("round %d: rejected the update of client node %d: %s",
                         server_round + self.round_offset, rejection.node_id, rejection.reason)
         self.on_screened(len(rejections))
         return self.strategy.aggregate_train(server_round, kept)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()

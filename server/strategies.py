@@ -129,7 +129,37 @@ def restore_strategy_state(strategy: Strategy, state: dict) -> None:
         setattr(strategy, name, value)
 
 
-class ContinuedRounds(Strategy):
+class StrategyWrapper(Strategy):
+    """Delegates everything to ``strategy``; subclasses change what they need. The global
+    arrays of the latest train round are kept as :attr:`sent` for the subclasses that
+    compare replies with them."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+        self.sent: dict[str, np.ndarray] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.sent = {name: array.numpy() for name, array in arrays.items()}
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+class ContinuedRounds(StrategyWrapper):
     """``strategy`` with round numbers that continue after ``offset`` completed rounds.
 
     ``Strategy.start`` always counts rounds from 1; a resumed run must not restart the
@@ -137,11 +167,12 @@ class ContinuedRounds(Strategy):
     """
 
     def __init__(self, strategy: Strategy, offset: int) -> None:
-        self.strategy, self.offset = strategy, offset
+        super().__init__(strategy)
+        self.offset = offset
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+        return super().configure_train(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -154,6 +185,3 @@ class ContinuedRounds(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
