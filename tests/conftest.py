@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from fedge.cli import app
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -43,3 +46,14 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = run_fedge("simulate", "--out", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir
+
+
+def assert_simulation_refused(tmp_path: Path, options: list[str], message: str) -> None:
+    """``fedge simulate OPTIONS`` ends with ``message`` on stderr, exit status 2, no
+    traceback, and no run folder."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["simulate", "--out", str(out), *options])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert not out.exists()

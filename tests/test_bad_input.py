@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from fedge.cli import app
 
-from conftest import run_fedge
+from conftest import assert_simulation_refused, run_fedge
 
 
 def fedge(*args: str):
@@ -34,9 +34,7 @@ def assert_refused(result, message: str) -> None:
     (["--backend", "spark"], "backend: Input should be 'inprocess' or 'ray'"),
 ])
 def test_bad_simulation_settings_are_refused_before_any_file_is_written(tmp_path, args, message):
-    out = tmp_path / "run"
-    assert_refused(fedge("simulate", "--out", str(out), *args), message)
-    assert not out.exists()
+    assert_simulation_refused(tmp_path, args, message)
 
 
 def test_an_existing_non_empty_output_folder_is_kept(tmp_path):

@@ -5,15 +5,15 @@ from collections import Counter
 
 import pytest
 from flwr.app import Context, RecordDict
-from typer.testing import CliRunner
 
-from fedge.cli import app
 from fedge.client.app import build_client_app
 from fedge.config import RunConfig
 from fedge.server.federation import Federation
 from fedge.simulations.heterogeneity import DeviceFleet, with_devices
 from fedge.simulations.inprocess import InProcessGrid
 from fedge.simulations.runner import plan_simulation, simulate
+
+from conftest import assert_simulation_refused
 
 SMALL = RunConfig(clients=10, rounds=4, local_epochs=1, partition="iid", patience=10)
 
@@ -127,8 +127,4 @@ def test_the_seed_fixes_the_devices_drops_match_their_rate_and_min_clients_stay_
     (["--secagg", "--slow-fraction", "0.3"], "do not work with secagg"),
 ])
 def test_bad_device_settings_are_refused_before_any_file_is_written(tmp_path, args, message):
-    out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["simulate", "--out", str(out), *args])
-    assert result.exit_code == 2
-    assert message in result.stderr
-    assert not out.exists()
+    assert_simulation_refused(tmp_path, args, message)

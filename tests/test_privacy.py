@@ -26,6 +26,8 @@ from fedge.simulations.datasets import load_dataset
 from fedge.simulations.inprocess import InProcessGrid
 from fedge.simulations.runner import plan_simulation
 
+from conftest import assert_simulation_refused
+
 CLIP = 0.1  # small: heavy noise on large weights would fail the ONNX parity check
 SMALL = {"dataset": "digits", "clients": 3, "rounds": 2, "local_epochs": 1, "partition": "iid",
          "patience": 10}
@@ -204,9 +206,4 @@ def test_both_client_apps_clip_only_when_the_server_asks(where, tmp_path):
 ])
 def test_bad_privacy_settings_are_refused_before_any_file_is_written(options, message,
                                                                     tmp_path):
-    out = tmp_path / "run"
-    result = CliRunner().invoke(cli.app, ["simulate", "--out", str(out), "--clients", "3",
-                                          *options])
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr
-    assert not out.exists()
+    assert_simulation_refused(tmp_path, ["--clients", "3", *options], message)
