@@ -344,7 +344,6 @@ def server(
 ) -> None:
     """Serve a federation to clients on other machines (Flower's Deployment Engine)."""
     from fedge.server.deployment import Listener, ServerSettings, serve
-    from fedge.server.privacy import check_privacy
 
     _show_logs(verbose=False)
     show_fedge_logs(log_format)
@@ -353,7 +352,6 @@ def server(
     settings = ServerSettings(config=load_config(config), val_data=val_data,
                               test_data=test_data, run_dir=out or _new_run_dir(),
                               log_format=log_format)
-    check_privacy(settings.config)
     serve(settings, Listener(host, port, certs, tuple(authorized_keys or ()), health_port))
     console.print(f"run finished: {settings.run_dir}", highlight=False)
 

@@ -24,9 +24,8 @@ from fedge.files import write_atomic
 from fedge.logs import LogFormat, show_fedge_logs
 from fedge.processes import Children, wait_for_port
 from fedge.server.checkpoint import load_checkpoint
-from fedge.server.federation import Federation, ServerData
+from fedge.server.federation import Federation, ServerData, check_server_settings
 from fedge.server.run_folder import resumable_checkpoint, run_finished
-from fedge.server.secagg import check_secagg
 
 log = logging.getLogger("fedge.server")
 
@@ -152,7 +151,7 @@ def serve(settings: ServerSettings, listener: Listener, startup_timeout: float =
     """Run the SuperLink and the federation until the run ends; SIGTERM stops both, and
     the run folder keeps the last completed round for a restart to resume from."""
     check_listener(listener)
-    check_secagg(settings.config)
+    check_server_settings(settings.config)
     run_dir = settings.run_dir.resolve()
     flower_home = run_dir / ".flower"
     app_dir = flower_home / "app"

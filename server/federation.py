@@ -71,6 +71,14 @@ class RunOutcome:
     privacy: dict | None = None  # the run's differential privacy, ε included, if any
 
 
+def check_server_settings(config: RunConfig) -> None:
+    """Privacy, secure-aggregation and compression settings the server cannot run with:
+    one clear error, found before any file is written."""
+    check_privacy(config)
+    check_secagg(config)
+    check_compression(config)
+
+
 class Federation:
     """One federated run of ``config`` that writes its run folder ``run_dir``.
 
@@ -85,9 +93,7 @@ class Federation:
                  resume: Checkpoint | None = None) -> None:
         if config.model is None:
             raise FedgeError("the server needs a model name")
-        check_privacy(config)
-        check_secagg(config)
-        check_compression(config)
+        check_server_settings(config)
         if resume is not None:
             _check_resumable(config, resume)
         self.config, self.data, self.run_dir = config, data, run_dir

@@ -19,12 +19,9 @@ from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.models.registry import check_sample_shape
 from fedge.server.checkpoint import load_checkpoint
-from fedge.server.compression import check_compression
-from fedge.server.federation import Federation, RunOutcome, ServerData
-from fedge.server.privacy import check_privacy
+from fedge.server.federation import Federation, RunOutcome, ServerData, check_server_settings
 from fedge.server.rounds import RoundRecord
 from fedge.server.run_folder import prepare_run_dir, resumable_checkpoint
-from fedge.server.secagg import check_secagg
 from fedge.server.strategies import check_strategy_name
 from fedge.simulations.attacks import check_attack, staged_attack
 from fedge.simulations.clients import SimulatedClients
@@ -51,9 +48,7 @@ def plan_simulation(config: RunConfig) -> SimulationPlan:
     check_strategy_name(config.strategy)
     check_attack(config)
     check_heterogeneity(config)
-    check_privacy(config)
-    check_secagg(config)
-    check_compression(config)
+    check_server_settings(config)
     PartitionSpec.parse(config.partition)
     if config.min_clients > config.clients:
         raise FedgeError(f"min_clients ({config.min_clients}) is larger than the number of "
