@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedge.client.data import LocalData
+from fedge.client.data import LocalData, node_seed
 from fedge.client.training import LocalTraining, pick_device, train_locally
 from fedge.errors import FedgeError
 from fedge.models.registry import ModelSpec, build_model
@@ -32,12 +32,6 @@ def local_training_from_config(config: dict, node_seed: int) -> LocalTraining:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         seed=node_seed,
     )
-
-
-def _node_seed(base_seed: int, server_round: int, context: Context) -> int:
-    """Distinct, reproducible randomness for every client in every round."""
-    node = int(context.node_config.get("partition-id", context.node_id))
-    return int(np.random.SeedSequence([base_seed, server_round, node]).generate_state(1)[0])
 
 
 def _fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
@@ -70,7 +64,7 @@ def build_trainer(load_data: DataLoaderFn, device: str = "auto") -> Trainer:
         model = build_model(spec)
         model.load_state_dict(content["arrays"].to_torch_state_dict())
         settings = local_training_from_config(
-            config, _node_seed(int(config["seed"]), int(config["server-round"]), context))
+            config, node_seed(int(config["seed"]), int(config["server-round"]), context))
         chosen = pick_device(str(context.node_config.get("device", device)))
         started = time.perf_counter()
         report = train_locally(model, spec, data, settings, chosen)

@@ -9,9 +9,15 @@ quantized array by array (floating-point arrays only; others travel unchanged):
 
 - ``fp16``: Δ̂ = fp16(Δ), 2 bytes a value; relative error ≤ 2⁻¹¹ (|Δ| ≥ 2⁻¹⁴), absolute
   error ≤ 2⁻²⁵ below that.
-- ``int8``: symmetric linear quantization with one scale per array,
-  s = max|Δ| / 127,  q = round(Δ / s) ∈ [−127, 127] (int8, 1 byte a value),  Δ̂ = q · s;
-  the error |Δ − Δ̂| ≤ s / 2, half a quantization step. Zero stays exactly zero.
+- ``int8``: symmetric linear quantization with one scale per array and stochastic
+  rounding,
+  s = max|Δ| / 127,  q = ⌊Δ / s + u⌋ ∈ [−127, 127], u ~ U[0, 1) (int8, 1 byte a value),
+  Δ̂ = q · s;  so E[Δ̂] = Δ and |Δ − Δ̂| < s, one quantization step. Rounding to the
+  nearest level would halve the worst error but bias the average: in a large layer
+  most updates are far smaller than s/2 and would all arrive as 0, round after round.
+  Unbiased, their rounding errors cancel in the server's average of many clients.
+  The random draws are seeded per client and round (reproducible runs). Zero stays
+  exactly zero.
 
 The reply then carries a ConfigRecord ``compression`` naming the scheme and the int8
 scales (in the order of the arrays); the server (``fedge.server.compression``) adds Δ̂
@@ -25,6 +31,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedge.client.data import node_seed
 from fedge.errors import FedgeError
 
 CONFIG_KEY = "compress"  # train-config entry: the scheme the server wants
@@ -33,8 +40,10 @@ SCHEMES = ("fp16", "int8")
 INT8_LEVELS = 127
 
 
-def encode_update(update: np.ndarray, scheme: str) -> tuple[np.ndarray, float]:
-    """``update`` quantized with ``scheme``, and its scale (1.0 for fp16).
+def encode_update(update: np.ndarray, scheme: str,
+                  rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """``update`` quantized with ``scheme``, and its scale (1.0 for fp16); ``rng`` draws
+    int8's stochastic rounding.
 
     A non-finite update gets scale NaN, so that it decodes to NaN and the server's screen
     refuses it, as it would the uncompressed reply.
@@ -50,12 +59,13 @@ def encode_update(update: np.ndarray, scheme: str) -> tuple[np.ndarray, float]:
     scale = largest / INT8_LEVELS
     if scale == 0.0:
         return np.zeros(update.shape, dtype=np.int8), 0.0
-    levels = np.clip(np.rint(update / scale), -INT8_LEVELS, INT8_LEVELS)
+    levels = np.clip(np.floor(update / scale + rng.random(update.shape)),
+                     -INT8_LEVELS, INT8_LEVELS)
     return levels.astype(np.int8), scale
 
 
-def compress_arrays(local: ArrayRecord, received: ArrayRecord, scheme: str
-                    ) -> tuple[ArrayRecord, ConfigRecord]:
+def compress_arrays(local: ArrayRecord, received: ArrayRecord, scheme: str,
+                    rng: np.random.Generator) -> tuple[ArrayRecord, ConfigRecord]:
     """The quantized updates of ``local`` against ``received``, and the record that says
     how to decode them."""
     encoded, scales = ArrayRecord(), []
@@ -66,25 +76,24 @@ def compress_arrays(local: ArrayRecord, received: ArrayRecord, scheme: str
             scales.append(1.0)
             continue
         update = value.astype(np.float64) - received[name].numpy().astype(np.float64)
-        quantized, scale = encode_update(update, scheme)
+        quantized, scale = encode_update(update, scheme, rng)
         encoded[name] = Array(quantized)
         scales.append(scale)
     return encoded, ConfigRecord({"scheme": scheme, "scales": scales})
 
 
-def _asked_scheme(msg: Message) -> str | None:
-    for config in msg.content.config_records.values():
-        if CONFIG_KEY in config:
-            return str(config[CONFIG_KEY])
-    return None
+def _compression_config(msg: Message) -> ConfigRecord | None:
+    """The server's train config, if it asks for compression."""
+    return next((c for c in msg.content.config_records.values() if CONFIG_KEY in c), None)
 
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Send the reply's weights as quantized updates when the server asks; a
     pass-through otherwise."""
-    scheme = _asked_scheme(msg)
-    if scheme is None:
+    config = _compression_config(msg)
+    if config is None:
         return call_next(msg, context)
+    scheme = str(config[CONFIG_KEY])
     if scheme not in SCHEMES:
         raise FedgeError(f"the server asked for update compression {scheme!r}; this client "
                          f"knows {', '.join(SCHEMES)}")
@@ -93,6 +102,8 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
         return reply
     received = next(iter(msg.content.array_records.values()))
     content = reply.content
+    rng = np.random.default_rng(node_seed(int(config.get("seed", 0)),
+                                          int(config.get("server-round", 0)), context))
     for name, local in list(content.array_records.items()):
-        content[name], content[RECORD] = compress_arrays(local, received, scheme)
+        content[name], content[RECORD] = compress_arrays(local, received, scheme, rng)
     return reply

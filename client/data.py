@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 import numpy as np
+from flwr.app import Context
 
 from fedge.errors import FedgeError
 
@@ -26,3 +27,10 @@ def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float,
     n_val = min(max(1, round(val_fraction * len(x))), len(x) - 1)
     val, train = order[:n_val], order[n_val:]
     return LocalData(x[train], y[train], x[val], y[val])
+
+
+def node_seed(base_seed: int, server_round: int, context: Context) -> int:
+    """Distinct, reproducible randomness for every client in every round: its shuffling
+    and dropout, and the rounding of its compressed update."""
+    node = int(context.node_config.get("partition-id", context.node_id))
+    return int(np.random.SeedSequence([base_seed, server_round, node]).generate_state(1)[0])

@@ -1,6 +1,5 @@
 """Local training: mini-batches, dropout, and early stopping on local validation loss."""
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,6 +52,11 @@ def _proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor
     return sum(((w - w0) ** 2).sum() for w, w0 in zip(model.parameters(), anchor, strict=True))
 
 
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as they are now, detached from further training steps."""
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
 def _optimizer(model: nn.Module, settings: LocalTraining) -> torch.optim.Optimizer:
     if settings.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9)
@@ -78,7 +82,7 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
     optimizer = _optimizer(model, settings)
 
     best_val_loss, best_val_acc = evaluate_classifier(model, spec, data.val_x, data.val_y, device)
-    best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
+    best_state, best_epoch = _snapshot(model), 0
     epoch, train_loss = 0, float("nan")
     for epoch in range(1, settings.epochs + 1):
         model.train()
@@ -96,7 +100,7 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
         val_loss, val_acc = evaluate_classifier(model, spec, data.val_x, data.val_y, device)
         if val_loss < best_val_loss:
             best_val_loss, best_val_acc, best_epoch = val_loss, val_acc, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = _snapshot(model)
         elif epoch - best_epoch >= settings.patience:
             break
     model.load_state_dict(best_state)

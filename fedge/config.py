@@ -42,7 +42,7 @@ class RunConfig(BaseModel):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of a client's samples "
                                                                  "held out for early stopping")
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight μ")
-    server_lr: float = Field(0.01, gt=0.0, description="FedAdam server learning rate η")
+    server_lr: float = Field(0.1, gt=0.0, description="FedAdam server learning rate η")
     trimmed_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="fedtrimmedavg: share β "
                                     "of the largest and of the smallest values cut per weight")
     krum_byzantine: int = Field(2, ge=0, description="krum | multikrum: Byzantine clients f "

@@ -92,23 +92,45 @@ def test_the_wire_carries_int8_updates_and_the_scheme_the_server_asked_for(runs)
 @pytest.mark.parametrize("magnitude", [1e-6, 1e-3, 1.0, 300.0])
 def test_a_decoded_update_is_within_one_quantization_step_of_the_original(magnitude):
     update = np.random.default_rng(0).normal(0, magnitude, size=(64, 33))
-    levels, scale = encode_update(update, "int8")
+    levels, scale = encode_update(update, "int8", np.random.default_rng(1))
     assert levels.dtype == np.int8 and np.abs(levels).max() == 127
     assert scale == pytest.approx(np.abs(update).max() / 127)
-    # rounding to the nearest level: at most half a step s = max|Δ| / 127
-    assert np.abs(decode_update(levels, scale) - update).max() <= scale / 2 * (1 + 1e-12)
+    # stochastic rounding to one of the two neighbouring levels: less than a step s
+    assert np.abs(decode_update(levels, scale) - update).max() < scale * (1 + 1e-12)
 
-    halves, unit = encode_update(update, "fp16")
+    halves, unit = encode_update(update, "fp16", np.random.default_rng(1))
     assert halves.dtype == np.float16 and unit == 1.0
     # fp16 keeps 11 significant bits: half a step is 2⁻¹¹ of the value (2⁻²⁵ if subnormal)
     error = np.abs(decode_update(halves, unit) - update)
     assert (error <= np.abs(update) * 2.0**-11 + 2.0**-25).all()
 
 
+def test_int8_rounding_is_unbiased_so_updates_below_half_a_step_still_arrive_on_average():
+    # One large value sets the step s = 1; the others are far below s/2, which rounding to
+    # the nearest level would send as 0 every time.
+    update = np.array([127.0, 0.1, -0.05, 0.3, 0.0])
+    rng = np.random.default_rng(2)
+    decoded = np.array([decode_update(*encode_update(update, "int8", rng))
+                        for _ in range(4000)])
+
+    assert set(np.unique(decoded[:, 1])) == {0.0, 1.0}
+    # the mean of 4,000 draws is within 4 standard errors (σ ≤ s/2) of the true update
+    np.testing.assert_allclose(decoded.mean(axis=0), update, atol=4 * 0.5 / np.sqrt(4000))
+
+
+def test_int8_rounding_draws_are_reproducible_from_their_seed():
+    update = np.random.default_rng(0).normal(size=100)
+    first, _ = encode_update(update, "int8", np.random.default_rng(7))
+    again, _ = encode_update(update, "int8", np.random.default_rng(7))
+    other, _ = encode_update(update, "int8", np.random.default_rng(8))
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
 def test_a_zero_update_stays_zero_and_a_non_finite_one_decodes_to_nan():
-    levels, scale = encode_update(np.zeros(5), "int8")
+    rng = np.random.default_rng(0)
+    levels, scale = encode_update(np.zeros(5), "int8", rng)
     assert not decode_update(levels, scale).any()
-    levels, scale = encode_update(np.array([1.0, np.nan, 2.0]), "int8")
+    levels, scale = encode_update(np.array([1.0, np.nan, 2.0]), "int8", rng)
     assert np.isnan(decode_update(levels, scale)).all()  # the server's screen refuses it
 
 

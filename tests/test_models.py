@@ -61,6 +61,14 @@ def test_onnx_export_matches_torch_for_any_batch_size(name, tmp_path):
         np.testing.assert_allclose(actual, expected[:batch], atol=1e-4)
 
 
+def test_an_exported_model_carries_no_source_paths_or_stack_traces(tmp_path):
+    spec, x = _spec_and_inputs("cnn")
+    export_onnx(build_model(spec), spec, x, tmp_path / "cnn.onnx")
+
+    exported = (tmp_path / "cnn.onnx").read_bytes()
+    assert b"networks.py" not in exported and b"stack_trace" not in exported
+
+
 def test_a_failed_parity_check_leaves_no_onnx_file(tmp_path):
     spec, x = _spec_and_inputs("mlp")
     with pytest.raises(FedgeError, match="differs from torch"):

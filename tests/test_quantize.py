@@ -24,7 +24,7 @@ def digits_test_split() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("method", ["static", "dynamic"])
-def test_int8_model_of_a_trained_run_is_a_third_the_size_and_as_accurate(
+def test_int8_model_of_a_trained_run_is_under_a_third_the_size_and_as_accurate(
         method, default_run, digits_test_split, tmp_path):
     saved = load_checkpoint(default_run / "best.pt")
     x, y = digits_test_split
@@ -33,7 +33,8 @@ def test_int8_model_of_a_trained_run_is_a_third_the_size_and_as_accurate(
     report = export_int8(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
                          out, method, x, y)
 
-    assert report["size_ratio"] < 0.4 and out.stat().st_size == report["int8"]["size_bytes"]
+    assert report["size_ratio"] < (0.3 if method == "static" else 0.4)
+    assert out.stat().st_size == report["int8"]["size_bytes"]
     assert report["int8"]["accuracy"] >= report["fp32"]["accuracy"] - 0.02
     assert report["agreement"] >= 0.95 and report["evaluated_samples"] == len(y)
     # The int8 file is an ordinary ONNX model for onnxruntime on a device.
