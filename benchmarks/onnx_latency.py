@@ -1,10 +1,10 @@
 """Edge inference: onnxruntime vs torch eager, fp32 vs int8, for every fedge model.
 
 Each model is trained briefly on its data set (centrally: this measures inference, not
-federation), exported to ONNX, quantized to int8 (static, calibrated on held-out samples),
-and timed on one thread at batch 1 and 64, all in one invocation (compare ratios; the
-machine is noisy). Goals: onnxruntime ≤ 0.5× torch's latency at batch 1; int8 ≤ 0.3× the
-fp32 size at ≤ 1 point accuracy loss.
+federation), exported to ONNX, quantized to int8 (static, calibrated on held-out samples;
+and dynamic, weights only, for size and accuracy), and timed on one thread at batch 1 and
+64, all in one invocation (compare ratios; the machine is noisy). Goals: onnxruntime
+≤ 0.5× torch's latency at batch 1; int8 ≤ 0.3× the fp32 size at ≤ 1 point accuracy loss.
 
     python benchmarks/onnx_latency.py [--runs 300]
 """
@@ -57,11 +57,15 @@ def measure(name: str, runs: int, folder: Path) -> dict:
                   torch.device("cpu"))
     model.eval()
     fp32, int8 = folder / f"{name}.onnx", folder / f"{name}.int8.onnx"
+    dynamic = folder / f"{name}.int8-dynamic.onnx"
     export_onnx(model, spec, val_x[:64], fp32)
     quantize_int8(fp32, int8, val_x[:64])
+    quantize_int8(fp32, dynamic, val_x[:64], method="dynamic")
     row = {"model": name, "fp32_bytes": fp32.stat().st_size, "int8_bytes": int8.stat().st_size,
+           "dynamic_bytes": dynamic.stat().st_size,
            "fp32_acc": accuracy(predict(fp32, test_x), test_y),
-           "int8_acc": accuracy(predict(int8, test_x), test_y)}
+           "int8_acc": accuracy(predict(int8, test_x), test_y),
+           "dynamic_acc": accuracy(predict(dynamic, test_x), test_y)}
     for batch in (1, 64):
         inputs = as_input_tensor(spec, np.repeat(test_x[:1], batch, 0))
         row[f"torch_{batch}"] = torch_latency_us(model, inputs, runs)
@@ -86,13 +90,14 @@ def main() -> None:
             t, o, q = r[f"torch_{batch}"], r[f"ort_{batch}"], r[f"int8_{batch}"]
             print(f"| {r['model']} | {batch} | {t:.1f} | {o:.1f} | {o / t:.2f}× | {q:.1f} "
                   f"| {q / t:.2f}× |")
-    print("\n| model | fp32 bytes | int8 bytes | int8/fp32 size | fp32 test acc | int8 test acc "
-          "| change (points) |")
+    print("\n| model | fp32 bytes | fp32 test acc | int8 static: size | test acc (change) "
+          "| int8 dynamic: size | test acc (change) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['fp32_bytes']} | {r['int8_bytes']} | "
-              f"{r['int8_bytes'] / r['fp32_bytes']:.2f}× | {r['fp32_acc']:.4f} | "
-              f"{r['int8_acc']:.4f} | {100 * (r['int8_acc'] - r['fp32_acc']):+.1f} |")
+        cells = [f"{r[f'{q}_bytes'] / r['fp32_bytes']:.2f}× | {r[f'{q}_acc']:.4f} "
+                 f"({100 * (r[f'{q}_acc'] - r['fp32_acc']):+.1f})" for q in ("int8", "dynamic")]
+        print(f"| {r['model']} | {r['fp32_bytes']} | {r['fp32_acc']:.4f} | {cells[0]} | "
+              f"{cells[1]} |")
 
 
 if __name__ == "__main__":

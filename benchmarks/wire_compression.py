@@ -7,7 +7,7 @@ side in one invocation. Bytes are ``bytes_per_client`` from metrics.json (the se
 arrays of a reply, averaged over clients and rounds); accuracy is the best round's test
 accuracy, averaged over the seeds; the change is in percentage points against ``none``.
 
-    python benchmarks/wire_compression.py [--clients 10] [--rounds 10] [--seeds 3]
+    python benchmarks/wire_compression.py [--clients 10] [--rounds 10] [--seeds 5]
 """
 
 import argparse
@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N−1")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N−1")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # Flower's per-round logs would bury the table
     results: dict[str, list[tuple[float, float]]] = {}

@@ -13,11 +13,10 @@ quantized array by array (floating-point arrays only; others travel unchanged):
   rounding,
   s = max|Δ| / 127,  q = ⌊Δ / s + u⌋ ∈ [−127, 127], u ~ U[0, 1) (int8, 1 byte a value),
   Δ̂ = q · s;  so E[Δ̂] = Δ and |Δ − Δ̂| < s, one quantization step. Rounding to the
-  nearest level would halve the worst error but bias the average: in a large layer
-  most updates are far smaller than s/2 and would all arrive as 0, round after round.
-  Unbiased, their rounding errors cancel in the server's average of many clients.
-  The random draws are seeded per client and round (reproducible runs). Zero stays
-  exactly zero.
+  nearest level would halve the worst error, but its errors are a fixed function of Δ
+  and need not cancel; unbiased errors average out over the clients the server
+  averages (QSGD's argument). The draws are seeded per client and round, so runs stay
+  reproducible. Zero stays exactly zero.
 
 The reply then carries a ConfigRecord ``compression`` naming the scheme and the int8
 scales (in the order of the arrays); the server (``fedge.server.compression``) adds Δ̂
