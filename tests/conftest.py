@@ -1,14 +1,23 @@
 """Shared fixtures: an isolated Flower environment and one real default run."""
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from typer.testing import CliRunner
 
 from fedge.cli import app
+from fedge.client import relay
+from fedge.client.app import build_client_app, build_trainer
+from fedge.client.data import LocalData, split_train_val
+from fedge.simulations.datasets import load_dataset
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -57,3 +66,21 @@ def assert_simulation_refused(tmp_path: Path, options: list[str], message: str) 
     assert message in result.stderr
     assert "Traceback" not in result.output + result.stderr
     assert not out.exists()
+
+
+def device_data(context: Context) -> LocalData:
+    """A device's private samples: 200 real digits, a fifth held out for validation."""
+    digits = load_dataset("digits")
+    return split_train_val(digits.x[:200], digits.y[:200], val_fraction=0.2, seed=0)
+
+
+@contextlib.contextmanager
+def device_client_app(where: str, mod: Mod, tmp_path: Path) -> Iterator[tuple[ClientApp, dict]]:
+    """The ClientApp that runs ``mod`` on ``device_data``, and the node-config entries it
+    needs: in a ``simulation``, built with ``mod``; in a ``deployment``, the per-message
+    ClientApp of `fedge client` (it runs every mod), relaying to a warm trainer."""
+    if where == "simulation":
+        yield build_client_app(device_data, device="cpu", mods=[mod]), {}
+        return
+    with relay.serve_trainer(build_trainer(device_data, "cpu"), tmp_path) as node_config:
+        yield relay.app, node_config

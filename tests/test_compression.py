@@ -1,17 +1,14 @@
 """Update compression: clients send w_local − w quantized (fp16, int8), the server decodes
 it before screening and aggregation, and every round records the bytes sent."""
 
-import contextlib
 import json
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedge.client import relay
-from fedge.client.app import build_client_app, build_trainer
+from fedge.client.app import build_client_app
 from fedge.client.compression import compression_mod, encode_update
-from fedge.client.data import split_train_val
 from fedge.client.wire import audit_recording, read_recording
 from fedge.config import RunConfig
 from fedge.models.registry import build_model, spec_from_data
@@ -22,7 +19,7 @@ from fedge.simulations.datasets import load_dataset
 from fedge.simulations.inprocess import InProcessGrid
 from fedge.simulations.runner import plan_simulation, simulate
 
-from conftest import assert_simulation_refused
+from conftest import assert_simulation_refused, device_client_app
 
 SMALL = {"dataset": "digits", "clients": 4, "rounds": 3, "local_epochs": 1, "partition": "iid",
          "patience": 10}
@@ -163,10 +160,6 @@ def test_undecodable_and_non_finite_compressed_updates_are_rejected(tmp_path):
     assert record["val_loss"] < metrics["initial"]["val_loss"]
 
 
-def _device_data(context: Context):
-    digits = load_dataset("digits")
-    return split_train_val(digits.x[:200], digits.y[:200], val_fraction=0.2, seed=0)
-
 
 def _train_reply(app, scheme: str | None, context: Context) -> RecordDict:
     InProcessGrid(app, 1)  # sets the task identity Flower's messages need, as a runtime does
@@ -183,15 +176,9 @@ def _train_reply(app, scheme: str | None, context: Context) -> RecordDict:
 
 @pytest.mark.parametrize("where", ["simulation", "deployment"])
 def test_both_client_apps_compress_only_when_the_server_asks(where, tmp_path):
-    context = Context(run_id=1, node_id=1001, node_config={"partition-id": 0},
-                      state=RecordDict(), run_config={})
-    with contextlib.ExitStack() as stack:
-        if where == "simulation":
-            app = build_client_app(_device_data, device="cpu", mods=[compression_mod])
-        else:  # the per-message ClientApp of `fedge client`, relaying to its warm trainer
-            app = relay.app
-            context.node_config.update(stack.enter_context(
-                relay.serve_trainer(build_trainer(_device_data, "cpu"), tmp_path)))
+    with device_client_app(where, compression_mod, tmp_path) as (app, node_config):
+        context = Context(run_id=1, node_id=1001, node_config={"partition-id": 0, **node_config},
+                          state=RecordDict(), run_config={})
         plain = _train_reply(app, None, context)
         halves = _train_reply(app, "fp16", context)
         levels = _train_reply(app, "int8", context)

@@ -1,7 +1,6 @@
 """Differential privacy: clients clip, the server adds calibrated noise, a real accountant
 reports ε after every round."""
 
-import contextlib
 import json
 import math
 import shutil
@@ -14,9 +13,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from typer.testing import CliRunner
 
 from fedge import cli
-from fedge.client import relay
-from fedge.client.app import build_client_app, build_trainer
-from fedge.client.data import split_train_val
+from fedge.client.app import build_client_app
 from fedge.client.privacy import dp_clipping_mod
 from fedge.config import RunConfig
 from fedge.models.registry import build_model, spec_from_data
@@ -26,7 +23,7 @@ from fedge.simulations.datasets import load_dataset
 from fedge.simulations.inprocess import InProcessGrid
 from fedge.simulations.runner import plan_simulation
 
-from conftest import assert_simulation_refused
+from conftest import assert_simulation_refused, device_client_app
 
 CLIP = 0.1  # small: heavy noise on large weights would fail the ONNX parity check
 SMALL = {"dataset": "digits", "clients": 3, "rounds": 2, "local_epochs": 1, "partition": "iid",
@@ -153,10 +150,6 @@ def test_a_resumed_dp_run_continues_its_privacy_account(runs, tmp_path):
     assert metrics["privacy"]["releases"] == 3
 
 
-def _device_data(context: Context):
-    digits = load_dataset("digits")
-    return split_train_val(digits.x[:200], digits.y[:200], val_fraction=0.2, seed=0)
-
 
 def _train_reply(app, clip_norm: float | None, context: Context) -> tuple[float, RecordDict]:
     """The update norm of ``app``'s reply to a train message, and the reply."""
@@ -175,16 +168,9 @@ def _train_reply(app, clip_norm: float | None, context: Context) -> tuple[float,
 
 @pytest.mark.parametrize("where", ["simulation", "deployment"])
 def test_both_client_apps_clip_only_when_the_server_asks(where, tmp_path):
-    context = Context(run_id=1, node_id=1001, node_config={"partition-id": 0}, state=RecordDict(),
-                      run_config={})
-    with contextlib.ExitStack() as stack:
-        if where == "simulation":
-            app = build_client_app(_device_data, device="cpu", mods=[dp_clipping_mod])
-        else:  # the per-message ClientApp of `fedge client`, relaying to its warm trainer
-            app = relay.app
-            context.node_config.update(stack.enter_context(
-                relay.serve_trainer(build_trainer(_device_data, "cpu"), tmp_path)))
-
+    with device_client_app(where, dp_clipping_mod, tmp_path) as (app, node_config):
+        context = Context(run_id=1, node_id=1001, node_config={"partition-id": 0, **node_config},
+                          state=RecordDict(), run_config={})
         unclipped, reply = _train_reply(app, None, context)
         assert unclipped > 0.2 and "dp-weight" not in reply["metrics"]
         clipped, reply = _train_reply(app, 0.1, context)
