@@ -21,6 +21,10 @@ from fedge.models.registry import ModelSpec, build_model
 DataLoaderFn = Callable[[Context], LocalData]
 
 
+class CannotTakePart(FedgeError):
+    """This device's samples do not fit the federation's model: no round can succeed."""
+
+
 def local_training_from_config(config: dict, node_seed: int) -> LocalTraining:
     """The server's ``train`` ConfigRecord as local-training settings."""
     return LocalTraining(
@@ -40,13 +44,17 @@ def _fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
     sample_shape = tuple(data.train_x.shape[1:])
     if sample_shape != spec.input_shape:
         if math.prod(sample_shape) != math.prod(spec.input_shape):
-            raise FedgeError(f"local samples have shape {sample_shape}, but the federation's "
-                             f"{spec.name!r} model takes {spec.input_shape}")
+            raise CannotTakePart(f"this device's samples have shape {sample_shape}, but the "
+                                 f"federation's {spec.name!r} model takes samples of shape "
+                                 f"{spec.input_shape}")
         data = LocalData(data.train_x.reshape(-1, *spec.input_shape), data.train_y,
                          data.val_x.reshape(-1, *spec.input_shape), data.val_y)
     labels = np.concatenate([data.train_y, data.val_y])
-    if labels.min() < 0 or labels.max() >= spec.num_classes:
-        raise FedgeError(f"local labels must lie in 0..{spec.num_classes - 1}")
+    outside = labels[(labels < 0) | (labels >= spec.num_classes)]
+    if outside.size:
+        raise CannotTakePart(f"{outside.size} of this device's {labels.size} samples have "
+                             f"labels outside the federation's {spec.num_classes} classes "
+                             f"(0..{spec.num_classes - 1}), e.g. {int(outside[0])}")
     return data
 
 

@@ -1,32 +1,53 @@
 """A client on a device: Flower's SuperNode running fedge's ClientApp on local files.
 
-``fedge client`` checks the device's data file, then starts ``flower-supernode`` against
-the server (TLS with the operator's CA, and the device's key for node authentication);
-Flower then starts :data:`fedge.client.relay.app` for each message, which hands it to
-the trainer this process keeps warm, with the data already loaded.
+``fedge client`` checks its settings and the device's data file, then starts
+``flower-supernode`` against the server (TLS with the operator's CA, and the device's
+key for node authentication); Flower then starts :data:`fedge.client.relay.app` for
+each message, which hands it to the trainer this process keeps warm, with the data
+already loaded. The client supervises its SuperNode and reads what it logs:
+
+- it has **joined** when Flower logs the node id the server gave it;
+- **the run finished** when the server's last message says so: the client leaves
+  (exit status 0);
+- **the server is gone** (restarted, crashed, unreachable) when a joined SuperNode ends:
+  the client rejoins, for up to ``join_timeout`` seconds;
+- it **cannot take part** when its samples do not fit the federation's model (learnt
+  from the first round's message): it tells the server, says why and leaves;
+- it **gives up** when it has not joined within ``join_timeout`` seconds (counted from
+  the start, loading the data included), naming the cause Flower reported.
+
+Every wait on the SuperNode is bounded: one that has given up or has been told to stop
+is ended, with everything it started, within seconds (:mod:`fedge.guard`).
 """
 
 import logging
+import re
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.client.app import build_trainer
+from flwr.app import Context, RecordDict
+
+from fedge.client.app import CannotTakePart, build_trainer
 from fedge.client.data import LocalData, split_train_val
-from fedge.client.relay import serve_trainer
+from fedge.client.keys import check_ca_certificate, check_private_key
+from fedge.client.relay import Trainer, serve_trainer
+from fedge.client.training import check_device
 from fedge.client.wire import FOLDER_KEY, check_wire_folder
 from fedge.datafiles import load_labelled_data
 from fedge.errors import FedgeError
-from fedge.processes import Children, free_port
+from fedge.processes import Children, free_port, relay_output
 
 log = logging.getLogger("fedge.client")
 
-STAYED_CONNECTED = 60.0  # seconds a SuperNode must have run to count as having joined
 JOIN_PROBLEMS = ("the server may not be up yet, this device's key may not be registered "
                  "with it, or TLS settings differ (--ca for a TLS server, --insecure for a "
                  "plaintext one)")
+ENDED_GRACE = 5.0  # seconds a SuperNode that has given up gets to exit by itself
+FAREWELL_LINGER = 5.0  # seconds to let the SuperNode send its answer to the farewell
+MAX_PAUSE = 30.0  # seconds between attempts to join, at most
 
 
 @dataclass(frozen=True)
@@ -37,22 +58,137 @@ class DeviceData:
     seed: int = 0
 
     def load(self) -> LocalData:
+        if not 0 < self.val_fraction < 1:
+            raise FedgeError(f"--val-fraction must lie between 0 and 1, not "
+                             f"{self.val_fraction:g}")
         x, y = load_labelled_data(self.path, label_column=self.label_column)
         return split_train_val(x, y, self.val_fraction, self.seed)
 
 
-def node_config_toml(entries: dict[str, str]) -> str:
-    def quoted(value: str) -> str:
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+@dataclass(frozen=True)
+class Connection:
+    """How this device reaches its server: ``server`` is HOST:PORT, ``ca`` the server's
+    CA certificate (None: plaintext), ``key`` the device's node-authentication key."""
 
-    return "".join(f"{key} = {quoted(value)}\n" for key, value in entries.items())
+    server: str
+    ca: Path | None = None
+    key: Path | None = None
+    join_timeout: float = 600.0
+
+    def check(self) -> None:
+        """A clear error for settings that can never connect, before anything starts."""
+        parse_server_address(self.server)
+        if self.join_timeout <= 0:
+            raise FedgeError(f"--join-timeout must be positive, not {self.join_timeout:g}")
+        if self.ca is not None:
+            check_ca_certificate(self.ca)
+        if self.key is not None:
+            if self.ca is None:
+                raise FedgeError("--key needs TLS (--ca): node authentication does not work "
+                                 "over a plaintext connection")
+            check_private_key(self.key)
+
+
+HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]/]+)):(?P<port>\d+)")
+
+
+def parse_server_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[IPv6]:PORT`` for IPv6) as host and port, or a clear error."""
+    match = HOST_PORT.fullmatch(text.strip())
+    port = int(match["port"]) if match else 0
+    if not match or not 1 <= port <= 65535:
+        raise FedgeError(f"--server {text!r} is not HOST:PORT with a port in 1..65535 "
+                         "(e.g. my.server.example:9092, or [::1]:9092 for IPv6)")
+    return match["v6"] or match["host"], port
+
+
+# What Flower's SuperNode logs when it cannot join, and what it means for the user.
+JOIN_CAUSES = (
+    (re.compile(r"CERTIFICATE_VERIFY_FAILED.*(mismatch|doesn't match)", re.I),
+     "the server's TLS certificate is not valid for the name or address in --server "
+     "(`fedge certs --host` must name it)"),
+    (re.compile(r"CERTIFICATE_VERIFY_FAILED", re.I),
+     "the server's TLS certificate is not signed by the CA in --ca (give this server's "
+     "ca.pem)"),
+    (re.compile(r"WRONG_VERSION_NUMBER|record layer failure|packet length too long", re.I),
+     "the server does not speak TLS (it runs --insecure): give --insecure instead of --ca"),
+    (re.compile(r"Server disconnected without sending a response|illegal request line|"
+                r"RemoteProtocolError", re.I),
+     "the server speaks TLS: give its ca.pem with --ca instead of --insecure"),
+    (re.compile(r"SuperNode authentication is enabled", re.I),
+     "the server admits only registered devices: give this device's private key with "
+     "--key (made by `fedge keys`), and its .pub file to the server's operator"),
+    (re.compile(r"No SuperNode found with the given public key|Failed to activate SuperNode",
+                re.I),
+     "the server does not know this device's key: give its .pub file to the server's "
+     "operator (`fedge server --authorized-key`)"),
+    (re.compile(r"Connection refused", re.I),
+     "nothing accepts connections at that address (the server is not up yet, or the "
+     "host or port is wrong)"),
+    (re.compile(r"Name or service not known|nodename nor servname|Temporary failure in name "
+                r"resolution|No address associated", re.I),
+     "the server's host name cannot be resolved"),
+    (re.compile(r"timed out|ConnectTimeout", re.I),
+     "the server did not answer in time (is a firewall in the way?)"),
+)
+JOINED = re.compile(r"SuperNode ID: (\d+)")
+ENDED = re.compile(r"Giving up reconnection|SuperNode terminated gracefully|Failed to "
+                   r"initialize the connection|Exit Code: \d+")
+
+
+class SuperNodeWatch:
+    """What one SuperNode's output says: whether it joined, why it could not, and
+    whether it has given up. Fed every line of that output."""
+
+    def __init__(self) -> None:
+        self.node_id: int | None = None
+        self.cause: str | None = None
+        self.ended_at: float | None = None
+        self.sent = 0  # replies sent to the server
+
+    def __call__(self, line: str) -> None:
+        if joined := JOINED.search(line):
+            self.node_id = int(joined.group(1))
+        elif "Sent successfully" in line:
+            self.sent += 1
+        elif ENDED.search(line) and self.ended_at is None:
+            self.ended_at = time.monotonic()
+        self.cause = next((meaning for pattern, meaning in JOIN_CAUSES
+                           if pattern.search(line)), self.cause)
+
+
+class Session:
+    """What this client has learnt from its server; written by the trainer's thread."""
+
+    def __init__(self) -> None:
+        self.finished: str | None = None  # the server's summary of its finished run
+        self.refusal: str | None = None  # why this device cannot take part
+
+    def trainer(self, trainer: Trainer) -> Trainer:
+        """``trainer``, noting when the device's samples cannot fit the model, and
+        logging why any other round failed (the server hears it too)."""
+
+        def train(content: RecordDict, context: Context) -> RecordDict:
+            try:
+                return trainer(content, context)
+            except CannotTakePart as error:  # said once, as the client's last word
+                self.refusal = str(error)
+                raise
+            except Exception as error:
+                log.error("training failed: %s", error)
+                raise
+
+        return train
+
+    def run_finished(self, summary: str) -> None:
+        self.finished = summary or "the run is over"
 
 
 def supernode_args(server: str, ca: Path | None, key: Path | None, node_config: Path,
                    port: int, join_timeout: float) -> list[str]:
     # Flower's SuperNode retries an unreachable server forever unless told otherwise.
     args = [sys.executable, "-m", "fedge.client.supernode", "--superlink", server,
-            "--max-wait-time", str(join_timeout),
+            "--max-wait-time", f"{join_timeout:.1f}",
             "--node-config", str(node_config), "--port", str(port)]
     args += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
     if key is not None:
@@ -60,49 +196,117 @@ def supernode_args(server: str, ca: Path | None, key: Path | None, node_config: 
     return args
 
 
-def run_client(server: str, data: DeviceData, ca: Path | None, key: Path | None,
-               device: str = "auto", join_timeout: float = 600.0,
-               record_wire: Path | None = None) -> None:
-    """Check the data, then serve as a SuperNode until stopped; with ``record_wire``, every
-    reply this device sends is also recorded in that folder (see :mod:`fedge.client.wire`).
-
-    A SuperNode exits when it cannot join (the server is not up yet, has not registered
-    this device's key yet, or speaks TLS to a plaintext client) and when its server goes
-    away (a restart, or the end of the run). It is started again with growing pauses
-    until it has failed to stay connected for ``join_timeout`` seconds.
-    """
-    for path, what in ((ca, "CA certificate"), (key, "private key")):
-        if path is not None and not path.is_file():
-            raise FedgeError(f"{what} {path} does not exist")
+def run_client(connection: Connection, data: DeviceData, device: str = "auto",
+               record_wire: Path | None = None, verbose: bool = False,
+               started: float | None = None) -> str:
+    """Check the settings and the data, then serve as a SuperNode until the server's run
+    finishes (returns the server's summary of it) or this client must stop (FedgeError);
+    with ``record_wire``, every reply this device sends is also recorded in that folder
+    (see :mod:`fedge.client.wire`). ``verbose`` shows Flower's output unfiltered. The
+    join timeout counts from ``started`` (``time.monotonic()``; default: now)."""
+    give_up_at = (time.monotonic() if started is None else started) + connection.join_timeout
+    connection.check()
+    check_device(device)
     wire = {} if record_wire is None else {FOLDER_KEY: str(check_wire_folder(record_wire))}
     samples = data.load()
     log.info("%d training and %d validation samples from %s", len(samples.train_y),
              len(samples.val_y), data.path)
-    trainer = build_trainer(lambda context: samples, device)
+    session = Session()
+    trainer = session.trainer(build_trainer(lambda context: samples, device))
     with (tempfile.TemporaryDirectory(prefix="fedge-client-") as workdir,
-          serve_trainer(trainer, Path(workdir)) as relay_entries):
+          serve_trainer(trainer, Path(workdir), session.run_finished) as relay_entries):
         node_config = Path(workdir) / "node.toml"
         node_config.write_text(node_config_toml({**relay_entries, **wire}))
         children = Children(env={"FLWR_HOME": workdir})
         with children.running():
-            args = supernode_args(server, ca, key, node_config, free_port(), join_timeout)
-            _serve_until_stopped(children, args, server, join_timeout)
+            supervisor = Supervisor(children, connection, node_config, session, verbose)
+            return supervisor.serve(give_up_at)
 
 
-def _serve_until_stopped(children: Children, args: list[str], server: str,
-                         join_timeout: float) -> None:
-    """Until SIGTERM/Ctrl-C, or until joining has failed for ``join_timeout`` seconds."""
-    give_up_at, pause = time.monotonic() + join_timeout, 1.0
-    while True:
-        started = time.monotonic()
-        # A SuperNode also exits, with status 0, when its server goes away: rejoin then too.
-        status = children.start(args).wait()
-        if time.monotonic() - started > STAYED_CONNECTED:  # it had joined: rejoin afresh
-            give_up_at, pause = time.monotonic() + join_timeout, 1.0
-        if time.monotonic() >= give_up_at:
-            raise FedgeError(f"gave up joining the federation at {server} after "
-                             f"{join_timeout:.0f} s: {JOIN_PROBLEMS}")
-        log.warning("could not join the federation at %s (SuperNode exit %d): %s; "
-                    "retrying in %.0f s", server, status, JOIN_PROBLEMS, pause)
-        time.sleep(pause)
-        pause = min(2 * pause, 30.0)
+class Supervisor:
+    """Runs one SuperNode after another until the run finishes or the client must stop."""
+
+    def __init__(self, children: Children, connection: Connection, node_config: Path,
+                 session: Session, verbose: bool) -> None:
+        self.children, self.connection = children, connection
+        self.node_config, self.session, self.verbose = node_config, session, verbose
+
+    def serve(self, give_up_at: float) -> str:
+        server, timeout = self.connection.server, self.connection.join_timeout
+        pause, lost_at = 1.0, None
+        while True:
+            watch = self._attempt(give_up_at)
+            if self.session.finished:
+                return self.session.finished
+            if self.session.refusal:
+                raise FedgeError(f"this device cannot take part in the federation at "
+                                 f"{server}: {self.session.refusal}")
+            now = time.monotonic()
+            if watch.node_id is not None:  # it had joined: the server went away
+                give_up_at, pause, lost_at = now + timeout, 1.0, now
+                log.warning("lost the server at %s; trying to rejoin for up to %.0f s",
+                            server, timeout)
+                continue
+            if now >= give_up_at:
+                raise FedgeError(self._gave_up(watch, lost_at))
+            log.warning("could not join the federation at %s: %s; retrying in %.0f s",
+                        server, watch.cause or JOIN_PROBLEMS, pause)
+            time.sleep(min(pause, max(0.0, give_up_at - now)))
+            pause = min(2 * pause, MAX_PAUSE)
+
+    def _gave_up(self, watch: SuperNodeWatch, lost_at: float | None) -> str:
+        server, timeout = self.connection.server, self.connection.join_timeout
+        if lost_at is not None:
+            return (f"gave up: the server at {server} has not been reachable for "
+                    f"{timeout:.0f} s since the connection was lost"
+                    + (f" ({watch.cause})" if watch.cause else "")
+                    + "; its run may have ended while this client was away")
+        return (f"gave up joining the federation at {server} after {timeout:.0f} s: "
+                f"{watch.cause or JOIN_PROBLEMS}")
+
+    def _attempt(self, give_up_at: float) -> SuperNodeWatch:
+        """One SuperNode, from its start until it has ended (by itself, or stopped by us
+        once it has given up, the run has finished or the device cannot take part)."""
+        watch = SuperNodeWatch()
+        max_wait = max(1.0, give_up_at - time.monotonic())
+        args = supernode_args(self.connection.server, self.connection.ca,
+                              self.connection.key, self.node_config, free_port(), max_wait)
+        process = self.children.start(args, capture=True)
+        output = relay_output(process.stdout, watch, "Flower's SuperNode", self.verbose)
+        announced, leaving = False, None
+        while process.poll() is None and not self._should_end(watch, give_up_at, leaving):
+            announced = announced or self._announce(watch)
+            if leaving is None and (self.session.finished or self.session.refusal):
+                leaving = (time.monotonic(), watch.sent)
+            time.sleep(0.2)
+        self.children.end(process)
+        output.join(timeout=2.0)
+        if not announced:
+            self._announce(watch)
+        return watch
+
+    def _announce(self, watch: SuperNodeWatch) -> bool:
+        """Say that the SuperNode has joined, once it has; whether it has."""
+        if watch.node_id is not None:
+            log.info("joined the federation at %s as node %d", self.connection.server,
+                     watch.node_id)
+        return watch.node_id is not None
+
+    @staticmethod
+    def _should_end(watch: SuperNodeWatch, give_up_at: float,
+                    leaving: tuple[float, int] | None) -> bool:
+        now = time.monotonic()
+        if leaving is not None:  # once it has sent its last answer to the server
+            since, sent = leaving
+            return watch.sent > sent or now - since > FAREWELL_LINGER
+        if watch.ended_at is not None:  # Flower's SuperNode can hang after giving up
+            return now - watch.ended_at > ENDED_GRACE
+        # Flower bounds its own retries by --max-wait-time; this bounds them for sure.
+        return watch.node_id is None and now > give_up_at + ENDED_GRACE
+
+
+def node_config_toml(entries: dict[str, str]) -> str:
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return "".join(f"{key} = {quoted(value)}\n" for key, value in entries.items())

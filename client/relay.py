@@ -5,8 +5,10 @@ torch, reading the data and torch's first-use set-up in that process cost second
 round on a small device, so ``fedge client`` keeps one trainer process warm instead:
 the ClientApp Flower starts (:data:`app`, which imports Flower and nothing heavier)
 forwards the message's records to it over a Unix socket in the client's private working
-folder, authenticated with a key only that folder holds, and returns the reply. Both
-ends of that hand-off live here; the trainer itself is passed in.
+folder, authenticated with a key only that folder holds, and returns the reply (an error
+reply, with the trainer's reason, when training failed). The server's last message, that
+its run has finished (:data:`RUN_FINISHED`), is handed over the same way. Both ends of
+that hand-off live here; the trainer itself is passed in.
 """
 
 import logging
@@ -18,7 +20,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedge.client.compression import compression_mod
@@ -31,22 +33,31 @@ log = logging.getLogger("fedge.client")
 Trainer = Callable[[RecordDict, Context], RecordDict]
 SOCKET_KEY = "trainer-socket"
 AUTHKEY_KEY = "trainer-authkey"
+# The server's last message to every client once its run has finished (fedge.server's
+# ServerApp sends it): a query whose config carries a one-line summary of the run.
+RUN_FINISHED = "query.run_finished"
+SUMMARY_KEY = "summary"
+CLIENT_APP_ERROR = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 class TrainerFailed(RuntimeError):
-    """The warm trainer could not answer; Flower sends the server an error reply."""
+    """The warm trainer could not answer; the server gets an error reply saying why."""
 
 
 @contextmanager
-def serve_trainer(trainer: Trainer, workdir: Path) -> Iterator[dict[str, str]]:
+def serve_trainer(trainer: Trainer, workdir: Path,
+                  on_run_finished: Callable[[str], None] = lambda summary: None,
+                  ) -> Iterator[dict[str, str]]:
     """Answer relayed messages with ``trainer`` on a background thread until the block
-    ends; yields the node-config entries the relay needs to find it."""
+    ends, and pass the server's end-of-run summary to ``on_run_finished``; yields the
+    node-config entries the relay needs to find it."""
     socket, authkey = workdir / "trainer.sock", workdir / "trainer.key"
     authkey.touch(mode=0o600)
     authkey.write_bytes(secrets.token_bytes(32))
     listener = Listener(str(socket), family="AF_UNIX", authkey=authkey.read_bytes())
     stopping = threading.Event()
-    threading.Thread(target=_answer_until_stopped, args=(listener, trainer, stopping),
+    threading.Thread(target=_answer_until_stopped,
+                     args=(listener, trainer, on_run_finished, stopping),
                      daemon=True, name="fedge-trainer").start()
     try:
         yield {SOCKET_KEY: str(socket), AUTHKEY_KEY: str(authkey)}
@@ -56,6 +67,7 @@ def serve_trainer(trainer: Trainer, workdir: Path) -> Iterator[dict[str, str]]:
 
 
 def _answer_until_stopped(listener: Listener, trainer: Trainer,
+                          on_run_finished: Callable[[str], None],
                           stopping: threading.Event) -> None:
     while not stopping.is_set():
         try:
@@ -65,24 +77,31 @@ def _answer_until_stopped(listener: Listener, trainer: Trainer,
                 log.warning("refused a connection to the trainer: %s", error)
             continue
         with connection:
-            content, context = connection.recv()
+            kind, content, context = connection.recv()
+            if kind == RUN_FINISHED:
+                on_run_finished(str(content))
+                connection.send((True, RecordDict()))
+                continue
             try:
                 connection.send((True, trainer(content, context)))
-            except Exception as error:  # the device's user and the server both hear why
-                log.error("training failed: %s", error)
-                connection.send((False, f"{type(error).__name__}: {error}"))
+            except Exception as error:  # the server hears why, in an error reply
+                connection.send((False, str(error) or type(error).__name__))
 
 
-def relay(content: RecordDict, context: Context) -> RecordDict:
-    """The warm trainer's reply to ``content``, found through the node config."""
+def _ask_trainer(kind: str, content: object, context: Context) -> RecordDict:
     authkey = Path(str(context.node_config[AUTHKEY_KEY])).read_bytes()
     with Client(str(context.node_config[SOCKET_KEY]), family="AF_UNIX",
                 authkey=authkey) as connection:
-        connection.send((content, context))
+        connection.send((kind, content, context))
         ok, answer = connection.recv()
     if not ok:
         raise TrainerFailed(answer)
     return answer
+
+
+def relay(content: RecordDict, context: Context) -> RecordDict:
+    """The warm trainer's reply to ``content``, found through the node config."""
+    return _ask_trainer("train", content, context)
 
 
 # The wire recorder is the first mod, the outermost: it records what leaves the device
@@ -95,4 +114,15 @@ app = ClientApp(mods=[WireRecorder(), secagg_mod, compression_mod, dp_clipping_m
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return Message(relay(msg.content, context), reply_to=msg)
+    try:
+        return Message(relay(msg.content, context), reply_to=msg)
+    except TrainerFailed as failure:  # an error reply, without a traceback in the log
+        return Message(Error(CLIENT_APP_ERROR, str(failure)),
+                       reply_to=msg)
+
+
+@app.query(RUN_FINISHED.split(".")[1])
+def run_finished(msg: Message, context: Context) -> Message:
+    summary = next((str(c[SUMMARY_KEY]) for c in msg.content.config_records.values()
+                    if SUMMARY_KEY in c), "")
+    return Message(_ask_trainer(RUN_FINISHED, summary, context), reply_to=msg)

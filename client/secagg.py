@@ -66,6 +66,8 @@ def _train(fit: Message, context: Context, call_next: ClientAppCallable) -> Mess
         "config": ConfigRecord(config),
     })
     reply = call_next(train, context)
+    if reply.has_error():
+        raise FedgeError(reply.error.reason)
     trained = reply.content["arrays"].to_numpy_ndarrays()
     metrics = dict(reply.content["metrics"])
     examples = int(metrics["num-examples"])

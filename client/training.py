@@ -1,5 +1,6 @@
 """Local training: mini-batches, dropout, and early stopping on local validation loss."""
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedge.client.data import LocalData
+from fedge.errors import FedgeError
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import ModelSpec, as_input_tensor
 
@@ -36,9 +38,29 @@ class TrainReport:
     stopped_early: bool
 
 
+def check_device(preference: str) -> None:
+    """A clear error, before any training, for a device torch cannot use here."""
+    if preference == "auto":
+        return
+    try:
+        device = torch.device(preference)
+    except (RuntimeError, ValueError):
+        raise FedgeError(f"unknown device {preference!r}; use auto, cpu, cuda, cuda:N or "
+                         "mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise FedgeError(f"device {preference!r} is not available on this machine "
+                         "(--device auto picks what is)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise FedgeError(f"device {preference!r} does not exist: this machine has "
+                         f"{torch.cuda.device_count()} CUDA devices")
+
+
 def pick_device(preference: str = "auto") -> torch.device:
     """``auto`` takes CUDA, then Apple MPS, then the CPU; anything else is used as given."""
     if preference != "auto":
+        check_device(preference)
         return torch.device(preference)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -68,7 +90,8 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
     """Train ``model`` in place and leave it holding the weights with the best local
     validation loss (the received weights count as epoch 0).
 
-    Stops once validation loss has not improved for ``settings.patience`` epochs.
+    Stops once validation loss has not improved for ``settings.patience`` epochs, and
+    refuses to go on (FedgeError) once the training loss is no longer finite.
     With ``proximal_mu > 0`` the loss gains ``mu/2 · ||w - w_global||²`` (FedProx).
     """
     torch.manual_seed(settings.seed)
@@ -97,6 +120,10 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
             loss.backward()
             optimizer.step()
         train_loss = loss_sum / seen
+        if not math.isfinite(train_loss):  # its weights would only dilute the average
+            raise FedgeError(f"local training diverged: the training loss became "
+                             f"{train_loss} in epoch {epoch}; a lower learning rate (lr) "
+                             "may help")
         val_loss, val_acc = evaluate_classifier(model, spec, data.val_x, data.val_y, device)
         if val_loss < best_val_loss:
             best_val_loss, best_val_acc, best_epoch = val_loss, val_acc, epoch

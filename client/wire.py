@@ -17,7 +17,9 @@ import base64
 import io
 import json
 import math
+import tempfile
 import uuid
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -35,6 +37,7 @@ FORMAT = "fedge-wire/1"
 FOLDER_KEY = "record-wire"  # node-config entry naming the folder (deployment)
 NUMPY_STYPE = "numpy.ndarray"  # Flower's serialisation type for numpy-backed arrays
 MIN_SAMPLE_VALUES = 4  # shorter rows could occur in weights by coincidence
+RECORD_TYPES = ("arrays", "metrics", "config")  # what a recording describes
 
 
 def check_wire_folder(folder: Path) -> Path:
@@ -43,6 +46,13 @@ def check_wire_folder(folder: Path) -> Path:
     folder = Path(folder).expanduser().resolve()
     if folder.exists() and not folder.is_dir():
         raise FedgeError(f"--record-wire {folder} is a file, not a folder")
+    try:  # a recording that cannot be written would fail every round
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fedge-write-check-"):
+            pass
+    except OSError as error:
+        raise FedgeError(f"--record-wire {folder} cannot be written: "
+                         f"{error.strerror or error}") from None
     return folder
 
 
@@ -194,8 +204,14 @@ def _read_message(path: Path) -> SentMessage:
         payload = json.loads(path.read_text())
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} message")
-        arrays = _read_arrays(path.with_suffix(".npz"), payload["sent"] or {})
+        if (payload["sent"] is None) == (payload["error"] is None):
+            raise ValueError("it must hold either what was sent or an error, not both or "
+                             "neither")
         sent = payload["sent"] or {}
+        unknown = {r["type"] for r in sent.values()} - set(RECORD_TYPES)
+        if unknown:
+            raise ValueError(f"unknown record type {sorted(unknown)[0]!r}")
+        arrays = _read_arrays(path.with_suffix(".npz"), sent)
         return SentMessage(
             name=path.stem, node_id=int(payload["node_id"]), round=payload["round"],
             received=dict(payload["received"]), error=payload["error"],
@@ -205,7 +221,8 @@ def _read_message(path: Path) -> SentMessage:
             configs={name: {k: _from_json(v) for k, v in r["entries"].items()}
                      for name, r in sent.items() if r["type"] == "config"},
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+            zipfile.BadZipFile) as error:
         raise FedgeError(f"cannot read recorded message {path}: {error}") from error
 
 

@@ -2,6 +2,7 @@
 must run on a device that has onnxruntime but no torch."""
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
 from functools import wraps
@@ -10,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedge.config import RunConfig, load_config
 from fedge.errors import FedgeError
@@ -29,7 +31,8 @@ def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except FedgeError as error:
-            errors.print(f"[bold red]error:[/] {error}", highlight=False)
+            message = " ".join(str(error).split())  # one line, whatever a library said
+            errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             errors.print("[yellow]interrupted[/]")
@@ -63,6 +66,8 @@ def _round_line(record: Any, total: int, best: bool) -> str:
 Opt = typer.Option
 LogFormatOption = Annotated[LogFormat, Opt(help="text, or json: one JSON object a line "
                                                 "for a log collector")]
+VerboseFlowerOption = Annotated[bool, Opt(
+    "--verbose", "-v", help="show Flower's output unfiltered, tracebacks included")]
 RecordWireOption = Annotated[Path | None, Opt(
     help="record every message a client sends into this folder (check it with "
          "`fedge audit-wire`)")]
@@ -231,8 +236,10 @@ def export_command(
              "samples]")] = None,
 ) -> None:
     """Export a checkpoint's global model to ONNX, verified in onnxruntime."""
-    if output.exists() and not overwrite:
-        raise FedgeError(f"{output} already exists; pass --overwrite to replace it")
+    if eval_data is not None and quantize is None:
+        raise FedgeError("--eval-data is for comparing an int8 model with its fp32 model; "
+                         "give --quantize too")
+    _check_output_file(output, overwrite, source=checkpoint)
     from fedge.server.checkpoint import load_checkpoint
 
     saved = load_checkpoint(checkpoint)
@@ -248,14 +255,32 @@ def export_command(
         return
     from fedge.datafiles import load_labelled_data
     from fedge.models.quantize import export_int8
+    from fedge.models.registry import check_labelled_samples
 
     eval_x, eval_y = (load_labelled_data(eval_data, sample_shape=saved.model_spec.input_shape)
                       if eval_data else (None, None))
+    if eval_data:
+        check_labelled_samples(saved.model_spec, eval_x, eval_y, eval_data)
     method = "dynamic" if quantize == "int8-dynamic" else "static"
     report = export_int8(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
                          output, method, eval_x, eval_y)
     console.print(f"wrote {output}: int8 ({method}) of round {saved.round}", highlight=False)
     console.print(_quantization_table(report))
+
+
+def _check_output_file(output: Path, overwrite: bool, source: Path) -> None:
+    """An output file that can be written, without destroying anything by mistake; its
+    folder is made if need be."""
+    if output.is_dir():
+        raise FedgeError(f"{output} is a folder; give the file to write")
+    if output.exists() and not overwrite:
+        raise FedgeError(f"{output} already exists; pass --overwrite to replace it")
+    if output.exists() and source.exists() and output.samefile(source):
+        raise FedgeError(f"{output} is the checkpoint itself; write the model elsewhere")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FedgeError(f"cannot make the folder of {output}: {error.strerror}") from None
 
 
 def _quantization_table(report: dict) -> Any:
@@ -280,12 +305,25 @@ def predict(
     model: Annotated[Path, typer.Argument(help="an ONNX model exported by fedge")],
     inputs: Annotated[Path, typer.Argument(help=".npy array or .csv with one sample per row")],
 ) -> None:
-    """Print the predicted class of each input sample (onnxruntime only, no torch)."""
-    from fedge.models.inference import load_inputs
+    """Print the predicted class of each input sample (onnxruntime only, no torch); "-"
+    for a sample that holds NaN or Inf (exit status 1)."""
+    import numpy as np
+
+    from fedge.models.inference import NO_PREDICTION, load_inputs
     from fedge.models.inference import predict as predict_classes
 
-    for label in predict_classes(model, load_inputs(inputs)):
-        print(int(label))
+    classes = predict_classes(model, load_inputs(inputs))
+    for label in classes:
+        print("-" if label == NO_PREDICTION else int(label))
+    invalid = [str(row) for row in np.flatnonzero(classes == NO_PREDICTION) + 1]
+    if invalid:
+        shown = ", ".join(invalid[:10]) + (", ..." if len(invalid) > 10 else "")
+        errors.print(f"[bold red]error:[/] {len(invalid)} of {len(classes)} samples in "
+                     f"{inputs} hold NaN, Inf or values beyond float32's range and have "
+                     "no prediction (\"-\"): "
+                     f"{'sample' if len(invalid) == 1 else 'samples'} {shown}, counting "
+                     "from 1", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -341,6 +379,7 @@ def server(
     insecure: Annotated[bool, Opt(help="no TLS, no node authentication: loopback tests "
                                        "only")] = False,
     log_format: LogFormatOption = "text",
+    verbose: VerboseFlowerOption = False,
 ) -> None:
     """Serve a federation to clients on other machines (Flower's Deployment Engine)."""
     from fedge.server.deployment import Listener, ServerSettings, serve
@@ -352,7 +391,8 @@ def server(
     settings = ServerSettings(config=load_config(config), val_data=val_data,
                               test_data=test_data, run_dir=out or _new_run_dir(),
                               log_format=log_format)
-    serve(settings, Listener(host, port, certs, tuple(authorized_keys or ()), health_port))
+    serve(settings, Listener(host, port, certs, tuple(authorized_keys or ()), health_port),
+          verbose=verbose)
     console.print(f"run finished: {settings.run_dir}", highlight=False)
 
 
@@ -373,14 +413,19 @@ def client(
     insecure: Annotated[bool, Opt(help="no TLS: loopback tests only")] = False,
     log_format: LogFormatOption = "text",
     record_wire: RecordWireOption = None,
+    verbose: VerboseFlowerOption = False,
 ) -> None:
-    """Join a federation from this device; the data never leaves it."""
-    from fedge.client.deployment import DeviceData, run_client
+    """Join a federation from this device; the data never leaves it. Leaves when the
+    server's run has finished (exit status 0)."""
+    started = time.monotonic()  # the join timeout counts from here: start-up takes time too
+    from fedge.client.deployment import Connection, DeviceData, run_client
 
     show_fedge_logs(log_format)
     _check_transport(insecure, ca, "--ca", "traffic is unencrypted")
-    run_client(server, DeviceData(data, label_column, val_fraction), ca, key, device,
-               join_timeout, record_wire)
+    summary = run_client(Connection(server, ca, key, join_timeout),
+                         DeviceData(data, label_column, val_fraction), device, record_wire,
+                         verbose, started=started)
+    console.print(f"the federation's run finished ({summary})", highlight=False)
 
 
 MAX_SHOWN_VIOLATIONS = 20
@@ -403,6 +448,8 @@ def audit_wire(
     if (data is None) == (dataset is None):
         raise FedgeError("give the samples to search for: --data FILE or --dataset NAME, "
                          "not both or neither")
+    if not 0 <= seed < 2**32:
+        raise FedgeError(f"--seed must lie in 0..2³²−1, as the simulation's did, not {seed}")
     from rich.table import Table
 
     from fedge.client.wire import audit_recording

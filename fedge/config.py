@@ -4,15 +4,17 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedge.errors import FedgeError
+from fedge.errors import FedgeError, validation_problems
 
 
 class RunConfig(BaseModel):
     """Everything that defines a federated run; stored in metrics.json and checkpoints."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Infinity is no setting: an infinite learning rate or timeout is a typo, and JSON
+    # (metrics.json keeps the config) cannot even write it down.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     dataset: str = Field("digits", description="digits | breast_cancer | synthetic-sensor | "
                                                "synthetic-text")
@@ -80,7 +82,8 @@ class RunConfig(BaseModel):
     samples_per_second: float = Field(100.0, gt=0.0, description="simulation: a client's "
                                       "training speed on the simulated clock; a round takes "
                                       "it epochs × samples / this seconds (× slowdown)")
-    seed: int = Field(0, description="random seed: the same seed gives the same run")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (0 to 2³²−1): the "
+                      "same seed gives the same run")
     backend: Literal["inprocess", "ray"] = Field("inprocess", description="inprocess | ray")
     device: str = Field("auto", description="auto | cpu | cuda | mps (auto: CUDA, then MPS, "
                                             "then CPU)")
@@ -114,22 +117,39 @@ class RunConfig(BaseModel):
                                                       "w_local − w quantized (int8: one "
                                                       "scale per array)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, values: object) -> object:
+        """TOML's ``rounds = true`` would otherwise be one round."""
+        if isinstance(values, dict):
+            for key, value in values.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field and field.annotation is not bool:
+                    raise ValueError(f"{key}: expected a number, not {str(value).lower()}")
+        return values
+
+
 def load_config(path: Path | None = None, **overrides: object) -> RunConfig:
     """Defaults, then the TOML file at ``path`` (if any), then non-None ``overrides``."""
     values: dict[str, object] = {}
     if path is not None:
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as error:
             raise FedgeError(f"cannot read config file {path}: {error.strerror}") from error
+        except UnicodeDecodeError:
+            raise FedgeError(f"config file {path} is not UTF-8 text, as TOML must be") from None
         try:
-            values = {k.replace("-", "_"): v for k, v in tomllib.loads(text).items()}
+            entries = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise FedgeError(f"config file {path} is not valid TOML: {error}") from error
+        values = {k.replace("-", "_"): v for k, v in entries.items()}
+        if len(values) < len(entries):
+            twice = sorted({k for k in entries if k.replace("-", "_") != k
+                            and k.replace("-", "_") in entries})
+            raise FedgeError(f"config file {path} sets {twice[0]} twice (spelt with - and _)")
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return RunConfig(**values)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise FedgeError(f"invalid configuration: {problems}") from error
+        raise FedgeError(f"invalid configuration: {validation_problems(error)}") from error

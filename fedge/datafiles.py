@@ -10,6 +10,8 @@ import numpy as np
 
 from fedge.errors import FedgeError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # samples are float32 tensors
+MAX_CLASS_ID = 2**31 - 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 SUPPORTED = ("a .csv file with a header row, an .npz file with arrays x and y, "
              "or a folder with one sub-folder of images per class")
@@ -51,7 +53,8 @@ def _class_ids(labels: np.ndarray, path: Path) -> np.ndarray:
     """Labels as int64; a fraction or a negative label is a data error, never rounded away."""
     if labels.dtype.kind not in "iuf":
         raise FedgeError(f"labels in {path} must be integer class ids, not {labels.dtype}")
-    valid = np.isfinite(labels) & (labels >= 0) & (np.floor(labels) == labels)
+    valid = (np.isfinite(labels) & (labels >= 0) & (np.floor(labels) == labels)
+             & (labels <= MAX_CLASS_ID))
     if not valid.all():
         raise FedgeError(f"{path} has label {labels[~valid][0]:g}, "
                          "but labels must be integer class ids 0, 1, 2, ...")
@@ -59,17 +62,22 @@ def _class_ids(labels: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
-    with path.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.reader(file)
-        header = [name.strip() for name in next(reader, [])]
-        if not header:
-            raise FedgeError(f"{path} is empty; it needs a header row naming its columns")
-        if label_column not in header:
-            raise FedgeError(f"{path} has no {label_column!r} column; "
-                             f"its columns are: {', '.join(header)}")
-        if len(header) == 1:
-            raise FedgeError(f"{path} has no feature columns besides {label_column!r}")
-        rows = [_numbers(row, header, reader.line_num, path) for row in reader if row]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            header = [name.strip() for name in next(reader, [])]
+            if not header:
+                raise FedgeError(f"{path} is empty; it needs a header row naming its columns")
+            if label_column not in header:
+                raise FedgeError(f"{path} has no {label_column!r} column; "
+                                 f"its columns are: {', '.join(header)}")
+            if len(header) == 1:
+                raise FedgeError(f"{path} has no feature columns besides {label_column!r}")
+            rows = [_numbers(row, header, reader.line_num, path) for row in reader if row]
+    except UnicodeDecodeError:
+        raise FedgeError(f"{path} is not a UTF-8 text file; a CSV must be") from None
+    except csv.Error as error:
+        raise FedgeError(f"{path} is not a readable CSV file: {error}") from None
     table = np.array(rows, dtype=np.float64).reshape(len(rows), len(header))
     label_at = header.index(label_column)
     x = np.delete(table, label_at, axis=1).astype(np.float32)
@@ -83,10 +91,15 @@ def _numbers(row: list[str], header: list[str], line: int, path: Path) -> list[f
     values = []
     for text, column in zip(row, header, strict=True):
         try:
-            values.append(float(text))
+            value = float(text)
         except ValueError:
             raise FedgeError(f"line {line} of {path} holds {text!r} in column {column!r}, "
                              "which is not a number") from None
+        if not abs(value) <= FLOAT32_MAX:  # float() reads "nan" and "inf" too
+            within = f" within ±{FLOAT32_MAX:.3g}" if math.isfinite(value) else ""
+            raise FedgeError(f"line {line} of {path} holds {text.strip()!r} in column "
+                             f"{column!r}; values must be finite numbers{within}")
+        values.append(value)
     return values
 
 
@@ -109,7 +122,14 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return x.astype(np.int64), _class_ids(y, path)
     if x.dtype.kind not in "fb":
         raise FedgeError(f"x in {path} must be numeric, not {x.dtype}")
-    return x.astype(np.float32), _class_ids(y, path)
+    with np.errstate(over="ignore"):  # beyond float32's range becomes Inf, refused below
+        x = x.astype(np.float32)
+    finite = np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
+    if not finite.all():
+        raise FedgeError(f"x in {path} holds NaN, Inf or values beyond float32's range in "
+                         f"{int((~finite).sum())} samples (the first is sample "
+                         f"{int(np.argmin(finite))}); values must be finite numbers")
+    return x, _class_ids(y, path)
 
 
 def _visible(path: Path) -> bool:

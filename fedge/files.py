@@ -1,10 +1,13 @@
 """Files that are either whole or absent: written to a temporary name, then renamed."""
 
+import contextlib
 import json
+import math
 import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from fedge.errors import FedgeError
 
@@ -24,12 +27,58 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o666) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        raise FedgeError(f"cannot write {path}: {error.strerror or error}") from error
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def write_all_or_none(files: dict[Path, tuple[bytes, int]]) -> None:
+    """Write every ``path: (data, mode)`` or, should one fail (a full disk), none: files
+    that belong together (a key pair, a CA and its server certificate) never exist in
+    part. The paths must not exist yet."""
+    written: list[Path] = []
+    try:
+        for path, (data, mode) in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data, mode)
+            written.append(path)
+    except (FedgeError, OSError) as error:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(error, FedgeError):
+            raise
+        raise FedgeError(f"cannot write {next(iter(files)).parent}: {error.strerror}") from None
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None (JSON's null): standard JSON
+    has no NaN, and parsers reject Python's ``NaN`` token."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def write_json(path: Path, payload: dict) -> None:
-    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+    """``payload`` as strict JSON (non-finite numbers become null), written atomically."""
+    text = json.dumps(strict_json(payload), indent=2, allow_nan=False)
+    write_atomic(path, (text + "\n").encode())
+
+
+def check_output_folder(folder: Path) -> None:
+    """``folder`` is, or can become, a folder to write into."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise FedgeError(f"cannot write into {folder}: {parent} is a file")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise FedgeError(f"cannot write into {folder}: {parent} is not writable")
+            return
 
 
 def refuse_overwrite(paths: Iterable[Path]) -> None:

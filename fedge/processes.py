@@ -1,19 +1,26 @@
-"""Child processes (Flower's SuperLink, SuperNode, ``flwr run``) that never outlive us."""
+"""Child processes (Flower's SuperLink, SuperNode, ``flwr run``) that never outlive us,
+and their output, shown without Python tracebacks."""
 
 import contextlib
-import ctypes
+import errno
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
+from fedge import guard
 from fedge.errors import FedgeError
 
-PR_SET_PDEATHSIG = 1
+# A stopped child's guard ends its process group within guard.GRACE seconds; it gets a
+# little longer before the guard itself is killed.
+STOP_BOUND = guard.GRACE + 3.0
 
 FLOWER_ENV = {  # defaults; the environment may set others
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -25,16 +32,11 @@ FLOWER_ENV = {  # defaults; the environment may set others
 }
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM when its parent dies, even by SIGKILL."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class Children:
-    """Starts children in our process group, so that stopping the group (as service
-    managers do) stops them too, and ends them on exit: also on SIGTERM, which becomes
-    a clean shutdown of the calling command."""
+    """Starts children, each under a :mod:`fedge.guard` that ends everything the child
+    starts, and stops them on exit: also on SIGTERM, which becomes a clean shutdown of
+    the calling command. The guards are in our process group, so stopping the group (as
+    service managers do) stops them too, and they stop their children when we die."""
 
     def __init__(self, env: dict[str, str]) -> None:
         # Flower starts its helpers (flower-superexec, flwr-serverapp...) by name: find
@@ -43,24 +45,36 @@ class Children:
         self.env = {**FLOWER_ENV, **os.environ, "PATH": path, **env}
         self.processes: list[subprocess.Popen] = []
 
-    def start(self, args: Sequence[str], log: Path | None = None) -> subprocess.Popen:
-        output = open(log, "ab") if log else None  # noqa: SIM115 - lives as long as the child
-        process = subprocess.Popen(list(args), env=self.env, preexec_fn=_die_with_parent,
-                                   stdout=output, stderr=subprocess.STDOUT if log else None)
+    def start(self, args: Sequence[str], log: Path | None = None,
+              capture: bool = False) -> subprocess.Popen:
+        """``args`` as a guarded child; its output is appended to ``log``, or readable
+        from the returned process's ``stdout`` with ``capture``."""
+        output = open(log, "ab") if log else (  # noqa: SIM115 - lives as long as the child
+            subprocess.PIPE if capture else None)
+        process = subprocess.Popen([sys.executable, "-m", "fedge.guard", *args], env=self.env,
+                                   preexec_fn=guard.die_with_parent, stdout=output,
+                                   stderr=subprocess.STDOUT if output else None)
+        if log:
+            output.close()  # the child holds its own copy
         self.processes.append(process)
         return process
 
-    def stop(self, grace: float = 10.0) -> None:
+    def end(self, process: subprocess.Popen) -> int:
+        """Stop ``process`` and everything it started; its exit status."""
+        if process.poll() is None:
+            process.terminate()
+        try:
+            return process.wait(timeout=STOP_BOUND)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+    def stop(self) -> None:
         for process in reversed(self.processes):
             if process.poll() is None:
                 process.terminate()
-        deadline = time.monotonic() + grace
         for process in reversed(self.processes):
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            self.end(process)
 
     @contextlib.contextmanager
     def running(self) -> Iterator["Children"]:
@@ -76,6 +90,64 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+# Exceptions that end a process as it is told to stop: nothing to report.
+STOPPING = ("KeyboardInterrupt", "SystemExit")
+
+
+def plain(line: str) -> str:
+    """A log line without colour codes and line ending."""
+    return ANSI_CODES.sub("", line).rstrip("\r\n")
+
+
+class TracebackFilter:
+    """Passes a child's output lines on, but each Python traceback only as its last line
+    (the exception), prefixed with ``who`` — or not at all for an exception that is the
+    child being stopped. Feed it every line; it returns the line to show, or None."""
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self._in_traceback = False
+
+    def __call__(self, line: str) -> str | None:
+        text = plain(line)
+        if text.startswith(("Traceback (most recent call last)", "Exception ignored in",
+                            "Exception in thread")):
+            self._in_traceback = True
+            return None
+        if not self._in_traceback:
+            return line
+        if not text.strip() or text[0].isspace() or text.startswith((
+                "During handling of the above exception",
+                "The above exception was the direct cause")):
+            return None
+        self._in_traceback = False
+        if text.split(":")[0].rsplit(".", 1)[-1] in STOPPING:
+            return None
+        return f"{self.who} raised {text}\n"
+
+
+def relay_output(stream: IO[bytes], observe: Callable[[str], None], who: str,
+                 verbose: bool = False, sink: IO[str] | None = None) -> threading.Thread:
+    """Read ``stream`` to its end on a background thread: every line goes to ``observe``
+    (without colour codes), and to ``sink`` (stderr) as it is — without tracebacks
+    unless ``verbose``."""
+    show = (lambda line: line) if verbose else TracebackFilter(who)
+
+    def pump() -> None:
+        out = sink or sys.stderr
+        for raw in stream:
+            line = raw.decode(errors="replace")
+            observe(plain(line))
+            if (shown := show(line)) is not None:
+                out.write(shown)
+                out.flush()
+
+    thread = threading.Thread(target=pump, daemon=True, name=f"output of {who}")
+    thread.start()
+    return thread
+
+
 def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: float,
                   what: str) -> None:
     """Until ``process`` listens on ``host:port``; a clear error if it exits first."""
@@ -87,6 +159,21 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: floa
             return
         time.sleep(0.2)
     raise FedgeError(f"{what} did not start listening on {host}:{port} within {timeout:.0f} s")
+
+
+def check_port_free(host: str, port: int, option: str) -> None:
+    """A clear error, before anything starts, when ``host:port`` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As servers do: a port in TIME_WAIT after an earlier run is free to use.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            reason = ("is already in use" if error.errno == errno.EADDRINUSE
+                      else f"cannot be listened on ({error.strerror})")
+            raise FedgeError(f"port {port} on {host} {reason}; choose another with "
+                             f"{option}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

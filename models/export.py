@@ -46,6 +46,11 @@ def _drop_debug_metadata(path: Path) -> onnx.ModelProto:
     return model
 
 
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def export_onnx(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray,
                 path: Path, tolerance: float = PARITY_TOLERANCE) -> dict:
     """Write ``model`` to ``path`` as ONNX and return a parity report.
@@ -60,23 +65,32 @@ def export_onnx(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray,
     tmp = temporary_sibling(path)
     try:
         with torch.no_grad(), _quiet_exporter():
-            torch.onnx.export(
-                model, (inputs[:2],), tmp, dynamo=True, external_data=False,
-                input_names=["input"], output_names=["logits"],
-                dynamic_shapes=({0: "batch"},), verbose=False,
-            )
+            try:
+                torch.onnx.export(
+                    model, (inputs[:2],), tmp, dynamo=True, external_data=False,
+                    input_names=["input"], output_names=["logits"],
+                    dynamic_shapes=({0: "batch"},), verbose=False,
+                )
+            except Exception as error:  # the exporter's errors have no common base class
+                raise FedgeError(f"the model cannot be exported to ONNX: "
+                                 f"{_first_line(error)}") from error
             expected = model(inputs).numpy()
         exported = _drop_debug_metadata(tmp)
         onnx.checker.check_model(exported)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         actual = session.run(None, {"input": inputs.numpy()})[0]
-        max_abs_diff = float(np.max(np.abs(actual - expected)))
+        if not np.isfinite(expected).all():
+            raise FedgeError("the model's outputs on the reference inputs are not finite "
+                             "(NaN or Inf), so its ONNX export cannot be verified and was "
+                             "not written")
+        with np.errstate(all="ignore"):
+            max_abs_diff = float(np.max(np.abs(actual - expected)))
         # float32 rounding grows with the logits' magnitude (a noisy DP or attacked model
         # can have logits in the thousands): the tolerance is relative beyond 1.
         allowed = tolerance * max(1.0, float(np.max(np.abs(expected))))
         if not max_abs_diff <= allowed:
-            raise FedgeError(f"ONNX export differs from torch by {max_abs_diff:.3g} "
-                             f"(tolerance {allowed:.3g}); {path} was not written")
+            raise FedgeError(f"the ONNX model differs from torch by {max_abs_diff:.3g} "
+                             f"(tolerance {allowed:.3g}), so it was not written")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -74,7 +74,8 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray,
         session(tmp)  # fail here, not on a device, if onnxruntime cannot load it
         os.replace(tmp, out)
     except Exception as error:  # onnxruntime's quantizer raises untyped errors
-        raise FedgeError(f"int8 quantization failed: {error}; {out} was not written") from error
+        raise FedgeError(f"int8 quantization failed, so nothing was written: "
+                         f"{' '.join(str(error).split()) or type(error).__name__}") from error
     finally:
         prepared.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)

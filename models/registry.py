@@ -3,14 +3,14 @@
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from fedge.errors import FedgeError
+from fedge.errors import FedgeError, validation_problems
 from fedge.models.networks import MLP, ConvNet, InputScaling, Sensor1D, TinyText
 
 
@@ -20,7 +20,8 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    input_shape: tuple[int, ...] = Field(description="shape of one sample, without batch")
+    input_shape: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        min_length=1, description="shape of one sample, without batch")
     num_classes: int = Field(ge=2)
     dropout: float = Field(ge=0.0, lt=1.0)
     input_mean: list[float] | None = None
@@ -34,7 +35,9 @@ class ModelSpec(BaseModel):
     def from_json(cls, text: str) -> "ModelSpec":
         try:
             return cls.model_validate(json.loads(text))
-        except (ValueError, ValidationError) as error:
+        except ValidationError as error:
+            raise FedgeError(f"invalid model spec: {validation_problems(error)}") from error
+        except (ValueError, TypeError) as error:
             raise FedgeError(f"invalid model spec: {error}") from error
 
 
@@ -108,8 +111,32 @@ def spec_from_data(name: str, x: np.ndarray, num_classes: int, dropout: float,
     return ModelSpec(**common, input_mean=mean.tolist(), input_std=std.tolist())
 
 
+def check_labelled_samples(spec: ModelSpec, x: np.ndarray, y: np.ndarray, source: object) -> None:
+    """Labelled samples from ``source`` the model can be evaluated on: labels among its
+    classes, and token ids within its vocabulary."""
+    if len(y) and int(y.max()) >= spec.num_classes:
+        raise FedgeError(f"{source} has label {int(y.max())}, but the model has "
+                         f"{spec.num_classes} classes (0..{spec.num_classes - 1})")
+    if model_entry(spec.name).input_dtype == "int64":
+        check_token_ids(x, spec.vocab_size or 2, source)
+
+
+def check_token_ids(x: np.ndarray, vocab_size: int, source: object) -> None:
+    """Token ids must be whole numbers in ``0..vocab_size - 1``."""
+    valid = np.isfinite(x) & (x >= 0) & (x < vocab_size) & (np.floor(x) == x)
+    if not valid.all():
+        raise FedgeError(f"{source} holds token id {x[~valid].flat[0]:g}, but the model "
+                         f"takes whole token ids 0..{vocab_size - 1}")
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
-    return model_entry(spec.name).build(spec)
+    entry = model_entry(spec.name)
+    try:
+        return entry.build(spec)
+    except (ValueError, TypeError, RuntimeError, AssertionError, IndexError) as error:
+        raise FedgeError(f"a {spec.name!r} model cannot be built from its spec "
+                         f"(input shape {spec.input_shape}): {str(error) or type(error).__name__}"
+                         ) from error
 
 
 def as_input_tensor(spec: ModelSpec, x: np.ndarray) -> torch.Tensor:

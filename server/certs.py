@@ -12,15 +12,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedge.errors import FedgeError
-from fedge.files import refuse_overwrite, write_atomic
+from fedge.files import check_output_folder, refuse_overwrite, write_all_or_none
 
 FILES = {"ca_cert": "ca.pem", "ca_key": "ca.key",
          "server_cert": "server.pem", "server_key": "server.key"}
+MAX_DAYS = 36500  # a hundred years: beyond it a date no longer fits a certificate
 # Certificates start slightly in the past so a device whose clock lags still accepts them.
 CLOCK_SKEW = timedelta(minutes=5)
 HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -38,19 +40,21 @@ def make_certificates(out_dir: Path, hosts: Sequence[str], days: int = 365) -> d
     it, with far smaller keys and handshakes than RSA of equal strength.
     """
     names = subject_alt_names(hosts)
-    if days < 1:
-        raise FedgeError(f"certificate validity must be at least 1 day, got {days}")
+    if not 1 <= days <= MAX_DAYS:
+        raise FedgeError(f"certificate validity must be 1 to {MAX_DAYS} days, got {days}")
     paths = {key: out_dir / name for key, name in FILES.items()}
+    check_output_folder(out_dir)
     refuse_overwrite(paths.values())
     ca_key = ec.generate_private_key(ec.SECP384R1())
     server_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = self_signed_ca(ca_key, days)
     server_cert = server_certificate(server_key, names, ca_cert, ca_key, days)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(paths["ca_cert"], ca_cert.public_bytes(serialization.Encoding.PEM))
-    write_atomic(paths["ca_key"], pem_private_key(ca_key), mode=0o600)
-    write_atomic(paths["server_cert"], server_cert.public_bytes(serialization.Encoding.PEM))
-    write_atomic(paths["server_key"], pem_private_key(server_key), mode=0o600)
+    write_all_or_none({
+        paths["ca_cert"]: (ca_cert.public_bytes(serialization.Encoding.PEM), 0o644),
+        paths["ca_key"]: (pem_private_key(ca_key), 0o600),
+        paths["server_cert"]: (server_cert.public_bytes(serialization.Encoding.PEM), 0o644),
+        paths["server_key"]: (pem_private_key(server_key), 0o600),
+    })
     return paths
 
 
@@ -64,11 +68,20 @@ def subject_alt_names(hosts: Sequence[str]) -> list[SubjectName]:
 
 def subject_alt_name(host: str) -> SubjectName:
     try:
-        return x509.IPAddress(ipaddress.ip_address(host))
+        address = ipaddress.ip_address(host)
     except ValueError:
-        if len(host) > 253 or not HOSTNAME.fullmatch(host):
+        # A DNS name has a non-numeric top label: "1.2.3.999" is a mistyped address.
+        if (len(host) > 253 or not HOSTNAME.fullmatch(host)
+                or host.rsplit(".", 1)[-1].isdigit()):
             raise FedgeError(f"{host!r} is neither an IP address nor a DNS name") from None
         return x509.DNSName(host)
+    if getattr(address, "scope_id", None):
+        raise FedgeError(f"{host}: a certificate cannot name a scoped IPv6 address; give the "
+                         "address without %ZONE")
+    if address.is_unspecified:
+        raise FedgeError(f"{host} is the address a server listens on, not one clients "
+                         "dial; name the server's real address or host name")
+    return x509.IPAddress(address)
 
 
 def pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -123,3 +136,49 @@ def key_usage(digital_signature: bool = False, key_cert_sign: bool = False) -> x
         crl_sign=key_cert_sign, content_commitment=False, key_encipherment=False,
         data_encipherment=False, key_agreement=False, encipher_only=False, decipher_only=False,
     )
+
+
+def read_certificate(path: Path) -> x509.Certificate:
+    """The PEM certificate in ``path``, or a clear error."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as error:
+        raise FedgeError(f"cannot read {path}: {error.strerror}") from None
+    except ValueError:
+        raise FedgeError(f"{path} is not a PEM certificate") from None
+
+
+def check_server_certificates(folder: Path) -> None:
+    """The files ``fedge certs`` wrote are all there, readable, current and of one
+    server: what the SuperLink would otherwise find only after it has started."""
+    missing = [name for name in ("ca.pem", "server.pem", "server.key")
+               if not (folder / name).is_file()]
+    if missing:
+        raise FedgeError(f"{folder} lacks {', '.join(missing)}; make them with `fedge certs`")
+    read_certificate(folder / "ca.pem")
+    certificate = read_certificate(folder / "server.pem")
+    key_path = folder / "server.key"
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise FedgeError(f"{key_path} is not an unencrypted PEM private key") from None
+    if key.public_key() != certificate.public_key():
+        raise FedgeError(f"{key_path} is not the key of {folder / 'server.pem'}")
+    if certificate.not_valid_after_utc < datetime.now(UTC):
+        raise FedgeError(f"{folder / 'server.pem'} expired on "
+                         f"{certificate.not_valid_after_utc:%Y-%m-%d}; make new certificates "
+                         "with `fedge certs`")
+
+
+def check_authorized_key(path: Path) -> None:
+    """A device's public key as `fedge keys` writes it (OpenSSH, elliptic curve)."""
+    if not path.is_file():
+        raise FedgeError(f"authorized key {path} does not exist")
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except (ValueError, UnsupportedAlgorithm):
+        raise FedgeError(f"authorized key {path} is not an OpenSSH public key; devices "
+                         "make theirs with `fedge keys`") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise FedgeError(f"authorized key {path} is not an elliptic-curve (ECDSA) key, the "
+                         "only kind Flower accepts; devices make theirs with `fedge keys`")

@@ -1,7 +1,5 @@
 """Checkpoints: a round's global weights with everything needed to resume or export."""
 
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +32,8 @@ class Checkpoint:
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as error:
-            raise FedgeError(f"checkpoint weights do not fit its model spec: {error}") from error
+            raise FedgeError(f"the checkpoint's weights do not fit its model spec: "
+                             f"{' '.join(str(error).split())}") from error
         return model
 
     def save(self, path: Path) -> None:
@@ -49,21 +48,25 @@ class Checkpoint:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint written by fedge; anything else is a clear error."""
+    if path.is_dir():
+        raise FedgeError(f"{path} is a folder; give its checkpoint.pt or best.pt")
     if not path.is_file():
         raise FedgeError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise FedgeError(f"{path} is empty, not a checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile,
-            ValueError, OSError) as error:
+    except Exception as error:  # torch's safe unpickler raises many kinds on a bad file
+        reason = f"{type(error).__name__}: {error}".strip().rstrip(":")
         raise FedgeError(f"{path} is not a readable checkpoint "
-                         f"(corrupt or not a torch file): {error}") from error
+                         f"(corrupt or not a torch file): {reason}") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FedgeError(f"{path} is not a fedge checkpoint")
     if payload.get("version") != VERSION:
         raise FedgeError(f"{path} has checkpoint version {payload.get('version')}, "
                          f"this fedge reads version {VERSION}")
     try:
-        return Checkpoint(
+        checkpoint = Checkpoint(
             round=payload["round"], state_dict=payload["state_dict"],
             model_spec=ModelSpec.from_json(payload["model_spec"]), config=payload["config"],
             reference_inputs=payload["reference_inputs"], history=payload["history"],
@@ -72,3 +75,21 @@ def load_checkpoint(path: Path) -> Checkpoint:
         )
     except KeyError as error:
         raise FedgeError(f"{path} is an incomplete fedge checkpoint: no {error}") from error
+    _check_contents(path, checkpoint)
+    return checkpoint
+
+
+def _check_contents(path: Path, checkpoint: Checkpoint) -> None:
+    """The parts a later export or resume relies on have the types and shapes they need."""
+    weights = checkpoint.state_dict
+    if (not isinstance(weights, dict) or not weights
+            or not all(isinstance(value, torch.Tensor) for value in weights.values())):
+        raise FedgeError(f"{path} holds no model weights (a dict of tensors)")
+    inputs, shape = checkpoint.reference_inputs, checkpoint.model_spec.input_shape
+    if (not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0
+            or tuple(inputs.shape[1:]) != shape):
+        found = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise FedgeError(f"{path} is damaged: its reference inputs ({found}) are not a batch "
+                         f"of samples of its model's shape {shape}")
+    if not isinstance(checkpoint.round, int) or not isinstance(checkpoint.history, list):
+        raise FedgeError(f"{path} is damaged: its round or history is malformed")

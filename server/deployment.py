@@ -1,35 +1,54 @@
 """The server on a host: Flower's SuperLink plus a ``flwr run`` of fedge's ServerApp.
 
-``fedge server`` starts ``flower-superlink`` (TLS and node authentication on unless
-``--insecure``), registers the public keys of the devices allowed to join, submits the
-run with ``flwr run`` and streams its log; Flower runs :data:`app` in a ServerApp process
-that writes the run folder exactly as a simulation does, resuming from its checkpoint
-when the folder already holds one.
+``fedge server`` checks everything it can (settings, certificates, keys, ports, data
+files, the run folder and its checkpoint), then starts ``flower-superlink`` (TLS and node
+authentication on unless ``--insecure``), registers the public keys of the devices
+allowed to join, submits the run with ``flwr run`` and streams its log; Flower runs
+:data:`app` in a ServerApp process that writes the run folder exactly as a simulation
+does, resuming from its checkpoint when the folder already holds one, and tells the
+clients when the run has finished. A run the ServerApp has to stop (too few clients)
+is reported by ``fedge server`` as its own error, with what a restart will do.
 """
 
+import json
 import logging
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from pydantic import BaseModel
 
 from fedge.config import RunConfig
 from fedge.datafiles import load_labelled_data
 from fedge.errors import FedgeError
-from fedge.files import write_atomic
+from fedge.files import write_atomic, write_json
 from fedge.logs import LogFormat, show_fedge_logs
-from fedge.processes import Children, wait_for_port
+from fedge.processes import (
+    Children,
+    check_port_free,
+    plain,
+    relay_output,
+    wait_for_port,
+)
+from fedge.server.certs import check_authorized_key, check_server_certificates
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, ServerData, check_server_settings
-from fedge.server.run_folder import resumable_checkpoint, run_finished
+from fedge.server.run_folder import run_finished, server_checkpoint
 
 log = logging.getLogger("fedge.server")
 
 CONNECTION = "fedge"
+# Why the ServerApp stopped a run early, for `fedge server` to report (JSON).
+STOPPED_FILE = Path(".flower") / "stopped.json"
+# The last message to every client (fedge.client.relay answers it): a query whose config
+# carries a one-line summary of the finished run.
+RUN_FINISHED = "query.run_finished"
+SUMMARY_KEY = "summary"
+FAREWELL_TIMEOUT = 10.0  # seconds the finished server waits for clients to acknowledge
 APP_PYPROJECT = """\
 [build-system]
 requires = ["hatchling"]
@@ -89,17 +108,15 @@ def load_server_data(settings: ServerSettings) -> ServerData:
 
 
 def federation_for(settings: ServerSettings) -> Federation:
-    """A new run, or the continuation of the interrupted run in ``settings.run_dir``."""
-    run_dir = settings.run_dir
-    resume = None
-    if (run_dir / "checkpoint.pt").exists():
-        resume = load_checkpoint(resumable_checkpoint(run_dir))
-    elif (run_dir / "metrics.json").exists():
-        raise FedgeError(f"{run_dir} holds a run without a checkpoint; choose another folder")
+    """A new run, or the continuation of the interrupted run in ``settings.run_dir``;
+    every check of the settings, the data files and the run folder happens here."""
     config = settings.config
     if config.model is None:
         raise FedgeError("the server's config needs a model (cnn, mlp, sensor1d, tinytext)")
-    return Federation(config, load_server_data(settings), run_dir, resume=resume)
+    check_server_settings(config)  # the settings first: they need no file
+    checkpoint = server_checkpoint(settings.run_dir)
+    resume = load_checkpoint(checkpoint) if checkpoint else None
+    return Federation(config, load_server_data(settings), settings.run_dir, resume=resume)
 
 
 app = ServerApp()
@@ -110,7 +127,35 @@ def main(grid: Grid, context: Context) -> None:
     settings_file = Path(str(context.run_config["settings"]))
     settings = ServerSettings.model_validate_json(settings_file.read_text())
     show_fedge_logs(settings.log_format)
-    federation_for(settings).run(grid)
+    try:
+        outcome = federation_for(settings).run(grid)
+    except FedgeError as error:  # `fedge server` reports it, as its own error
+        write_json(settings.run_dir / STOPPED_FILE, {"error": str(error)})
+        return
+    announce_run_finished(grid, f"best round {outcome.best_round}: test accuracy "
+                                f"{outcome.test_accuracy:.3f}")
+
+
+def announce_run_finished(grid: Grid, summary: str, timeout: float = FAREWELL_TIMEOUT) -> None:
+    """Tell every connected client that the run is over, so that it leaves instead of
+    waiting for a server that is gone; waits at most ``timeout`` s for their answers."""
+    nodes = list(grid.get_node_ids())
+    if not nodes:
+        return
+    content = RecordDict({"config": ConfigRecord({SUMMARY_KEY: summary})})
+    messages = [Message(content, node, RUN_FINISHED, ttl=timeout) for node in nodes]
+    try:
+        pending = {i for i in grid.push_messages(messages) if i}
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for reply in grid.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+            time.sleep(0.2)
+    except Exception as error:  # the run is complete and saved: a farewell is a courtesy
+        log.warning("could not tell the clients that the run finished: %s", error)
+        return
+    log.info("told %d clients that the run finished (%d did not answer within %.0f s)",
+             len(nodes), len(pending), timeout)
 
 
 def superlink_args(listener: Listener) -> list[str]:
@@ -136,46 +181,98 @@ def _connection_toml(listener: Listener) -> str:
 
 
 def check_listener(listener: Listener) -> None:
+    """Certificates, keys and ports, checked before anything starts."""
     if listener.certs is not None:
-        missing = [n for n in ("ca.pem", "server.pem", "server.key")
-                   if not (listener.certs / n).is_file()]
-        if missing:
-            raise FedgeError(f"{listener.certs} lacks {', '.join(missing)}; make them with "
-                             "`fedge certs`")
+        check_server_certificates(listener.certs)
+    elif listener.authorized_keys:
+        raise FedgeError("--authorized-key needs TLS (--certs): an --insecure server "
+                         "cannot authenticate clients")
     for key in listener.authorized_keys:
-        if not key.is_file():
-            raise FedgeError(f"authorized key {key} does not exist")
+        check_authorized_key(key)
+    if listener.health_port == listener.port:
+        raise FedgeError(f"--health-port {listener.port} is the server's --port; choose "
+                         "another")
+    check_port_free(listener.host, listener.port, "--port")
+    if listener.health_port:
+        check_port_free(listener.host, listener.health_port, "--health-port")
 
 
-def serve(settings: ServerSettings, listener: Listener, startup_timeout: float = 60.0) -> None:
+def serve(settings: ServerSettings, listener: Listener, startup_timeout: float = 60.0,
+          verbose: bool = False) -> None:
     """Run the SuperLink and the federation until the run ends; SIGTERM stops both, and
-    the run folder keeps the last completed round for a restart to resume from."""
+    the run folder keeps the last completed round for a restart to resume from.
+
+    Everything that can be checked (settings, certificates, keys, ports, data files, the
+    run folder and its checkpoint) is checked before anything is written or started.
+    """
     check_listener(listener)
-    check_server_settings(settings.config)
     run_dir = settings.run_dir.resolve()
+    settings = settings.model_copy(update={"run_dir": run_dir})
+    federation_for(settings)
     flower_home = run_dir / ".flower"
     app_dir = flower_home / "app"
-    app_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        app_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FedgeError(f"cannot make the run folder {run_dir}: {error.strerror}") from None
+    (run_dir / STOPPED_FILE).unlink(missing_ok=True)
     write_atomic(app_dir / "pyproject.toml", APP_PYPROJECT.encode())
     write_atomic(flower_home / "config.toml", _connection_toml(listener).encode())
     settings_file = flower_home / "server-settings.json"
-    write_atomic(settings_file, settings.model_copy(update={"run_dir": run_dir})
-                 .model_dump_json(indent=2).encode())
+    write_atomic(settings_file, settings.model_dump_json(indent=2).encode())
 
+    superlink_log = run_dir / "superlink.log"
     children = Children(env={"FLWR_HOME": str(flower_home)})
     with children.running():
-        superlink = children.start(superlink_args(listener), log=run_dir / "superlink.log")
-        wait_for_port("127.0.0.1", listener.port, superlink, startup_timeout, "the SuperLink")
+        superlink = children.start(superlink_args(listener), log=superlink_log)
+        try:
+            wait_for_port("127.0.0.1", listener.port, superlink, startup_timeout,
+                          "the SuperLink")
+        except FedgeError as error:
+            raise FedgeError(f"{error}: {_last_error(superlink_log)}") from None
         log.info("SuperLink listening on %s:%d (%s)", listener.host, listener.port,
                  "INSECURE" if listener.certs is None else "TLS, node authentication")
         for key in listener.authorized_keys:
             _register(key, children.env)
-        run = children.start(["flwr", "run", str(app_dir), CONNECTION,
-                              "--stream", "--run-config", f'settings="{settings_file}"'])
-        run.wait()
+        run = children.start(["flwr", "run", str(app_dir), CONNECTION, "--stream",
+                              "--run-config", f'settings="{settings_file}"'], capture=True)
+        output = relay_output(run.stdout, lambda line: None, "Flower", verbose)
+        while run.poll() is None:
+            if superlink.poll() is not None:
+                raise FedgeError(f"the SuperLink stopped during the run: "
+                                 f"{_last_error(superlink_log)}; {resume_advice(run_dir)}")
+            time.sleep(0.5)
+        output.join(timeout=5)
+    _check_outcome(run_dir, run.returncode, superlink_log)
+
+
+def _check_outcome(run_dir: Path, status: int, superlink_log: Path) -> None:
+    """A clear error unless the run finished: the ServerApp's own, or what is known."""
+    stopped = run_dir / STOPPED_FILE
+    if stopped.exists():
+        error = json.loads(stopped.read_text())["error"]
+        raise FedgeError(f"{error}; {resume_advice(run_dir)}")
     if not run_finished(run_dir):
-        raise FedgeError(f"the run ended before it finished; see {run_dir / 'superlink.log'}"
-                         " — starting the server again on the same folder resumes it")
+        raise FedgeError(f"the run ended before it finished (`flwr run` exited with status "
+                         f"{status}; see {superlink_log}); {resume_advice(run_dir)}")
+
+
+def resume_advice(run_dir: Path) -> str:
+    """What starting the server again on ``run_dir`` will do."""
+    if not (run_dir / "checkpoint.pt").exists():
+        return "no round had completed, so starting the server again starts the run anew"
+    rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds") or [{}]
+    return (f"the run folder keeps round {rounds[-1].get('round', '?')}: starting the server "
+            f"again on {run_dir} resumes the run")
+
+
+def _last_error(log_file: Path) -> str:
+    """The SuperLink's last error line in its log, or where to look."""
+    lines = [plain(line) for line in log_file.read_text(errors="replace").splitlines()]
+    errors = [line for line in lines if "ERROR" in line or "Errno" in line]
+    if not errors:
+        return f"see {log_file}"
+    return errors[-1].split(":", 1)[-1].strip() if "ERROR" in errors[-1] else errors[-1]
 
 
 def _register(key: Path, env: dict[str, str]) -> None:

@@ -35,6 +35,7 @@ from fedge.server.secagg import check_secagg, run_secure_rounds, secure_round_st
 from fedge.server.strategies import (
     ContinuedRounds,
     build_strategy,
+    check_strategy,
     restore_strategy_state,
     strategy_state,
 )
@@ -72,8 +73,9 @@ class RunOutcome:
 
 
 def check_server_settings(config: RunConfig) -> None:
-    """Privacy, secure-aggregation and compression settings the server cannot run with:
-    one clear error, found before any file is written."""
+    """Strategy, privacy, secure-aggregation and compression settings the server cannot
+    run with: one clear error, found before any file is written."""
+    check_strategy(config)
     check_privacy(config)
     check_secagg(config)
     check_compression(config)
@@ -96,6 +98,7 @@ class Federation:
         check_server_settings(config)
         if resume is not None:
             _check_resumable(config, resume)
+            resume.model()  # its weights fit its model, or a clear error now
         self.config, self.data, self.run_dir = config, data, run_dir
         self.on_round, self.resume = on_round, resume
         # A resumed run keeps its model definition, input scaling included.
@@ -143,7 +146,10 @@ class Federation:
             self._rounds(strategy, grid, arrays, remaining)
         self._tracker.stopped_early = self._tracker.plateaued()
         if self._best_state is None:
-            raise FedgeError("no round completed: no client returned an update")
+            raise FedgeError("no round completed: no client returned an update"
+                             if not self._tracker.history else
+                             "no round produced a global model with a finite validation "
+                             "loss (every update diverged?); nothing to export")
         self.outcome = self._finish(time.perf_counter() - started)
         return self.outcome
 

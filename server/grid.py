@@ -112,7 +112,7 @@ class RoundGrid(GridWrapper):
         if waited > self.join_timeout:
             raise NotEnoughClients(
                 f"only {len(nodes)} of the {self.min_nodes} clients a round needs stayed "
-                f"connected for {self.join_timeout:.0f} s; the last checkpoint is kept")
+                f"connected for {self.join_timeout:.0f} s")
         if now - self._last_wait_log >= 10.0:
             self._last_wait_log = now
             log.info("waiting for clients: %d connected, %d needed (giving up in %.0f s)",
@@ -148,18 +148,19 @@ class RoundGrid(GridWrapper):
         order = {message_id: position for position, message_id in enumerate(ids)}
         replies.sort(key=lambda reply: order[reply.metadata.reply_to_message_id])
         # A late result counts as no reply, as it would in a deployment.
-        late = [r.metadata.src_node_id for r in replies if _missed_deadline(r)]
+        late = [destination[r.metadata.reply_to_message_id] for r in replies
+                if _missed_deadline(r)]
         replies = [r for r in replies if not _missed_deadline(r)]
         silent = [destination[i] for i in pending] + late
         if simulated_start is not None:
             stats.simulated_seconds = self.clock() - simulated_start
-        return self._settle(replies, silent, stats, timeout)
+        return self._settle(replies, silent, destination, stats, timeout)
 
     def _quarantine_now(self) -> float:
         return self.clock() if self.clock else time.monotonic()
 
-    def _settle(self, replies: list[Message], silent: list[int], stats: RoundStats,
-                timeout: float | None) -> list[Message]:
+    def _settle(self, replies: list[Message], silent: list[int], destination: dict[str, int],
+                stats: RoundStats, timeout: float | None) -> list[Message]:
         suspend_until = self._quarantine_now() + self.quarantine
         for node in silent:
             log.warning("client node %d did not answer within %.0f s; not sampled for "
@@ -167,7 +168,9 @@ class RoundGrid(GridWrapper):
             self._suspended_until[node] = suspend_until
         failed = [r for r in replies if r.has_error()]
         for reply in failed:
-            node = reply.metadata.src_node_id
+            # The node the message went to: the SuperLink answers for an unavailable node
+            # itself, from its own node id.
+            node = destination[reply.metadata.reply_to_message_id]
             log.warning("client node %d failed: %s", node, reply.error.reason)
             self._suspended_until[node] = suspend_until
         stats.replies = len(replies) - len(failed)

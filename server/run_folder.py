@@ -27,7 +27,10 @@ def prepare_run_dir(path: Path, overwrite: bool = False) -> Path:
             raise FedgeError(f"refusing to overwrite {path}: it does not look like a "
                              "fedge run folder")
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FedgeError(f"cannot make the run folder {path}: {error.strerror}") from None
     return path
 
 
@@ -39,6 +42,31 @@ def resumable_checkpoint(path: Path) -> Path:
     if run_finished(path):
         raise FedgeError(f"cannot resume: the run in {path} has already finished")
     return checkpoint
+
+
+# What a server start leaves in its run folder before the first round completes.
+SERVER_STATE = (".flower", "superlink.log")
+
+
+def server_checkpoint(path: Path) -> Path | None:
+    """The checkpoint a server started on run folder ``path`` resumes from, or None for
+    a new run; a clear error for a finished run or a folder that holds something else."""
+    if path.exists() and not path.is_dir():
+        raise FedgeError(f"run folder {path} exists and is not a folder")
+    if not path.is_dir():
+        return None
+    if run_finished(path):
+        raise FedgeError(f"the run in {path} has already finished; give a new run folder "
+                         "with --out")
+    if (path / "checkpoint.pt").exists():
+        return resumable_checkpoint(path)
+    if (path / "metrics.json").exists():
+        raise FedgeError(f"{path} holds a run without a checkpoint; choose another folder")
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in SERVER_STATE)
+    if foreign:
+        raise FedgeError(f"run folder {path} is not empty and holds no fedge run (it holds "
+                         f"{', '.join(foreign[:3])}); choose another with --out")
+    return None
 
 
 def run_finished(path: Path) -> bool:

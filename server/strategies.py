@@ -71,17 +71,36 @@ STRATEGIES: dict[str, Callable[[RunConfig], dict]] = {
 }
 
 
+def _clients_per_round(config: RunConfig) -> int:
+    """K, the clients a round samples, as FedAvg counts them."""
+    return max(int(config.clients * config.fraction), config.min_clients)
+
+
 def _multikrum_select(config: RunConfig) -> int:
-    """m, by default the clients a round samples (as FedAvg counts them) less f."""
+    """m, by default K less f."""
     if config.multikrum_select is not None:
         return config.multikrum_select
-    per_round = max(int(config.clients * config.fraction), config.min_clients)
-    return max(1, per_round - config.krum_byzantine)
+    return max(1, _clients_per_round(config) - config.krum_byzantine)
 
 
 def check_strategy_name(name: str) -> None:
     if name not in STRATEGIES:
         raise FedgeError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+
+
+def check_strategy(config: RunConfig) -> None:
+    """The strategy exists and can hold with its settings (Krum needs K ≥ 2f + 3)."""
+    check_strategy_name(config.strategy)
+    if config.strategy not in ("krum", "multikrum"):
+        return
+    per_round, byzantine = _clients_per_round(config), config.krum_byzantine
+    if per_round < 2 * byzantine + 3:
+        raise FedgeError(f"{config.strategy} with krum_byzantine {byzantine} needs at least "
+                         f"{2 * byzantine + 3} clients a round, but a round samples "
+                         f"{per_round}; lower krum_byzantine or sample more clients")
+    if config.strategy == "multikrum" and _multikrum_select(config) > per_round:
+        raise FedgeError(f"multikrum_select {config.multikrum_select} is more than the "
+                         f"{per_round} clients a round samples")
 
 
 def build_strategy(config: RunConfig, train_metrics_aggr_fn: MetricsAggregator) -> Strategy:

@@ -41,6 +41,10 @@ def partition_indices(labels: np.ndarray, num_partitions: int, spec: PartitionSp
 
     if num_partitions > len(labels):
         raise FedgeError(f"{num_partitions} clients but only {len(labels)} client samples")
+    if spec.kind == "shards" and num_partitions * spec.shards > len(labels):
+        raise FedgeError(f"shards:{spec.shards} for {num_partitions} clients needs "
+                         f"{num_partitions * spec.shards} shards of at least one sample, "
+                         f"but there are {len(labels)} client samples")
     order = np.random.default_rng(seed).permutation(len(labels))
     table = datasets.Dataset.from_dict({"label": labels[order], "index": order})
     if spec.kind == "iid":

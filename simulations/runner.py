@@ -14,6 +14,7 @@ from fedge.client.app import build_client_app
 from fedge.client.compression import compression_mod
 from fedge.client.privacy import dp_clipping_mod
 from fedge.client.secagg import secagg_mod
+from fedge.client.training import check_device
 from fedge.client.wire import WireRecorder, check_wire_folder
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
@@ -45,10 +46,12 @@ def plan_simulation(config: RunConfig) -> SimulationPlan:
     dataset = load_dataset(config.dataset, config.seed)
     config = config.model_copy(update={"model": config.model or dataset.default_model})
     check_sample_shape(config.model, dataset.x.shape[1:])
+    _check_dataset_settings(config, dataset.x.shape[1:], dataset.num_classes)
     check_strategy_name(config.strategy)
     check_attack(config)
     check_heterogeneity(config)
     check_server_settings(config)
+    check_device(config.device)
     PartitionSpec.parse(config.partition)
     if config.min_clients > config.clients:
         raise FedgeError(f"min_clients ({config.min_clients}) is larger than the number of "
@@ -62,6 +65,18 @@ def plan_simulation(config: RunConfig) -> SimulationPlan:
     server_data = ServerData(*split.server_val, *split.test, num_classes=dataset.num_classes,
                              vocab_size=dataset.vocab_size)
     return SimulationPlan(config, clients, server_data, dataset.synthetic)
+
+
+def _check_dataset_settings(config: RunConfig, sample_shape: tuple[int, ...],
+                            num_classes: int) -> None:
+    """``input_shape`` and ``num_classes`` describe a deployment's data files; in a
+    simulation the data set decides them, and a different value is a mistake."""
+    if config.num_classes is not None and config.num_classes != num_classes:
+        raise FedgeError(f"num_classes {config.num_classes} does not match data set "
+                         f"{config.dataset!r}, which has {num_classes} classes")
+    if config.input_shape is not None and tuple(config.input_shape) != tuple(sample_shape):
+        raise FedgeError(f"input_shape {list(config.input_shape)} does not match data set "
+                         f"{config.dataset!r}, whose samples have shape {list(sample_shape)}")
 
 
 def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,

@@ -45,6 +45,54 @@ def test_the_supernode_launcher_still_matches_flowers_code():
     assert fast.time() > 0
 
 
+@pytest.mark.timeout(180)
+def test_a_supernode_whose_server_is_gone_exits_by_itself_saying_why(tmp_path):
+    """Flower 1.42's SuperNode hangs for ever once it gives up on a server it had joined;
+    the launcher ends it, and prints the reason of each failed connection attempt (Flower
+    logs those only at DEBUG)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from fedge.client.supernode import LOST_SERVER
+    from fedge.processes import free_port
+
+    env = {**os.environ, "FLWR_HOME": str(tmp_path)}
+    port = free_port()
+    superlink = subprocess.Popen(
+        ["flower-superlink", "--host", "127.0.0.1", "--port", str(port), "--insecure",
+         "--disable-runtime-dependency-installation"], env=env, cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    supernode = None
+    try:
+        supernode = subprocess.Popen(
+            [sys.executable, "-m", "fedge.client.supernode", "--superlink",
+             f"127.0.0.1:{port}", "--insecure", "--port", str(free_port()),
+             "--max-wait-time", "5"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in supernode.stdout:
+            lines.append(line)
+            if "SuperNode ID:" in line:
+                break
+        assert any("SuperNode ID:" in line for line in lines), "".join(lines)
+        superlink.kill()
+        superlink.wait(timeout=30)
+        lost = time.monotonic()
+        status = supernode.wait(timeout=60)
+        assert status == LOST_SERVER
+        assert time.monotonic() - lost < 5 + 20  # --max-wait-time, then Flower's last try
+        rest = supernode.stdout.read()
+        assert "Giving up reconnection" in rest
+        assert "fedge: connection attempt failed: [Errno 111] Connection refused" in rest
+    finally:
+        for process in (superlink, supernode):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+
+
 def test_a_failing_client_becomes_an_error_reply_and_the_round_goes_on():
     def no_data(context):
         if context.node_config["partition-id"] == 0:

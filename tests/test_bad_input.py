@@ -1,5 +1,8 @@
 """Bad input: one clear message, a non-zero exit, and nothing half-written."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +167,242 @@ def test_a_client_with_a_malformed_data_file_stops_before_connecting(tmp_path):
     result = fedge("client", "--server", "127.0.0.1:9", "--data", str(tmp_path / "data.csv"),
                    "--insecure")
     assert_refused(result, "data.csv")
+
+
+# --- deployment: everything is checked before the SuperLink or a SuperNode starts ---
+
+
+@pytest.fixture
+def server_folder(tmp_path):
+    """What an operator has: validation samples, a run config, certificates, keys."""
+    from fedge.client.keys import make_node_keys
+    from fedge.server.certs import make_certificates
+    from fedge.simulations.datasets import load_dataset
+
+    digits = load_dataset("digits")
+    np.savez(tmp_path / "val.npz", x=digits.x[:100], y=digits.y[:100])
+    (tmp_path / "run.toml").write_text('model = "cnn"\nmin-clients = 2\n')
+    make_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
+    make_node_keys(tmp_path / "keys", "device0")
+    return tmp_path
+
+
+def serve(folder, *options: str, port: int | None = None):
+    from fedge.processes import free_port
+
+    return fedge("server", "--val-data", str(folder / "val.npz"), "--config",
+                 str(folder / "run.toml"), "--host", "127.0.0.1",
+                 "--port", str(port or free_port()), "-o", str(folder / "run"), *options)
+
+
+def snapshot(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _finished_run(folder, default_run):
+    shutil.copytree(default_run, folder / "run")
+
+
+def _interrupted_run(folder, default_run):
+    shutil.copytree(default_run, folder / "run")
+    metrics = json.loads((folder / "run" / "metrics.json").read_text())
+    (folder / "run" / "metrics.json").write_text(json.dumps({**metrics, "status": "running"}))
+
+
+@pytest.mark.parametrize("make, options, message", [
+    (lambda f, r: (f / "val.npz").unlink(), [], "no such file or folder"),
+    (lambda f, r: np.savez(f / "val.npz", x=np.zeros((5, 30), np.float32), y=np.arange(5)),
+     [], "model 'cnn' expects samples shaped (channels, height, width)"),
+    (lambda f, r: (f / "run.toml").write_text('model = "cnn"\ninput-shape = [1, 8, 8]\n'),
+     ["--val-data", "{f}/val.csv"], "holds 'dark' in column 'p1', which is not a number"),
+    (lambda f, r: (f / "run.toml").write_text('model = "mlp"\n'),
+     ["--val-data", "{f}/nan.csv"], "holds 'nan' in column 'p0'; values must be finite"),
+    (lambda f, r: None, ["--test-data", "{f}/missing.npz"], "no such file or folder"),
+    (_finished_run, [], "has already finished; give a new run folder with --out"),
+    (lambda f, r: (_interrupted_run(f, r), (f / "run" / "checkpoint.pt").write_bytes(b"junk")),
+     [], "checkpoint.pt is not a readable checkpoint"),
+    (lambda f, r: (_interrupted_run(f, r), (f / "run.toml").write_text(
+        'model = "cnn"\nlr = 0.5\n')), [], "made with other settings (lr=0.003)"),
+    (lambda f, r: ((f / "run").mkdir(), (f / "run" / "notes.txt").write_text("mine")), [],
+     "is not empty and holds no fedge run (it holds notes.txt)"),
+    (lambda f, r: (f / "keys" / "device0.pub").write_text("not a key\n"),
+     ["--certs", "{f}/certs", "--authorized-key", "{f}/keys/device0.pub"],
+     "is not an OpenSSH public key"),
+    (lambda f, r: (f / "certs" / "server.key").write_bytes((f / "certs" / "ca.key").read_bytes()),
+     ["--certs", "{f}/certs"], "server.key is not the key of"),
+    (lambda f, r: None, ["--insecure", "--authorized-key", "{f}/keys/device0.pub"],
+     "--authorized-key needs TLS (--certs)"),
+    (lambda f, r: (f / "run.toml").write_text('model = "cnn"\nrounds = 0\n'), [],
+     "rounds: Input should be greater than or equal to 1"),
+])
+def test_a_server_with_bad_input_refuses_before_anything_starts_or_is_written(
+        server_folder, default_run, make, options, message):
+    f = server_folder
+    (f / "val.csv").write_text("label,p0,p1\n0,1,dark\n")
+    (f / "nan.csv").write_text("label,p0,p1\n0,nan,1\n1,2,3\n")
+    make(f, default_run)
+    before = snapshot(f)
+    options = [o.format(f=f) for o in options]
+    if "--certs" not in options:
+        options.append("--insecure")
+    result = serve(f, *options)
+    assert_refused(result, message)
+    assert snapshot(f) == before  # no .flower, no superlink.log, nothing resumed
+
+
+def test_a_server_refuses_a_port_that_is_in_use_before_starting(server_folder):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve(server_folder, "--insecure", port=port)
+    assert_refused(result, f"port {port} on 127.0.0.1 is already in use; choose another "
+                           "with --port")
+    assert not (server_folder / "run").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--server", "not-a-host-port", "--insecure"], "--server 'not-a-host-port' is not "
+                                                    "HOST:PORT"),
+    (["--server", "localhost:99999", "--insecure"], "with a port in 1..65535"),
+    (["--server", "127.0.0.1:9", "--insecure", "--key", "{f}/keys/device0.key"],
+     "--key needs TLS (--ca)"),
+    (["--server", "127.0.0.1:9", "--ca", "{f}/val.npz"], "is not a PEM certificate"),
+    (["--server", "127.0.0.1:9", "--ca", "{f}/certs/ca.pem", "--key", "{f}/certs/ca.pem"],
+     "is not an unencrypted OpenSSH private key"),
+    (["--server", "127.0.0.1:9", "--insecure", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--server", "127.0.0.1:9", "--insecure", "--val-fraction", "1.5"],
+     "--val-fraction must lie between 0 and 1"),
+    (["--server", "127.0.0.1:9", "--insecure", "--data", "{f}/nan.csv"],
+     "line 2 of"),
+])
+def test_a_client_with_bad_input_refuses_before_connecting(server_folder, options, message):
+    f = server_folder
+    (f / "nan.csv").write_text("label,a,b\n0,nan,1\n")
+    options = [o.format(f=f) for o in options]
+    data = [] if "--data" in options else ["--data", str(f / "val.npz")]
+    # A client that wrongly went on would give up joining after 3 s, with another message.
+    result = fedge("client", *options, *data, "--join-timeout", "3")
+    assert_refused(result, message)
+
+
+# --- export and predict ---------------------------------------------------------------
+
+
+def _damaged(default_run, tmp_path, **changes):
+    payload = torch.load(default_run / "best.pt", weights_only=True)
+    torch.save({**payload, **changes}, tmp_path / "damaged.pt")
+    return tmp_path / "damaged.pt"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"reference_inputs": torch.zeros(5, 3, 4)}, "its reference inputs ((5, 3, 4)) are not a "
+                                                 "batch of samples of its model's shape"),
+    ({"reference_inputs": None}, "its reference inputs (NoneType)"),
+    ({"state_dict": {}}, "holds no model weights"),
+    ({"round": "two"}, "its round or history is malformed"),
+    ({"model_spec": '{"name": "cnn", "input_shape": [], "num_classes": 10, "dropout": 0}'},
+     "invalid model spec: input_shape: Tuple should have at least 1 item"),
+])
+def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(tmp_path, default_run, changes,
+                                                            message):
+    damaged = _damaged(default_run, tmp_path, **changes)
+    assert_refused(fedge("export", str(damaged), "-o", str(tmp_path / "m.onnx")), message)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_empty_or_garbage_checkpoint_says_why_it_cannot_be_read(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert_refused(fedge("export", str(tmp_path / "empty.pt"), "-o", str(tmp_path / "m.onnx")),
+                   "empty.pt is empty, not a checkpoint")
+    (tmp_path / "text.pt").write_text("hello world garbage")
+    result = fedge("export", str(tmp_path / "text.pt"), "-o", str(tmp_path / "m.onnx"))
+    assert_refused(result, "text.pt is not a readable checkpoint (corrupt or not a torch "
+                           "file): ")
+    assert not result.stderr.strip().endswith(":")
+
+
+def test_export_never_replaces_its_own_checkpoint_or_writes_onto_a_folder(tmp_path,
+                                                                          default_run):
+    copy = tmp_path / "best.pt"
+    shutil.copy(default_run / "best.pt", copy)
+    assert_refused(fedge("export", str(copy), "-o", str(copy), "--overwrite"),
+                   "is the checkpoint itself")
+    assert copy.read_bytes() == (default_run / "best.pt").read_bytes()
+    assert_refused(fedge("export", str(copy), "-o", str(tmp_path), "--overwrite"),
+                   "is a folder; give the file to write")
+
+
+def test_int8_evaluation_data_must_fit_the_model_and_needs_quantize(tmp_path, default_run):
+    np.savez(tmp_path / "eval.npz", x=np.zeros((4, 64), np.float32), y=np.array([0, 1, 42, 2]))
+    args = ["export", str(default_run / "best.pt"), "-o", str(tmp_path / "q.onnx"),
+            "--eval-data", str(tmp_path / "eval.npz")]
+    assert_refused(fedge(*args), "--eval-data is for comparing an int8 model with its fp32 "
+                                 "model; give --quantize too")
+    assert_refused(fedge(*args, "--quantize", "int8"),
+                   "eval.npz has label 42, but the model has 10 classes (0..9)")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_predict_reports_each_sample_holding_nan_or_inf_and_predicts_the_others(
+        tmp_path, default_run):
+    from fedge.simulations.datasets import load_dataset
+
+    x = load_dataset("digits").x[:4].reshape(4, 64).astype(np.float64)
+    x[1, 5], x[3, 0] = np.nan, np.inf
+    np.save(tmp_path / "x.npy", x)
+    result = run_fedge("predict", str(default_run / "model.onnx"), str(tmp_path / "x.npy"))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and lines[1] == lines[3] == "-"
+    assert lines[0].isdigit() and lines[2].isdigit()
+    assert result.stderr.strip().splitlines() == [
+        f"error: 2 of 4 samples in {tmp_path / 'x.npy'} hold NaN, Inf or values beyond "
+        "float32's range and have no prediction (\"-\"): samples 2, 4, counting from 1"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no samples"),
+    ("\n\n", "holds no samples"),
+])
+def test_predict_on_an_empty_file_says_so_in_one_line(tmp_path, default_run, content, message):
+    (tmp_path / "x.csv").write_text(content)
+    result = run_fedge("predict", str(default_run / "model.onnx"), str(tmp_path / "x.csv"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.csv'} {message}"]
+
+
+def test_predict_on_a_zero_byte_npy_file_is_an_error_not_an_abort(tmp_path, default_run):
+    (tmp_path / "x.npy").write_bytes(b"")
+    assert_refused(fedge("predict", str(default_run / "model.onnx"), str(tmp_path / "x.npy")),
+                   "cannot read inputs from")
+
+
+# --- simulate settings found only when they were used --------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
+    (["--lr", "inf"], "lr: Input should be a finite number"),
+    (["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
+    (["--partition", "shards:100000", "--clients", "3"],
+     "shards:100000 for 3 clients needs 300000 shards"),
+])
+def test_settings_that_could_only_fail_later_are_refused_up_front(tmp_path, args, message):
+    assert_simulation_refused(tmp_path, args, message)
+
+
+def test_an_unwritable_wire_recording_folder_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = fedge("simulate", "--out", str(tmp_path / "run"), "--rounds", "1",
+                   "--record-wire", str(tmp_path / "afile" / "sub"))
+    assert_refused(result, "cannot be written: Not a directory")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_setting_spelt_twice_in_a_config_file_is_refused(tmp_path):
+    (tmp_path / "run.toml").write_text("local-epochs = 1\nlocal_epochs = 2\n")
+    assert_refused(fedge("simulate", "--config", str(tmp_path / "run.toml")),
+                   "sets local-epochs twice (spelt with - and _)")

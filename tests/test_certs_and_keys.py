@@ -108,6 +108,8 @@ def test_one_existing_file_is_enough_to_refuse_and_nothing_else_is_written(tmp_p
     ([], "at least one host"),
     (["localhost", "bad host"], "'bad host' is neither an IP address nor a DNS name"),
     (["-leading-hyphen"], "neither an IP address nor a DNS name"),
+    (["1.2.3.999"], "'1.2.3.999' is neither an IP address nor a DNS name"),
+    (["0.0.0.0"], "the address a server listens on, not one clients dial"),
 ])
 def test_bad_hosts_are_refused_before_anything_is_written(tmp_path, hosts, message):
     out = tmp_path / "certs"
@@ -223,7 +225,32 @@ def test_a_lone_existing_public_key_also_blocks_a_new_pair(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["node.pub"]
 
 
-@pytest.mark.parametrize("name", ["", "../escape", "a b", ".hidden"])
+def test_a_validity_beyond_a_certificates_dates_is_refused(tmp_path):
+    with pytest.raises(FedgeError, match="validity must be 1 to 36500 days"):
+        make_certificates(tmp_path / "certs", ["localhost"], days=99_999_999)
+    assert not (tmp_path / "certs").exists()
+
+
+def test_certificates_are_never_left_half_written(tmp_path, monkeypatch):
+    import fedge.files
+
+    real, written = fedge.files.write_atomic, []
+
+    def disk_full_after_two(path, data, mode=0o666):  # the disk fills up mid-way
+        if len(written) == 2:
+            raise FedgeError(f"cannot write {path}: No space left on device")
+        real(path, data, mode)
+        written.append(path)
+
+    monkeypatch.setattr(fedge.files, "write_atomic", disk_full_after_two)
+    with pytest.raises(FedgeError, match="No space left on device"):
+        make_certificates(tmp_path / "certs", ["localhost"])
+    assert list((tmp_path / "certs").iterdir()) == []
+    monkeypatch.undo()
+    assert len(make_certificates(tmp_path / "certs", ["localhost"])) == 4  # a retry works
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a b", ".hidden", "n" * 65])
 def test_a_key_name_must_be_a_plain_file_name(tmp_path, name):
     with pytest.raises(FedgeError, match="plain file name"):
         make_node_keys(tmp_path / "keys", name=name)

@@ -75,11 +75,30 @@ def test_csv_non_numeric_feature_names_the_line_and_column(tmp_path):
         load_labelled_data(path)
 
 
-@pytest.mark.parametrize("label", ["1.5", "-1", "nan"])
+@pytest.mark.parametrize("label", ["1.5", "-1"])
 def test_csv_labels_must_be_whole_class_ids_not_fractions_or_negatives(tmp_path, label):
     path = write_csv(tmp_path / "d.csv", ["a", "label"], [[0.5, 0], [0.7, label]])
     with pytest.raises(FedgeError, match=rf"has label {label}, but labels must be integer class"):
         load_labelled_data(path)
+
+
+@pytest.mark.parametrize("column, value", [("a", "nan"), ("a", "-inf"), ("label", "NaN"),
+                                           ("a", "1e999")])
+def test_csv_values_must_be_finite_and_the_line_and_column_are_named(tmp_path, column, value):
+    row = {"a": "0.7", "label": "1", column: value}
+    path = write_csv(tmp_path / "d.csv", ["a", "label"], [[0.5, 0], [row["a"], row["label"]]])
+    with pytest.raises(FedgeError, match=rf"line 3 of .*d\.csv holds '{value}' in column "
+                                         rf"'{column}'; values must be finite numbers"):
+        load_labelled_data(path)
+
+
+def test_npz_samples_with_nan_or_inf_are_refused_and_counted(tmp_path):
+    x = np.zeros((5, 3), np.float64)
+    x[1, 2], x[4, 0] = np.nan, 1e300  # 1e300 is Inf once it is float32
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(5))
+    with pytest.raises(FedgeError, match=r"holds NaN, Inf or values beyond float32's range "
+                                         r"in 2 samples \(the first is sample 1\)"):
+        load_labelled_data(tmp_path / "d.npz")
 
 
 def test_csv_non_numeric_label_is_refused(tmp_path):
@@ -325,3 +344,19 @@ def test_an_unsupported_file_type_lists_the_supported_forms(tmp_path):
                                          r"file with arrays x and y, or a folder"):
         load_labelled_data(tmp_path / "d.json")
 
+
+
+def test_json_fedge_writes_is_strict_even_for_nan_and_infinity(tmp_path):
+    import json
+    import math
+
+    from fedge.files import write_json
+
+    write_json(tmp_path / "m.json", {"loss": math.nan, "rounds": [{"x": math.inf}, 1.5],
+                                     "pair": (-math.inf, 2)})
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {
+        "loss": None, "rounds": [{"x": None}, 1.5], "pair": [None, 2]}

@@ -1,11 +1,14 @@
 """Real processes on 127.0.0.1: a fedge server, fedge clients, Flower's Deployment Engine."""
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from multiprocessing import AuthenticationError
 from pathlib import Path
 
@@ -81,20 +84,25 @@ def test_the_warm_trainer_answers_only_its_own_device_and_reports_failures(tmp_p
 
 
 class Deployment:
-    """Files a server operator and three device owners would have, and their processes."""
+    """Files a server operator and three device owners would have, and their processes.
+
+    Every process a test starts carries a marker in its environment, which Flower's
+    processes inherit: :meth:`alive` finds whatever is left of it."""
 
     def __init__(self, root: Path, rounds: int, **settings: object) -> None:
         self.root, self.port = root, free_port()
-        self.processes: list[subprocess.Popen] = []
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.marker = f"fedge-test-{uuid.uuid4().hex}"
         split = split_federated(load_dataset("digits"), seed=0)
         np.savez(root / "val.npz", x=split.server_val[0], y=split.server_val[1])
         np.savez(root / "test.npz", x=split.test[0], y=split.test[1])
         x, y = split.clients
         for i, rows in enumerate(partition_indices(y, 3, PartitionSpec.parse("iid"), 0)):
             np.savez(root / f"device{i}.npz", x=x[rows], y=y[rows])
-        toml = {"model": '"cnn"', "rounds": rounds, "local-epochs": 2, "min-clients": 3,
-                "patience": 10, "round-timeout": 60, **settings}
-        (root / "run.toml").write_text("".join(f"{k} = {v}\n" for k, v in toml.items()))
+        self.settings = {"model": '"cnn"', "rounds": rounds, "local-epochs": 2,
+                         "min-clients": 3, "patience": 10, "round-timeout": 60, **settings}
+        (root / "run.toml").write_text(
+            "".join(f"{k} = {v}\n" for k, v in self.settings.items()))
         assert self.fedge("certs", "--host", "localhost", "-o", "certs").returncode == 0
         for name in ("device0", "device1", "device2", "stranger"):
             assert self.fedge("keys", "--name", name, "-o", "keys").returncode == 0
@@ -107,20 +115,23 @@ class Deployment:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen([sys.executable, "-m", "fedge", *args], cwd=self.root,
                                    stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        self.processes.append(process)
+                                   start_new_session=True,
+                                   env={**os.environ, MARKER: f"{self.marker}-{name}"})
+        self.processes[name] = process
         return process
 
-    def server(self) -> subprocess.Popen:
+    def server(self, name: str = "server", *options: str) -> subprocess.Popen:
         keys = [a for i in range(3) for a in ("--authorized-key", f"keys/device{i}.pub")]
-        return self.start("server", "server", "--val-data", "val.npz", "--test-data",
+        return self.start(name, "server", "--val-data", "val.npz", "--test-data",
                           "test.npz", "--config", "run.toml", "--certs", "certs", *keys,
-                          "--host", "127.0.0.1", "--port", str(self.port), "-o", "run")
+                          "--host", "127.0.0.1", "--port", str(self.port), "-o", "run",
+                          *options)
 
-    def client(self, name: str, data: str, *options: str) -> subprocess.Popen:
+    def client(self, name: str, data: str, *options: str, key: str | None = None,
+               server: str | None = None) -> subprocess.Popen:
         if "--insecure" not in options:
-            options = ("--ca", "certs/ca.pem", "--key", f"keys/{name}.key", *options)
-        return self.start(name, "client", "--server", f"127.0.0.1:{self.port}",
+            options = ("--ca", "certs/ca.pem", "--key", f"keys/{key or name}.key", *options)
+        return self.start(name, "client", "--server", server or f"127.0.0.1:{self.port}",
                           "--data", data, *options)
 
     def metrics(self) -> dict:
@@ -140,21 +151,61 @@ class Deployment:
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
-    def kill(self, process: subprocess.Popen) -> None:
+    def node_id(self, name: str) -> int:
+        """The node id the server gave a client, as the client logged it."""
+        return int(re.findall(r"joined the federation at \S+ as node (\d+)",
+                              self.log(name))[-1])
+
+    def alive(self, name: str) -> list[int]:
+        """Every process that ``name`` started, or is, that still runs."""
+        return marked_processes(f"{self.marker}-{name}")
+
+    def kill(self, name: str) -> None:
         """SIGKILL a command with everything it started, as a crash of its machine would."""
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        for pid in [self.processes[name].pid, *self.alive(name)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.processes[name].wait(timeout=30)
 
     def stop_all(self) -> None:
-        for process in self.processes:
+        for process in self.processes.values():
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes:
+        for name, process in self.processes.items():
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.kill(process)
+                self.kill(name)
+        for name in self.processes:  # nothing a test started may outlive it
+            for pid in self.alive(name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+MARKER = "FEDGE_TEST_PROCESS"
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Running processes whose environment holds ``MARKER=marker`` (zombies excluded)."""
+    found = []
+    needle = f"{MARKER}={marker}\0".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes():
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+    return found
+
+
+def assert_gone_within(d: Deployment, name: str, seconds: float) -> None:
+    """Nothing ``name`` started is left ``seconds`` after it stopped."""
+    deadline = time.monotonic() + seconds
+    while d.alive(name):
+        assert time.monotonic() < deadline, f"{name} left processes running: {d.alive(name)}"
+        time.sleep(0.2)
 
 
 def _json_lines(log: str) -> list[str]:
@@ -174,18 +225,21 @@ def deployment(tmp_path):
         d.stop_all()
 
 
-def test_tls_federation_with_node_auth_completes_and_refuses_strangers(deployment):
+CHILDREN_GONE = 15.0  # seconds: fedge promises ~8 s (its guard's 5 s grace, then SIGKILL)
+FINISHED = "the federation's run finished (best round"
+
+
+def test_tls_federation_completes_and_every_client_leaves_when_the_run_finishes(deployment):
     d = deployment(rounds=3)
     (d.root / "broken.csv").write_text("label,a,b\n1,2\n")
     server = d.server()
     clients = [d.client(f"device{i}", f"device{i}.npz") for i in range(3)]
-    broken = d.client("device0", "broken.csv")
-    stranger = d.client("stranger", "device0.npz", "--join-timeout", "20")
-    plaintext = d.client("plaintext", "device1.npz", "--insecure", "--join-timeout", "20")
+    broken = d.client("broken", "broken.csv", key="device0")
 
     assert broken.wait(timeout=60) == 2
-    assert "error:" in d.log("device0") and "broken.csv" in d.log("device0")
+    assert "error:" in d.log("broken") and "broken.csv" in d.log("broken")
     assert server.wait(timeout=400) == 0, d.logs()
+    assert "run finished: run" in d.log("server")
 
     metrics = d.metrics()
     assert metrics["status"] == "finished"
@@ -193,23 +247,63 @@ def test_tls_federation_with_node_auth_completes_and_refuses_strangers(deploymen
     assert metrics["test"]["accuracy"] >= 0.8
     report = json.loads((d.root / "run" / "onnx_report.json").read_text())
     assert report["max_abs_diff"] <= 1e-4 and (d.root / "run" / "model.onnx").exists()
-    # The stranger's key was never registered and the plaintext client cannot speak TLS:
-    # both give up with a clear message, and the server logged the stranger's attempts.
-    for refused in (stranger, plaintext):
-        assert refused.wait(timeout=120) == 2
-    assert "gave up joining the federation" in d.log("stranger")
-    assert "gave up joining the federation" in d.log("plaintext")
+    # The server's last message tells every client that the run is over: each leaves,
+    # with status 0, and takes its SuperNode and Flower's helpers with it.
+    for i, client in enumerate(clients):
+        assert client.wait(timeout=60) == 0, d.logs()
+        assert FINISHED in d.log(f"device{i}")
+        assert_gone_within(d, f"device{i}", CHILDREN_GONE)
+    assert_gone_within(d, "server", CHILDREN_GONE)
+    for name in ("server", "device0", "device1", "device2", "broken"):
+        assert "Traceback" not in d.log(name), d.log(name)
+
+
+def test_joining_clients_name_what_went_wrong_and_give_up_in_time(deployment, tmp_path):
+    d = deployment(rounds=3, **{"join-timeout": 300})
+    other_ca = tmp_path / "other"
+    other_ca.mkdir()
+    assert d.fedge("certs", "--host", "localhost", "-o", str(other_ca)).returncode == 0
+    server = d.server()
+    d.wait_for(lambda: "SuperLink listening" in d.log("server"), 60, "the SuperLink")
+    patience = ("--join-timeout", "12")
+    causes = {
+        "stranger": (d.client("stranger", "device0.npz", *patience),
+                     "the server does not know this device's key"),
+        "wrong-ca": (d.client("wrong-ca", "device0.npz", "--ca", str(other_ca / "ca.pem"),
+                              "--key", "keys/device0.key", *patience, key="device0"),
+                     "not signed by the CA in --ca"),
+        "plaintext": (d.client("plaintext", "device1.npz", "--insecure", *patience),
+                      "the server speaks TLS: give its ca.pem with --ca"),
+        "keyless": (d.start("keyless", "client", "--server", f"127.0.0.1:{d.port}",
+                            "--data", "device1.npz", "--ca", "certs/ca.pem", *patience),
+                    "give this device's private key with --key"),
+        "nobody": (d.client("nobody", "device2.npz", *patience, key="device2",
+                            server=f"127.0.0.1:{free_port()}"),
+                   "nothing accepts connections at that address"),
+    }
+    started = time.monotonic()
+    for name, (process, cause) in causes.items():
+        assert process.wait(timeout=120) == 2, d.log(name)
+        last = d.log(name).strip().splitlines()[-1]
+        assert last.startswith("error: gave up joining the federation at"), last
+        assert cause in last, last
+        assert "Traceback" not in d.log(name), d.log(name)
+        assert_gone_within(d, name, CHILDREN_GONE)
+    # The join timeout counts from the start, loading the data included.
+    assert time.monotonic() - started < 12 + 20
     assert "No SuperNode found with the given public key" in (
         d.root / "run" / "superlink.log").read_text()
-    assert all(process.poll() is None for process in clients)
+    assert server.poll() is None  # the server is not disturbed by any of them
 
 
-def test_a_client_killed_mid_run_does_not_stop_the_run(deployment):
+def test_a_client_killed_mid_run_is_counted_under_its_own_node_id(deployment):
     d = deployment(rounds=4, **{"min-clients": 2, "round-timeout": 30})
     server = d.server()
-    clients = [d.client(f"device{i}", f"device{i}.npz") for i in range(3)]
+    for i in range(3):
+        d.client(f"device{i}", f"device{i}.npz")
     d.wait_for(lambda: len(d.metrics()["rounds"]) >= 1, 300, "round 1")
-    d.kill(clients[0])
+    killed = d.node_id("device0")
+    d.kill("device0")
 
     assert server.wait(timeout=400) == 0, d.logs()
     rounds = d.metrics()["rounds"]
@@ -217,24 +311,61 @@ def test_a_client_killed_mid_run_does_not_stop_the_run(deployment):
     assert rounds[0]["num_clients"] == 3
     assert all(r["num_clients"] == 2 for r in rounds[2:])
     assert sum(r["failures"] + r["timeouts"] for r in rounds) >= 1
+    # The SuperLink answers for a dead node itself; the server still names, and
+    # quarantines, the node it sent the message to.
+    assert re.search(rf"client node {killed} (failed|did not answer)", d.log("server"))
+    assert "client node 1 " not in d.log("server")
 
 
-def test_a_killed_server_restarted_on_its_run_folder_resumes(deployment):
+def test_a_killed_server_leaves_nothing_running_and_resumes_with_its_clients(deployment):
     d = deployment(rounds=4)
     server = d.server()
     for i in range(3):
         d.client(f"device{i}", f"device{i}.npz")
     d.wait_for(lambda: len(d.metrics()["rounds"]) >= 2, 300, "round 2")
-    d.kill(server)
+    os.kill(server.pid, signal.SIGKILL)  # the command alone: its guards end the rest
+    server.wait(timeout=30)
+    assert_gone_within(d, "server", CHILDREN_GONE)
     before = d.metrics()["rounds"]
 
-    restarted = d.server()
+    restarted = d.server("restarted")
     assert restarted.wait(timeout=500) == 0, d.logs()
     metrics = d.metrics()
     assert metrics["status"] == "finished"
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3, 4]
     assert metrics["rounds"][: len(before)] == before
-    assert "resuming after round" in d.log("server")
+    assert "resuming after round" in d.log("restarted")
+    # The clients noticed the server was gone, rejoined the new one, and left at the end.
+    for i in range(3):
+        assert d.processes[f"device{i}"].wait(timeout=60) == 0, d.logs()
+        log = d.log(f"device{i}")
+        assert "lost the server at" in log and log.count("joined the federation at") >= 2
+        assert FINISHED in log and "Traceback" not in log
+
+
+def test_a_device_whose_labels_do_not_fit_leaves_and_too_few_clients_stop_the_server(
+        deployment):
+    d = deployment(rounds=3, **{"min-clients": 2, "join-timeout": 20})
+    x, y = np.load(d.root / "device1.npz")["x"], np.load(d.root / "device1.npz")["y"]
+    np.savez(d.root / "twelve.npz", x=x, y=np.where(y == 9, 12, y))
+    server = d.server()
+    d.client("device0", "device0.npz")
+    misfit = d.client("device1", "twelve.npz")
+
+    assert misfit.wait(timeout=300) == 2, d.logs()
+    log = d.log("device1")
+    assert log.count("labels outside the federation") == 1, log  # said once
+    assert "labels outside the federation's 10 classes (0..9), e.g. 12" in log
+    assert "Traceback" not in log
+    assert server.wait(timeout=300) == 2, d.logs()
+    last = d.log("server").strip().splitlines()[-1]
+    assert last.startswith("error: only 1 of the 2 clients a round needs stayed connected "
+                           "for 20 s"), last
+    assert "the run folder keeps round 1: starting the server again on" in last
+    assert "Traceback" not in d.log("server")
+    first = d.metrics()["rounds"][0]
+    assert (first["num_clients"], first["failures"]) == (1, 1)
+    assert_gone_within(d, "server", CHILDREN_GONE)
 
 
 def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment):
@@ -247,11 +378,7 @@ def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment)
 
     d = deployment(rounds=20)
     health_port = free_port()
-    server = d.start("server", "server", "--val-data", "val.npz", "--config", "run.toml",
-                     "--certs", "certs", *(a for i in range(3) for a in (
-                         "--authorized-key", f"keys/device{i}.pub")),
-                     "--host", "127.0.0.1", "--port", str(d.port), "--health-port",
-                     str(health_port), "-o", "run", "--log-format", "json")
+    server = d.server("server", "--health-port", str(health_port), "--log-format", "json")
 
     def serving() -> bool:
         with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
@@ -263,8 +390,8 @@ def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment)
             return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     d.wait_for(serving, 60, "the health endpoint")
-    for i in range(3):
-        d.client(f"device{i}", f"device{i}.npz")
+    clients = [d.client(f"device{i}", f"device{i}.npz", "--join-timeout", "15")
+               for i in range(3)]
     # fedge's log lines are JSON objects a log collector can parse, also those the
     # ServerApp's process logs (Flower streams them to `fedge server`'s output).
     def logged_round_1() -> bool:
@@ -274,9 +401,18 @@ def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment)
     d.wait_for(logged_round_1, 300, "round 1 in the server's log")
     server.send_signal(signal.SIGTERM)
     assert server.wait(timeout=60) == 130
+    assert_gone_within(d, "server", CHILDREN_GONE)
 
     checkpoint = load_checkpoint(d.root / "run" / "checkpoint.pt")
     assert checkpoint.round == len(d.metrics()["rounds"]) >= 1
     assert d.metrics()["status"] == "running"
     with socket.socket() as sock:  # the SuperLink is gone and its port is free again
         sock.bind(("127.0.0.1", d.port))
+    # A server that stops without finishing its run says nothing to its clients: they
+    # try to rejoin for their join timeout, then give up and say so.
+    for i, client in enumerate(clients):
+        assert client.wait(timeout=60) == 2, d.log(f"device{i}")
+        last = d.log(f"device{i}").strip().splitlines()[-1]
+        assert last.startswith("error: gave up: the server at 127.0.0.1:"), last
+        assert "has not been reachable for 15 s since the connection was lost" in last
+        assert_gone_within(d, f"device{i}", CHILDREN_GONE)

@@ -93,3 +93,11 @@ def test_device_is_chosen_automatically_and_can_be_overridden():
         "mps" if torch.backends.mps.is_available() else "cpu")
     assert pick_device().type == expected
     assert pick_device("cpu").type == "cpu"
+
+
+def test_training_that_diverges_is_refused_instead_of_sent():
+    data, spec = _tiny_digits_client(samples=60)
+    settings = LocalTraining(epochs=3, batch_size=8, lr=1e30, optimizer="sgd", seed=0)
+    with pytest.raises(FedgeError, match=r"local training diverged: the training loss "
+                                         r"became nan in epoch 1"):
+        train_locally(build_model(spec), spec, data, settings, torch.device("cpu"))
