@@ -12,6 +12,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from torch import nn
 
 from fedge.client.data import LocalData, node_seed
 from fedge.client.training import LocalTraining, pick_device, train_locally
@@ -58,6 +59,17 @@ def _fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
     return data
 
 
+def _federation_model(spec_json: str) -> tuple[ModelSpec, nn.Module]:
+    """The model the server's spec describes; a device that cannot build it (an unknown
+    model, from a newer fedge) cannot take part in any round."""
+    try:
+        spec = ModelSpec.from_json(spec_json)
+        return spec, build_model(spec)
+    except FedgeError as error:
+        raise CannotTakePart(f"this device cannot build the federation's model: {error}"
+                             ) from error
+
+
 Trainer = Callable[[RecordDict, Context], RecordDict]
 
 
@@ -67,9 +79,8 @@ def build_trainer(load_data: DataLoaderFn, device: str = "auto") -> Trainer:
 
     def train(content: RecordDict, context: Context) -> RecordDict:
         config = content["config"]
-        spec = ModelSpec.from_json(str(config["model-spec"]))
+        spec, model = _federation_model(str(config["model-spec"]))
         data = _fit_to_model(spec, load_data(context))
-        model = build_model(spec)
         model.load_state_dict(content["arrays"].to_torch_state_dict())
         settings = local_training_from_config(
             config, node_seed(int(config["seed"]), int(config["server-round"]), context))
