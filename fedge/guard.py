@@ -9,8 +9,7 @@ of its own (out of reach of the terminal's Ctrl-C, which fedge handles) and, onc
 command has ended or the guard is told to stop (SIGTERM, SIGINT or SIGHUP; the kernel
 sends SIGTERM when the fedge process that started it dies, even by SIGKILL), asks the
 group and every other descendant to stop and kills what is left after :data:`GRACE`
-seconds. Its exit status
-is the command's (128 + N for a command ended by signal N).
+seconds. Its exit status is the command's (128 + N for a command ended by signal N).
 
 Only the standard library: it starts in a few milliseconds.
 """

@@ -75,14 +75,14 @@ def export_onnx(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray,
                 raise FedgeError(f"the model cannot be exported to ONNX: "
                                  f"{_first_line(error)}") from error
             expected = model(inputs).numpy()
-        exported = _drop_debug_metadata(tmp)
-        onnx.checker.check_model(exported)
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        actual = session.run(None, {"input": inputs.numpy()})[0]
         if not np.isfinite(expected).all():
             raise FedgeError("the model's outputs on the reference inputs are not finite "
                              "(NaN or Inf), so its ONNX export cannot be verified and was "
                              "not written")
+        exported = _drop_debug_metadata(tmp)
+        onnx.checker.check_model(exported)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        actual = session.run(None, {"input": inputs.numpy()})[0]
         with np.errstate(all="ignore"):
             max_abs_diff = float(np.max(np.abs(actual - expected)))
         # float32 rounding grows with the logits' magnitude (a noisy DP or attacked model

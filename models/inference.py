@@ -28,7 +28,7 @@ def load_inputs(path: Path) -> np.ndarray:
                 inputs = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
     except (ValueError, OSError, EOFError, UnicodeDecodeError) as error:
         raise FedgeError(f"cannot read inputs from {path}: "
-                         f"{error or 'the file is empty'}") from error
+                         f"{str(error) or 'the file is empty'}") from error
     if not isinstance(inputs, np.ndarray) or inputs.ndim == 0 or len(inputs) == 0:
         raise FedgeError(f"{path} holds no samples")
     if inputs.dtype.kind not in "biuf":
@@ -80,7 +80,7 @@ def predict(model_path: Path, inputs: np.ndarray) -> np.ndarray:
             logits = session.run(None, {model_input.name: feed})[0]
         except Exception as error:  # e.g. a token id beyond the model's vocabulary
             raise FedgeError(f"onnxruntime cannot run {model_path} on these inputs: "
-                             f"{' '.join(str(error).split())}") from error
+                             f"{error}") from error
         classes[finite] = logits.argmax(axis=1)
     return classes
 

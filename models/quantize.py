@@ -75,7 +75,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray,
         os.replace(tmp, out)
     except Exception as error:  # onnxruntime's quantizer raises untyped errors
         raise FedgeError(f"int8 quantization failed, so nothing was written: "
-                         f"{' '.join(str(error).split()) or type(error).__name__}") from error
+                         f"{str(error) or type(error).__name__}") from error
     finally:
         prepared.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)

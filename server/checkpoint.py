@@ -33,7 +33,7 @@ class Checkpoint:
             model.load_state_dict(self.state_dict)
         except RuntimeError as error:
             raise FedgeError(f"the checkpoint's weights do not fit its model spec: "
-                             f"{' '.join(str(error).split())}") from error
+                             f"{error}") from error
         return model
 
     def save(self, path: Path) -> None:
