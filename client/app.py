@@ -16,7 +16,9 @@ from torch import nn
 
 from fedge.client.data import LocalData, node_seed
 from fedge.client.training import LocalTraining, pick_device, train_locally
+from fedge.datafiles import remap_labels
 from fedge.errors import FedgeError
+from fedge.models.exchange import PROGRAM_KEY, exchanged_names, frozen_from_config
 from fedge.models.registry import ModelSpec, build_model
 
 DataLoaderFn = Callable[[Context], LocalData]
@@ -42,6 +44,7 @@ def local_training_from_config(config: dict, node_seed: int) -> LocalTraining:
 def _fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
     """The samples in the model's input shape (flat CSV rows are reshaped), or a clear
     error: the first round is where a device learns which model it trains."""
+    data = _in_federation_ids(spec, data)
     sample_shape = tuple(data.train_x.shape[1:])
     if sample_shape != spec.input_shape:
         if math.prod(sample_shape) != math.prod(spec.input_shape):
@@ -49,7 +52,8 @@ def _fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
                                  f"federation's {spec.name!r} model takes samples of shape "
                                  f"{spec.input_shape}")
         data = LocalData(data.train_x.reshape(-1, *spec.input_shape), data.train_y,
-                         data.val_x.reshape(-1, *spec.input_shape), data.val_y)
+                         data.val_x.reshape(-1, *spec.input_shape), data.val_y,
+                         data.class_names)
     labels = np.concatenate([data.train_y, data.val_y])
     outside = labels[(labels < 0) | (labels >= spec.num_classes)]
     if outside.size:
@@ -59,11 +63,29 @@ def _fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
     return data
 
 
-def _federation_model(spec_json: str) -> tuple[ModelSpec, nn.Module]:
-    """The model the server's spec describes; a device that cannot build it (an unknown
-    model, from a newer fedge) cannot take part in any round."""
+def _in_federation_ids(spec: ModelSpec, data: LocalData) -> LocalData:
+    """A device's named labels (``scratch``, ``good``) as the federation's class ids."""
+    if data.class_names is None or data.class_names == spec.class_names:
+        return data
     try:
-        spec = ModelSpec.from_json(spec_json)
+        train_y, val_y = (remap_labels(y, data.class_names, spec.class_names, "this device")
+                          for y in (data.train_y, data.val_y))
+    except FedgeError as error:
+        raise CannotTakePart(str(error)) from error
+    return LocalData(data.train_x, train_y, data.val_x, val_y, spec.class_names)
+
+
+def _federation_model(config: dict) -> tuple[ModelSpec, nn.Module]:
+    """The model the server's train config describes: a built-in network, or your own as
+    a program (no source code, nothing that runs Python); a device that cannot build it
+    (an unknown model, from a newer fedge) cannot take part in any round."""
+    try:
+        spec = ModelSpec.from_json(str(config["model-spec"]))
+        if not spec.builtin:
+            program = config.get(PROGRAM_KEY)
+            if not isinstance(program, bytes):
+                raise FedgeError(f"the server sent no program for model {spec.name}")
+            spec = spec.model_copy(update={"program": program})
         return spec, build_model(spec)
     except FedgeError as error:
         raise CannotTakePart(f"this device cannot build the federation's model: {error}"
@@ -79,9 +101,12 @@ def build_trainer(load_data: DataLoaderFn, device: str = "auto") -> Trainer:
 
     def train(content: RecordDict, context: Context) -> RecordDict:
         config = content["config"]
-        spec, model = _federation_model(str(config["model-spec"]))
+        spec, model = _federation_model(config)
         data = _fit_to_model(spec, load_data(context))
         model.load_state_dict(content["arrays"].to_torch_state_dict())
+        frozen = frozen_from_config(config)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name not in frozen)
         settings = local_training_from_config(
             config, node_seed(int(config["seed"]), int(config["server-round"]), context))
         chosen = pick_device(str(context.node_config.get("device", device)))
@@ -97,7 +122,11 @@ def build_trainer(load_data: DataLoaderFn, device: str = "auto") -> Trainer:
             "stopped_early": int(report.stopped_early),
             "train_seconds": train_seconds,
         })
-        return RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics})
+        state = model.cpu().state_dict()
+        sent = exchanged_names({name: value.numpy().dtype for name, value in state.items()},
+                               frozen)
+        return RecordDict({"arrays": ArrayRecord({name: state[name] for name in sent}),
+                           "metrics": metrics})
 
     return train
 

@@ -61,8 +61,9 @@ class DeviceData:
         if not 0 < self.val_fraction < 1:
             raise FedgeError(f"--val-fraction must lie between 0 and 1, not "
                              f"{self.val_fraction:g}")
-        x, y = load_labelled_data(self.path, label_column=self.label_column)
-        return split_train_val(x, y, self.val_fraction, self.seed)
+        samples = load_labelled_data(self.path, label_column=self.label_column)
+        return split_train_val(samples.x, samples.y, self.val_fraction, self.seed,
+                               class_names=samples.class_names)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ update the training produced and any outer mod (e.g. secure aggregation) sees th
 clipped one.
 """
 
-from flwr.app import Context, Message
+import copy
+
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -20,6 +22,8 @@ from flwr.clientapp.typing import ClientAppCallable
 # server's DP strategy and fixedclipping_mod read it from here; tests/test_privacy.py
 # fails if clients stop clipping.
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from fedge.models.exchange import exchanged_names, frozen_from_config
 
 DP_WEIGHT_KEY = "dp-weight"
 
@@ -33,8 +37,26 @@ def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable
     clipping; a pass-through otherwise."""
     if not _clipping_asked(msg):
         return call_next(msg, context)
-    reply = fixedclipping_mod(msg, context, call_next)
+    # Flower's mod clips the reply against the arrays it was sent, name by name; the
+    # reply holds only the exchanged ones. The trainer still gets the whole message.
+    reply = fixedclipping_mod(_exchanged_only(msg), context,
+                              lambda _, ctx: call_next(msg, ctx))
     if not reply.has_error():
         for metrics in reply.content.metric_records.values():
             metrics[DP_WEIGHT_KEY] = 1
     return reply
+
+
+def _exchanged_only(msg: Message) -> Message:
+    """``msg`` holding only the arrays a client sends back (not frozen, floating-point)."""
+    config = next(iter(msg.content.config_records.values()))
+    view = copy.copy(msg)
+    records = {}
+    for key, record in msg.content.items():
+        if isinstance(record, ArrayRecord):
+            names = exchanged_names({n: a.dtype for n, a in record.items()},
+                                    frozen_from_config(config))
+            record = ArrayRecord(array_dict={name: record[name] for name in names})
+        records[key] = record
+    view.content = RecordDict(records)
+    return view

@@ -9,6 +9,11 @@ folder, authenticated with a key only that folder holds, and returns the reply (
 reply, with the trainer's reason, when training failed). The server's last message, that
 its run has finished (:data:`RUN_FINISHED`), is handed over the same way. Both ends of
 that hand-off live here; the trainer itself is passed in.
+
+A device that joins with Flower's plain ``flower-supernode`` instead of ``fedge client``
+runs this ClientApp with no trainer behind it: it logs :data:`NOT_FEDGE_CLIENT` and
+answers each train message with an error reply saying so, which the server logs under
+the node's id and counts as the node's failure in that round.
 """
 
 import logging
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log as flower_log
 
 from fedge.client.compression import compression_mod
 from fedge.client.privacy import dp_clipping_mod
@@ -38,6 +44,14 @@ AUTHKEY_KEY = "trainer-authkey"
 RUN_FINISHED = "query.run_finished"
 SUMMARY_KEY = "summary"
 CLIENT_APP_ERROR = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+# Why a node that runs Flower's plain SuperNode, with no `fedge client` behind this
+# ClientApp, cannot train (its node config lacks the trainer's entries).
+NOT_FEDGE_CLIENT = (
+    "this federation trains with `fedge client`, which keeps fedge's trainer and this "
+    "device's data behind the ClientApp; this node runs a plain Flower SuperNode without "
+    "them. Start this device with `fedge client --server HOST:PORT --data FILE` (add --ca "
+    "and --key for a TLS server, --insecure for a plaintext one) instead of "
+    "`flower-supernode`")
 
 
 class TrainerFailed(RuntimeError):
@@ -99,6 +113,11 @@ def _ask_trainer(kind: str, content: object, context: Context) -> RecordDict:
     return answer
 
 
+def has_trainer(context: Context) -> bool:
+    """Whether ``fedge client`` started this node, and so named its warm trainer."""
+    return SOCKET_KEY in context.node_config and AUTHKEY_KEY in context.node_config
+
+
 def relay(content: RecordDict, context: Context) -> RecordDict:
     """The warm trainer's reply to ``content``, found through the node config."""
     return _ask_trainer("train", content, context)
@@ -114,6 +133,9 @@ app = ClientApp(mods=[WireRecorder(), secagg_mod, compression_mod, dp_clipping_m
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if not has_trainer(context):  # Flower shows this process's log in the SuperNode's
+        flower_log(logging.ERROR, "fedge: %s", NOT_FEDGE_CLIENT)
+        return Message(Error(CLIENT_APP_ERROR, NOT_FEDGE_CLIENT), reply_to=msg)
     try:
         return Message(relay(msg.content, context), reply_to=msg)
     except TrainerFailed as failure:  # an error reply, without a traceback in the log
@@ -125,4 +147,7 @@ def train(msg: Message, context: Context) -> Message:
 def run_finished(msg: Message, context: Context) -> Message:
     summary = next((str(c[SUMMARY_KEY]) for c in msg.content.config_records.values()
                     if SUMMARY_KEY in c), "")
+    if not has_trainer(context):
+        flower_log(logging.INFO, "fedge: the federation's run finished (%s)", summary)
+        return Message(RecordDict(), reply_to=msg)
     return Message(_ask_trainer(RUN_FINISHED, summary, context), reply_to=msg)

@@ -19,6 +19,7 @@ Flower's SuperNode keeps between the messages of a run.
 """
 
 import copy
+import io
 import json
 
 import numpy as np
@@ -42,6 +43,7 @@ from fedge.errors import FedgeError
 # Fit-config entries the server adds (fedge.server.secagg).
 ARRAY_NAMES, MAX_WEIGHT, CLIPPING_RANGE = ("array-names", "secagg-max-weight",
                                            "secagg-clipping-range")
+FIXED_ARRAYS = "fixed-arrays"  # .npz of the entries that are not sent back
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -59,10 +61,14 @@ def _train(fit: Message, context: Context, call_next: ClientAppCallable) -> Mess
     config = dict(fit_ins.config)
     names = json.loads(str(config[ARRAY_NAMES]))
     weights = parameters_to_ndarrays(fit_ins.parameters)
+    arrays = {name: Array(w) for name, w in zip(names, weights, strict=True)}
+    fixed = config.pop(FIXED_ARRAYS, None)
+    if isinstance(fixed, bytes):
+        with np.load(io.BytesIO(fixed), allow_pickle=False) as saved:
+            arrays.update({name: Array(saved[name]) for name in saved.files})
     train = copy.copy(fit)  # outer mods keep seeing the message as it arrived
     train.content = RecordDict({
-        "arrays": ArrayRecord(array_dict={
-            name: Array(w) for name, w in zip(names, weights, strict=True)}),
+        "arrays": ArrayRecord(array_dict=arrays),
         "config": ConfigRecord(config),
     })
     reply = call_next(train, context)

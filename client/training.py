@@ -80,9 +80,11 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _optimizer(model: nn.Module, settings: LocalTraining) -> torch.optim.Optimizer:
+    """Over the trainable parameters: frozen ones (``--freeze``) do not require grad."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9)
-    return torch.optim.Adam(model.parameters(), lr=settings.lr)
+        return torch.optim.SGD(trainable, lr=settings.lr, momentum=0.9)
+    return torch.optim.Adam(trainable, lr=settings.lr)
 
 
 def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: LocalTraining,

@@ -32,12 +32,14 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
+from fedge.models.exchange import PROGRAM_KEY, read_manifest
 
 FORMAT = "fedge-wire/1"
 FOLDER_KEY = "record-wire"  # node-config entry naming the folder (deployment)
 NUMPY_STYPE = "numpy.ndarray"  # Flower's serialisation type for numpy-backed arrays
 MIN_SAMPLE_VALUES = 4  # shorter rows could occur in weights by coincidence
 RECORD_TYPES = ("arrays", "metrics", "config")  # what a recording describes
+ENTRIES_KEY = "model-entries"  # recorded with your own model: its entries' shapes (JSON)
 
 
 def check_wire_folder(folder: Path) -> Path:
@@ -115,8 +117,14 @@ def _received_config(instruction: Message) -> dict[str, Any]:
     the audit needs the model spec, and a reader the round."""
     if not instruction.has_content():
         return {}
-    return {key: value for record in instruction.content.config_records.values()
-            for key, value in record.items() if isinstance(value, str | int | float | bool)}
+    received = {key: value for record in instruction.content.config_records.values()
+                for key, value in record.items() if isinstance(value, str | int | float | bool)}
+    program = next((record[PROGRAM_KEY] for record in instruction.content.config_records.values()
+                    if isinstance(record.get(PROGRAM_KEY), bytes)), None)
+    if program is not None:  # your own model: its entries' shapes, for the audit
+        received[ENTRIES_KEY] = json.dumps({name: list(entry.shape) for name, entry
+                                            in read_manifest(program).items()})
+    return received
 
 
 def _round_of(instruction: Message, received: dict[str, Any]) -> int | None:
@@ -330,7 +338,8 @@ def _sample_fingerprints(samples: np.ndarray) -> tuple[list[tuple[int, dict[str,
 
 def _structure_violations(message: SentMessage, samples: np.ndarray) -> Iterator[Violation]:
     if any(message.arrays.values()):
-        shapes = _model_shapes(_model_spec_of(message), tuple(samples.shape[1:]))
+        shapes = _model_shapes(_model_spec_of(message), tuple(samples.shape[1:]),
+                               message.received.get(ENTRIES_KEY))
         for record, arrays in message.arrays.items():
             for key, array in arrays.items():
                 if key not in shapes:
@@ -355,14 +364,18 @@ def _model_spec_of(message: SentMessage) -> str:
 
 
 @cache
-def _model_shapes(spec_json: str, sample_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """The model's parameter names and shapes (torch is imported only here)."""
+def _model_shapes(spec_json: str, sample_shape: tuple[int, ...],
+                  entries_json: str | None = None) -> dict[str, tuple[int, ...]]:
+    """The model's parameter names and shapes: your own model's as its program listed
+    them, a built-in one's from building it (torch is imported only here)."""
     from fedge.models.registry import ModelSpec, build_model
 
     spec = ModelSpec.from_json(spec_json)
     if math.prod(sample_shape) != math.prod(spec.input_shape):
         raise FedgeError(f"the samples have shape {sample_shape}, but the recorded model "
                          f"{spec.name!r} takes {spec.input_shape}: are these the clients' data?")
+    if entries_json is not None:
+        return {key: tuple(shape) for key, shape in json.loads(entries_json).items()}
     return {key: tuple(value.shape) for key, value in build_model(spec).state_dict().items()}
 
 

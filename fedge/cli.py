@@ -94,13 +94,37 @@ def _setting(name: str) -> Any:
     return Opt(help=f"{field.description}{shown}", show_default=False)
 
 
+InitOption = Annotated[str | None, _setting("init")]
+ResetOption = Annotated[list[str] | None, Opt(
+    "--reset", help="parameters (glob, e.g. 'head.*') left at fresh initialization instead "
+                    "of --init's weights (repeatable)")]
+FreezeOption = Annotated[list[str] | None, Opt(
+    "--freeze", help="parameters and buffers (glob, e.g. 'features.*') that are not "
+                     "trained, sent or aggregated (repeatable)")]
+ScaleInputsOption = Annotated[bool | None, Opt(
+    "--scale-inputs/--no-scale-inputs", help="put fedge's input scaling (mean and std of "
+    "the server's validation data) inside the model  \\[default: on for built-in models, "
+    "off for your own]", show_default=False)]
+
+
 @app.command()
 @_friendly_errors
 def simulate(
     config: Annotated[Path | None, Opt("--config", "-c", help="TOML file of run settings "
                                        "(keys as the options below); options override it")] = None,
     dataset: Annotated[str | None, _setting("dataset")] = None,
+    data: Annotated[str | None, _setting("data")] = None,
+    client_data: Annotated[str | None, _setting("client_data")] = None,
+    val_data: Annotated[str | None, _setting("val_data")] = None,
+    test_data: Annotated[str | None, _setting("test_data")] = None,
+    label_column: Annotated[str | None, _setting("label_column")] = None,
+    val_share: Annotated[float | None, _setting("val_share")] = None,
+    test_share: Annotated[float | None, _setting("test_share")] = None,
     model: Annotated[str | None, _setting("model")] = None,
+    init: InitOption = None,
+    reset: ResetOption = None,
+    freeze: FreezeOption = None,
+    scale_inputs: ScaleInputsOption = None,
     clients: Annotated[int | None, _setting("clients")] = None,
     rounds: Annotated[int | None, _setting("rounds")] = None,
     fraction: Annotated[float | None, _setting("fraction")] = None,
@@ -150,8 +174,9 @@ def simulate(
     record_wire: RecordWireOption = None,
 ) -> None:
     """Run a federated training of many clients on this machine."""
-    settings = load_config(
-        config, dataset=dataset, model=model, clients=clients, rounds=rounds,
+    overrides = dict(
+        dataset=dataset, init=init, reset=reset, freeze=freeze,
+        scale_inputs=scale_inputs, clients=clients, rounds=rounds,
         fraction=fraction, min_clients=min_clients, strategy=strategy, partition=partition,
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         dropout=dropout, patience=patience, min_delta=min_delta, local_patience=local_patience,
@@ -165,26 +190,68 @@ def simulate(
         round_timeout=round_timeout, quarantine=quarantine,
         dp_clip_norm=dp_clip_norm, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
         secagg=secagg, secagg_num_shares=secagg_num_shares, secagg_threshold=secagg_threshold,
-        compress=compress,
+        compress=compress, data=data, client_data=client_data, val_data=val_data,
+        test_data=test_data, label_column=label_column, val_share=val_share,
+        test_share=test_share,
     )
-    with console.status("loading data and partitioning clients..."):
-        from fedge.simulations.attacks import describe_attack
-        from fedge.simulations.heterogeneity import describe_devices
-        from fedge.simulations.runner import plan_simulation, simulate
-
-        _show_logs(verbose)
-        plan = plan_simulation(settings)
-    settings = plan.config
     if resume and out is None:
         raise FedgeError("--resume needs --out: the run folder to continue")
-    run_dir = out or _new_run_dir()
-    sizes = plan.clients.partition_sizes()
-    kind = "SYNTHETIC data" if plan.synthetic else "real data"
+    status = console.status("loading data, partitioning clients, building the model...")
+    status.start()
+    import fedge.simulations.runner  # noqa: F401 - imports Flower, whose logger this sets
+    from fedge.api import simulate as run_simulation
+
+    _show_logs(verbose)
+    total = [0]
+
+    def show_plan(plan: Any) -> None:
+        status.stop()
+        total[0] = plan.config.rounds
+        _print_plan(plan)
+
+    def show_start(initial: dict) -> None:
+        console.print(f"round {0:>3}/{total[0]}  {'starting model':<17}  val_loss "
+                      f"{initial['val_loss']:6.3f}  val_acc {initial['val_accuracy']:6.3f}",
+                      highlight=False)
+
+    def show(record: Any, best: bool) -> None:
+        console.print(_round_line(record, total[0], best), highlight=False)
+
+    try:
+        result = run_simulation(model, config=config, out=out or _new_run_dir(),
+                                overwrite=overwrite, resume=resume, on_plan=show_plan,
+                                on_start=show_start, on_round=show, record_wire=record_wire,
+                                **{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        status.stop()
+    stop = "stopped early (validation loss plateaued)" if result.stopped_early else "all rounds"
     console.print(
-        f"[bold]fedge simulate[/]: {settings.dataset} ({kind}), model {settings.model}, "
-        f"{settings.clients} clients ({settings.partition}, {min(sizes)}–{max(sizes)} samples "
-        f"each), {settings.strategy}, ≤{settings.rounds} rounds, backend {settings.backend}",
+        f"[bold green]done[/]: {result.rounds_run} rounds, {stop}; best round "
+        f"{result.best_round}: test accuracy {result.test_accuracy:.3f} "
+        f"(loss {result.test_loss:.3f}); ONNX parity {result.onnx_report['max_abs_diff']:.1e}",
         highlight=False)
+    if result.privacy:
+        console.print(_privacy_line(result.privacy), highlight=False)
+    console.print(f"run folder: {result.run_dir}  (metrics.json, checkpoint.pt, best.pt, "
+                  "curves.png, model.onnx, onnx_report.json)", highlight=False)
+
+
+def _print_plan(plan: Any) -> None:
+    from fedge.simulations.attacks import describe_attack
+    from fedge.simulations.heterogeneity import describe_devices
+
+    settings, sizes = plan.config, plan.clients.partition_sizes()
+    console.print(
+        f"[bold]fedge simulate[/]: {escape(plan.source)}, model {escape(settings.model)}, "
+        f"{settings.clients} clients ({escape(plan.partition)}, {min(sizes)}–{max(sizes)} "
+        f"samples each), {settings.strategy}, ≤{settings.rounds} rounds, backend "
+        f"{settings.backend}", highlight=False)
+    if settings.init:
+        frozen = f", {len(plan.start.frozen)} entries frozen" if plan.start.frozen else ""
+        console.print(f"[bold]starting weights[/]: {escape(settings.init)}{frozen}",
+                      highlight=False)
+    if plan.holdouts:
+        console.print(f"[bold]server hold-outs[/]: {escape(plan.holdouts)}", highlight=False)
     if staged := describe_attack(settings):
         console.print(f"[bold red]attack[/]: {staged}", highlight=False)
     if devices := describe_devices(settings):
@@ -193,22 +260,6 @@ def simulate(
         console.print(f"[bold]secure aggregation[/]: SecAgg+, secrets shared among "
                       f"{settings.secagg_num_shares} clients, {settings.secagg_threshold} "
                       "rebuild one", highlight=False)
-
-    def show(record: Any, best: bool) -> None:
-        console.print(_round_line(record, settings.rounds, best), highlight=False)
-
-    outcome = simulate(plan, run_dir, overwrite=overwrite, on_round=show, resume=resume,
-                       record_wire=record_wire)
-    stop = "stopped early (validation loss plateaued)" if outcome.stopped_early else "all rounds"
-    console.print(
-        f"[bold green]done[/]: {outcome.rounds_run} rounds, {stop}; best round "
-        f"{outcome.best_round}: test accuracy {outcome.test_accuracy:.3f} "
-        f"(loss {outcome.test_loss:.3f}); ONNX parity {outcome.onnx_report['max_abs_diff']:.1e}",
-        highlight=False)
-    if outcome.privacy:
-        console.print(_privacy_line(outcome.privacy), highlight=False)
-    console.print(f"run folder: {outcome.run_dir}  (metrics.json, checkpoint.pt, best.pt, "
-                  "curves.png, model.onnx, onnx_report.json)", highlight=False)
 
 
 def _privacy_line(privacy: dict) -> str:
@@ -236,51 +287,22 @@ def export_command(
              "samples]")] = None,
 ) -> None:
     """Export a checkpoint's global model to ONNX, verified in onnxruntime."""
+    from fedge.api import export
+
     if eval_data is not None and quantize is None:
         raise FedgeError("--eval-data is for comparing an int8 model with its fp32 model; "
                          "give --quantize too")
-    _check_output_file(output, overwrite, source=checkpoint)
-    from fedge.server.checkpoint import load_checkpoint
-
-    saved = load_checkpoint(checkpoint)
+    report = export(checkpoint, output, overwrite=overwrite, quantize=quantize,
+                    eval_data=eval_data)
     if quantize is None:
-        from fedge.models.export import export_onnx
-
-        report = export_onnx(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
-                             output)
-        console.print(f"wrote {output}: round {saved.round}, opset {report['opset']}, "
+        console.print(f"wrote {output}: round {report['round']}, opset {report['opset']}, "
                       f"{report['size_bytes']} bytes, max |onnxruntime − torch| "
                       f"{report['max_abs_diff']:.1e} on {report['compared_samples']} held-out "
                       "samples", highlight=False)
         return
-    from fedge.datafiles import load_labelled_data
-    from fedge.models.quantize import export_int8
-    from fedge.models.registry import check_labelled_samples
-
-    eval_x, eval_y = (load_labelled_data(eval_data, sample_shape=saved.model_spec.input_shape)
-                      if eval_data else (None, None))
-    if eval_data:
-        check_labelled_samples(saved.model_spec, eval_x, eval_y, eval_data)
-    method = "dynamic" if quantize == "int8-dynamic" else "static"
-    report = export_int8(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
-                         output, method, eval_x, eval_y)
-    console.print(f"wrote {output}: int8 ({method}) of round {saved.round}", highlight=False)
+    console.print(f"wrote {output}: int8 ({report['method']}) of round {report['round']}",
+                  highlight=False)
     console.print(_quantization_table(report))
-
-
-def _check_output_file(output: Path, overwrite: bool, source: Path) -> None:
-    """An output file that can be written, without destroying anything by mistake; its
-    folder is made if need be."""
-    if output.is_dir():
-        raise FedgeError(f"{output} is a folder; give the file to write")
-    if output.exists() and not overwrite:
-        raise FedgeError(f"{output} already exists; pass --overwrite to replace it")
-    if output.exists() and source.exists() and output.samefile(source):
-        raise FedgeError(f"{output} is the checkpoint itself; write the model elsewhere")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FedgeError(f"cannot make the folder of {output}: {error.strerror}") from None
 
 
 def _quantization_table(report: dict) -> Any:
@@ -303,18 +325,46 @@ def _quantization_table(report: dict) -> Any:
 @_friendly_errors
 def predict(
     model: Annotated[Path, typer.Argument(help="an ONNX model exported by fedge")],
-    inputs: Annotated[Path, typer.Argument(help=".npy array or .csv with one sample per row")],
+    inputs: Annotated[Path, typer.Argument(
+        help=".npy array, .csv with one sample per row (a header row is optional), an image "
+             "(.png, .jpg, .jpeg, .bmp), or a folder of images (sub-folders included)")],
+    ids: Annotated[bool, Opt("--ids", help="print class ids, even when the model names "
+                                           "its classes")] = False,
+    probabilities: Annotated[bool, Opt(
+        "--probabilities", help="print each class's probability instead: a CSV header "
+                                "naming the classes, then one row per sample")] = False,
+    label_column: Annotated[str, Opt(help="a CSV header's column that holds labels: "
+                                          "ignored")] = "label",
 ) -> None:
-    """Print the predicted class of each input sample (onnxruntime only, no torch); "-"
-    for a sample that holds NaN or Inf (exit status 1)."""
+    """Print the predicted class of each input sample (onnxruntime only, no torch): its
+    name when the model names its classes, else its id; for images, "FILE<TAB>CLASS".
+    "-" for a sample that holds NaN or Inf (exit status 1)."""
+    import csv
+    import sys
+
     import numpy as np
 
-    from fedge.models.inference import NO_PREDICTION, load_inputs
-    from fedge.models.inference import predict as predict_classes
+    from fedge.models.inference import NO_PREDICTION, read_inputs, run_model
 
-    classes = predict_classes(model, load_inputs(inputs))
-    for label in classes:
-        print("-" if label == NO_PREDICTION else int(label))
+    given = read_inputs(inputs, label_column)
+    result = run_model(model, given.samples)
+    classes = result.classes
+    names = None if ids else result.class_names
+    files = given.files
+    if probabilities:
+        table = csv.writer(sys.stdout, lineterminator="\n")
+        width = result.probabilities.shape[1]
+        table.writerow((["file"] if files else [])
+                       + (list(names) if names else [str(k) for k in range(width)]))
+        for row, (label, shares) in enumerate(zip(classes, result.probabilities, strict=True)):
+            cells = (["-"] * width if label == NO_PREDICTION
+                     else [f"{share:.4f}" for share in shares])
+            table.writerow(([files[row]] if files else []) + cells)
+    else:
+        for row, label in enumerate(classes):
+            shown = ("-" if label == NO_PREDICTION else names[label] if names
+                     else str(int(label)))
+            print(f"{files[row]}\t{shown}" if files else shown)
     invalid = [str(row) for row in np.flatnonzero(classes == NO_PREDICTION) + 1]
     if invalid:
         shown = ", ".join(invalid[:10]) + (", ..." if len(invalid) > 10 else "")
@@ -366,6 +416,11 @@ def server(
                                        "folder)")],
     config: Annotated[Path | None, Opt("--config", "-c", help="TOML run settings, as for "
                                                               "`fedge simulate`")] = None,
+    model: Annotated[str | None, _setting("model")] = None,
+    init: InitOption = None,
+    reset: ResetOption = None,
+    freeze: FreezeOption = None,
+    scale_inputs: ScaleInputsOption = None,
     certs: Annotated[Path | None, Opt(help="folder made by `fedge certs`")] = None,
     authorized_keys: Annotated[list[Path] | None, Opt(
         "--authorized-key", help="a client's public key (repeatable)")] = None,
@@ -388,7 +443,9 @@ def server(
     show_fedge_logs(log_format)
     _check_transport(insecure, certs, "--certs", "traffic is unencrypted and any client "
                                                  "may join")
-    settings = ServerSettings(config=load_config(config), val_data=val_data,
+    run_config = load_config(config, model=model, init=init, reset=reset, freeze=freeze,
+                             scale_inputs=scale_inputs)
+    settings = ServerSettings(config=run_config, val_data=val_data,
                               test_data=test_data, run_dir=out or _new_run_dir(),
                               log_format=log_format)
     serve(settings, Listener(host, port, certs, tuple(authorized_keys or ()), health_port),
@@ -457,7 +514,7 @@ def audit_wire(
     if data is not None:
         from fedge.datafiles import load_labelled_data
 
-        samples, _ = load_labelled_data(data, label_column=label_column)
+        samples = load_labelled_data(data, label_column=label_column).x
     else:
         from fedge.simulations.datasets import load_dataset
 

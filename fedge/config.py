@@ -2,7 +2,7 @@
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -18,8 +18,33 @@ class RunConfig(BaseModel):
 
     dataset: str = Field("digits", description="digits | breast_cancer | synthetic-sensor | "
                                                "synthetic-text")
-    model: str | None = Field(None, description="cnn | mlp | sensor1d | tinytext "
-                                                "(default: the data set's own)")
+    model: str | None = Field(None, description="cnn | mlp | sensor1d | tinytext, or your "
+                              "own: FILE.py:NAME or package.module:NAME (default: the data "
+                              "set's own)")
+    scale_inputs: bool | None = Field(None, description="put fedge's input scaling (mean "
+                                      "and std of the server's validation data, per "
+                                      "channel) inside the model (default: on for built-in "
+                                      "models, off for your own, which bring their own "
+                                      "preprocessing)")
+    init: str | None = Field(None, description="initial weights: a torch state_dict (.pt), "
+                             ".safetensors, or a fedge checkpoint of an earlier run")
+    reset: list[str] = Field([], description="parameters (glob, e.g. 'head.*') left at fresh "
+                             "initialization instead of --init's weights")
+    freeze: list[str] = Field([], description="parameters and buffers (glob) that are not "
+                              "trained, sent or aggregated")
+    data: str | None = Field(None, description="simulation: your labelled samples (CSV, NPZ "
+                             "or image folder), split among clients by --partition")
+    client_data: str | None = Field(None, description="simulation: a folder of one data "
+                                    "file or image folder per client (a natural federation)")
+    val_data: str | None = Field(None, description="simulation: the server's validation "
+                                 "samples (default: val_share of the data)")
+    test_data: str | None = Field(None, description="simulation: the test samples "
+                                  "(default: test_share of the data)")
+    label_column: str = Field("label", description="CSV column holding the label")
+    val_share: float = Field(0.15, gt=0.0, lt=1.0, description="simulation: share of the "
+                             "data (stratified) held out for the server's validation")
+    test_share: float = Field(0.15, gt=0.0, lt=1.0, description="simulation: share of the "
+                              "data (stratified) held out for testing")
     input_shape: tuple[int, ...] | None = Field(None, description="shape of one sample, e.g. "
                                                 "[1, 8, 8] for flat CSV rows of 8×8 images")
     num_classes: int | None = Field(None, ge=2, description="default: largest label + 1")
@@ -29,7 +54,9 @@ class RunConfig(BaseModel):
     min_clients: int = Field(2, ge=1, description="minimum clients per round")
     strategy: str = Field("fedavg", description="fedavg | fedprox | fedadam | fedmedian | "
                                                 "fedtrimmedavg | krum | multikrum")
-    partition: str = Field("dirichlet:0.5", description="iid | dirichlet:ALPHA | shards:K")
+    partition: str = Field("dirichlet:0.5", description="iid | dirichlet:ALPHA | shards:K | "
+                                                    "column:NAME (one client per value of a "
+                                                    "CSV column, e.g. a device id)")
     local_epochs: int = Field(5, ge=1, description="local epoch budget per round")
     batch_size: int = Field(32, ge=1, description="local mini-batch size")
     lr: float = Field(0.003, gt=0.0, description="client learning rate")
@@ -124,7 +151,8 @@ class RunConfig(BaseModel):
         if isinstance(values, dict):
             for key, value in values.items():
                 field = cls.model_fields.get(key)
-                if isinstance(value, bool) and field and field.annotation is not bool:
+                if (isinstance(value, bool) and field
+                        and bool not in (field.annotation, *get_args(field.annotation))):
                     raise ValueError(f"{key}: expected a number, not {str(value).lower()}")
         return values
 

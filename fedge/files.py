@@ -86,3 +86,18 @@ def refuse_overwrite(paths: Iterable[Path]) -> None:
     existing = [str(path) for path in paths if path.exists() or path.is_symlink()]
     if existing:
         raise FedgeError(f"refusing to overwrite existing files: {', '.join(existing)}")
+
+
+def check_output_file(output: Path, overwrite: bool, source: Path) -> None:
+    """An output file that can be written from ``source``, without destroying anything by
+    mistake; its folder is made if need be."""
+    if output.is_dir():
+        raise FedgeError(f"{output} is a folder; give the file to write")
+    if output.exists() and not overwrite:
+        raise FedgeError(f"{output} already exists; pass --overwrite to replace it")
+    if output.exists() and source.exists() and output.samefile(source):
+        raise FedgeError(f"{output} is the checkpoint itself; write the model elsewhere")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FedgeError(f"cannot make the folder of {output}: {error.strerror}") from None

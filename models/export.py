@@ -1,6 +1,7 @@
 """Export to ONNX with a dynamic batch axis, verified against torch in onnxruntime."""
 
 import contextlib
+import json
 import logging
 import os
 import warnings
@@ -15,9 +16,13 @@ from torch import nn
 
 from fedge.errors import FedgeError
 from fedge.files import temporary_sibling
+from fedge.models.program import ProgramModel
 from fedge.models.registry import ModelSpec, as_input_tensor
 
 PARITY_TOLERANCE = 1e-4
+# ONNX metadata entry with the model's label names, a JSON list in class-id order
+# (fedge.models.inference reads it to print names).
+CLASS_NAMES_KEY = "fedge.class_names"
 
 
 @contextlib.contextmanager
@@ -29,19 +34,23 @@ def _quiet_exporter() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            # A program's graphs have no train/eval switch; its eval graph is exported.
+            warnings.filterwarnings("ignore", "Exporting a model while it is in training mode")
             yield
     finally:
         exporter_log.setLevel(level)
 
 
-def _drop_debug_metadata(path: Path) -> onnx.ModelProto:
+def _finish_metadata(path: Path, spec: ModelSpec) -> onnx.ModelProto:
     """Remove the exporter's per-node debug metadata (FX node names, module paths, source
-    stack traces with this machine's file paths) from the file, and return the model:
-    devices never read it, and it is over 6 % of a small model's file (a fifth of its
-    int8 version)."""
+    stack traces with this machine's file paths) from the file, add the class names, and
+    return the model: devices never read the former, and it is over 6 % of a small
+    model's file (a fifth of its int8 version)."""
     model = onnx.load(str(path))
     for node in model.graph.node:
         del node.metadata_props[:]
+    if spec.class_names is not None:
+        onnx.helper.set_model_props(model, {CLASS_NAMES_KEY: json.dumps(spec.class_names)})
     onnx.save(model, str(path))
     return model
 
@@ -60,6 +69,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray,
     torch's logits must not exceed ``tolerance``. ``path`` only appears once it passed.
     """
     model = model.eval().cpu()
+    traced = model.inference_module() if isinstance(model, ProgramModel) else model
     inputs = as_input_tensor(spec, reference_inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
@@ -67,7 +77,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray,
         with torch.no_grad(), _quiet_exporter():
             try:
                 torch.onnx.export(
-                    model, (inputs[:2],), tmp, dynamo=True, external_data=False,
+                    traced, (inputs[:2],), tmp, dynamo=True, external_data=False,
                     input_names=["input"], output_names=["logits"],
                     dynamic_shapes=({0: "batch"},), verbose=False,
                 )
@@ -79,7 +89,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray,
             raise FedgeError("the model's outputs on the reference inputs are not finite "
                              "(NaN or Inf), so its ONNX export cannot be verified and was "
                              "not written")
-        exported = _drop_debug_metadata(tmp)
+        exported = _finish_metadata(tmp, spec)
         onnx.checker.check_model(exported)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         actual = session.run(None, {"input": inputs.numpy()})[0]

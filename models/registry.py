@@ -27,6 +27,18 @@ class ModelSpec(BaseModel):
     input_mean: list[float] | None = None
     input_std: list[float] | None = None
     vocab_size: int | None = None
+    input_dtype: Literal["float32", "int64"] = "float32"
+    # Label names in class-id order (sorted, as the data files define them); None: ids.
+    class_names: tuple[str, ...] | None = None
+    # Your own model: a digest of its architecture (fedge.models.program.fingerprint),
+    # and the model itself as a program archive; the archive travels beside the spec's
+    # JSON, not in it.
+    fingerprint: str | None = None
+    program: bytes | None = Field(None, exclude=True, repr=False)
+
+    @property
+    def builtin(self) -> bool:
+        return self.name in MODELS
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -51,8 +63,11 @@ class ModelEntry:
 
 
 def _scaling(spec: ModelSpec) -> InputScaling:
-    assert spec.input_mean is not None and spec.input_std is not None
-    return InputScaling(spec.input_mean, spec.input_std, ndim=len(spec.input_shape) + 1)
+    """The spec's input scaling; the identity for a model that takes inputs as they are
+    (``scale_inputs = false``)."""
+    channels = spec.input_shape[0]
+    return InputScaling(spec.input_mean or [0.0] * channels, spec.input_std or [1.0] * channels,
+                        ndim=len(spec.input_shape) + 1)
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -83,7 +98,10 @@ def model_entry(name: str) -> ModelEntry:
 
 
 def check_sample_shape(name: str, sample_shape: tuple[int, ...]) -> None:
-    """Fail clearly when samples of ``sample_shape`` cannot be fed to model ``name``."""
+    """Fail clearly when samples of ``sample_shape`` cannot be fed to built-in model
+    ``name`` (your own model is tried on the samples themselves)."""
+    if name not in MODELS:
+        return
     layout = model_entry(name).sample_layout
     if len(sample_shape) != len(layout):
         raise FedgeError(
@@ -93,17 +111,26 @@ def check_sample_shape(name: str, sample_shape: tuple[int, ...]) -> None:
 
 
 def spec_from_data(name: str, x: np.ndarray, num_classes: int, dropout: float,
-                   vocab_size: int | None = None) -> ModelSpec:
+                   vocab_size: int | None = None,
+                   class_names: tuple[str, ...] | None = None,
+                   scale_inputs: bool | None = None) -> ModelSpec:
     """A spec for model ``name`` whose input scaling is fitted on reference data ``x``.
 
     Mean and standard deviation are taken per channel (or per feature): axis 1 of ``x``.
+    Built-in models scale their inputs unless ``scale_inputs`` is False; your own model
+    only if it is True. Integer samples are token ids, never scaled.
     """
-    entry = model_entry(name)
+    builtin = name in MODELS
     check_sample_shape(name, x.shape[1:])
+    dtype = model_entry(name).input_dtype if builtin else (
+        "int64" if np.issubdtype(x.dtype, np.integer) else "float32")
     common = {"name": name, "input_shape": tuple(int(d) for d in x.shape[1:]),
-              "num_classes": num_classes, "dropout": dropout}
-    if entry.input_dtype == "int64":
+              "num_classes": num_classes, "dropout": dropout, "class_names": class_names,
+              "input_dtype": dtype}
+    if dtype == "int64":
         return ModelSpec(**common, vocab_size=vocab_size or int(x.max()) + 1)
+    if not (scale_inputs if scale_inputs is not None else builtin):
+        return ModelSpec(**common)
     axes = tuple(a for a in range(x.ndim) if a != 1)
     mean = x.mean(axis=axes, dtype=np.float64)
     std = x.std(axis=axes, dtype=np.float64)
@@ -117,7 +144,7 @@ def check_labelled_samples(spec: ModelSpec, x: np.ndarray, y: np.ndarray, source
     if len(y) and int(y.max()) >= spec.num_classes:
         raise FedgeError(f"{source} has label {int(y.max())}, but the model has "
                          f"{spec.num_classes} classes (0..{spec.num_classes - 1})")
-    if model_entry(spec.name).input_dtype == "int64":
+    if spec.builtin and model_entry(spec.name).input_dtype == "int64":
         check_token_ids(x, spec.vocab_size or 2, source)
 
 
@@ -130,6 +157,15 @@ def check_token_ids(x: np.ndarray, vocab_size: int, source: object) -> None:
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
+    """The network ``spec`` describes, with fresh weights: a built-in network, or your
+    own model's program (:class:`~fedge.models.program.ProgramModel`), which needs no
+    source code."""
+    if not spec.builtin:
+        from fedge.models.program import ProgramModel
+
+        if spec.program is None:
+            raise FedgeError(f"model {spec.name} comes without its program")
+        return ProgramModel(spec.program)  # type: ignore[return-value]  # runs like one
     entry = model_entry(spec.name)
     try:
         return entry.build(spec)
@@ -141,4 +177,5 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 def as_input_tensor(spec: ModelSpec, x: np.ndarray) -> torch.Tensor:
     """Raw samples as the tensor type the model takes."""
-    return torch.as_tensor(x, dtype=getattr(torch, model_entry(spec.name).input_dtype))
+    dtype = model_entry(spec.name).input_dtype if spec.builtin else spec.input_dtype
+    return torch.as_tensor(x, dtype=getattr(torch, dtype))

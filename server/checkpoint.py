@@ -25,6 +25,8 @@ class Checkpoint:
     best_round: int | None = None
     initial: dict | None = None  # the untrained model's validation metrics
     strategy_state: dict = field(default_factory=dict)
+    model_origin: str | None = None  # where the model came from, e.g. /abs/my_model.py:Net
+    frozen: tuple[str, ...] = ()  # state entries the clients neither trained nor sent
 
     def model(self) -> nn.Module:
         """The network of this checkpoint, holding its weights."""
@@ -42,7 +44,12 @@ class Checkpoint:
             "state_dict": self.state_dict, "model_spec": self.model_spec.to_json(),
             "config": self.config, "reference_inputs": self.reference_inputs,
             "history": self.history, "best_round": self.best_round, "initial": self.initial,
-            "strategy_state": self.strategy_state,
+            "strategy_state": self.strategy_state, "model_origin": self.model_origin,
+            "frozen": list(self.frozen),
+            # Your own model's program, so that export and resume need no source code.
+            "model_program": (None if self.model_spec.program is None else
+                              torch.frombuffer(bytearray(self.model_spec.program),
+                                               dtype=torch.uint8)),
         })
 
 
@@ -66,12 +73,21 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise FedgeError(f"{path} has checkpoint version {payload.get('version')}, "
                          f"this fedge reads version {VERSION}")
     try:
+        spec = ModelSpec.from_json(payload["model_spec"])
+        program = payload.get("model_program")
+        if isinstance(program, torch.Tensor):
+            spec = spec.model_copy(update={"program": program.numpy().tobytes()})
+        elif not spec.builtin:
+            raise FedgeError(f"{path} is damaged: it lacks the program of its model "
+                             f"{spec.name}")
         checkpoint = Checkpoint(
             round=payload["round"], state_dict=payload["state_dict"],
-            model_spec=ModelSpec.from_json(payload["model_spec"]), config=payload["config"],
+            model_spec=spec, config=payload["config"],
             reference_inputs=payload["reference_inputs"], history=payload["history"],
             best_round=payload["best_round"], initial=payload["initial"],
             strategy_state=payload["strategy_state"],
+            model_origin=payload.get("model_origin"),
+            frozen=tuple(payload.get("frozen") or ()),
         )
     except KeyError as error:
         raise FedgeError(f"{path} is an incomplete fedge checkpoint: no {error}") from error

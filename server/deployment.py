@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from pydantic import BaseModel
 
 from fedge.config import RunConfig
-from fedge.datafiles import load_labelled_data
+from fedge.datafiles import load_labelled_data, united_class_names
 from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
 from fedge.logs import LogFormat, show_fedge_logs
@@ -96,15 +96,22 @@ class Listener:
 def load_server_data(settings: ServerSettings) -> ServerData:
     """Held-out samples from files: validation for early stopping, test for the report
     (the validation file doubles as test set when no test file is given)."""
-    shape = settings.config.input_shape
-    val_x, val_y = load_labelled_data(settings.val_data, sample_shape=shape)
-    test_x, test_y = (load_labelled_data(settings.test_data, sample_shape=shape)
-                      if settings.test_data else (val_x, val_y))
-    num_classes = settings.config.num_classes or int(max(val_y.max(), test_y.max())) + 1
+    config = settings.config
+    read = {"sample_shape": config.input_shape, "label_column": config.label_column}
+    val = load_labelled_data(settings.val_data, **read)
+    test = load_labelled_data(settings.test_data, **read) if settings.test_data else val
+    names, (val_y, test_y) = united_class_names(
+        [(val, settings.val_data), (test, settings.test_data or settings.val_data)])
+    num_classes = config.num_classes or (
+        len(names) if names else int(max(val_y.max(), test_y.max())) + 1)
+    if names and num_classes != len(names):
+        raise FedgeError(f"num_classes {num_classes} does not match the {len(names)} classes "
+                         f"the server's data names: {', '.join(names)}")
     vocab = None  # token-id inputs: the largest id seen sets the embedding size
-    if np.issubdtype(val_x.dtype, np.integer):
-        vocab = int(max(val_x.max(), test_x.max())) + 1
-    return ServerData(val_x, val_y, test_x, test_y, num_classes, vocab_size=vocab)
+    if np.issubdtype(val.x.dtype, np.integer):
+        vocab = int(max(val.x.max(), test.x.max())) + 1
+    return ServerData(val.x, val_y, test.x, test_y, num_classes, vocab_size=vocab,
+                      class_names=names)
 
 
 def federation_for(settings: ServerSettings) -> Federation:
@@ -112,7 +119,8 @@ def federation_for(settings: ServerSettings) -> Federation:
     every check of the settings, the data files and the run folder happens here."""
     config = settings.config
     if config.model is None:
-        raise FedgeError("the server's config needs a model (cnn, mlp, sensor1d, tinytext)")
+        raise FedgeError("the server needs a model: --model (cnn, mlp, sensor1d, tinytext, "
+                         "FILE.py:NAME or package.module:NAME) or model in --config")
     check_server_settings(config)  # the settings first: they need no file
     checkpoint = server_checkpoint(settings.run_dir)
     resume = load_checkpoint(checkpoint) if checkpoint else None
@@ -180,6 +188,18 @@ def _connection_toml(listener: Listener) -> str:
             f'address = "127.0.0.1:{listener.port}"\n{security}\n')
 
 
+def _absolute_paths(config: RunConfig) -> RunConfig:
+    """``config`` with its model file and initial weights as absolute paths: Flower runs
+    the ServerApp in a process of its own, in a folder of its own."""
+    update: dict[str, str] = {}
+    if config.init:
+        update["init"] = str(Path(config.init).resolve())
+    module, _, name = (config.model or "").rpartition(":")
+    if module.endswith(".py"):
+        update["model"] = f"{Path(module).resolve()}:{name}"
+    return config.model_copy(update=update)
+
+
 def check_listener(listener: Listener) -> None:
     """Certificates, keys and ports, checked before anything starts."""
     if listener.certs is not None:
@@ -207,7 +227,8 @@ def serve(settings: ServerSettings, listener: Listener, startup_timeout: float =
     """
     check_listener(listener)
     run_dir = settings.run_dir.resolve()
-    settings = settings.model_copy(update={"run_dir": run_dir})
+    settings = settings.model_copy(update={"run_dir": run_dir,
+                                           "config": _absolute_paths(settings.config)})
     federation_for(settings)
     flower_home = run_dir / ".flower"
     app_dir = flower_home / "app"

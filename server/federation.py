@@ -16,12 +16,14 @@ from flwr.serverapp.strategy import Strategy
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.files import write_json
+from fedge.models.exchange import FROZEN_KEY, PROGRAM_KEY
 from fedge.models.export import export_onnx
 from fedge.models.metrics import evaluate_classifier
-from fedge.models.registry import build_model, spec_from_data
+from fedge.models.registry import build_model
 from fedge.server.checkpoint import Checkpoint, load_checkpoint
 from fedge.server.compression import DecodeUpdates, check_compression, compression_config
 from fedge.server.grid import RoundGrid, RoundStats
+from fedge.server.partial import PartialUpdates, has_fixed_entries
 from fedge.server.privacy import (
     check_privacy,
     epsilon_spent,
@@ -30,8 +32,9 @@ from fedge.server.privacy import (
 )
 from fedge.server.rounds import GlobalEarlyStop, RoundRecord, RoundTracker
 from fedge.server.run_folder import plot_curves
-from fedge.server.screening import UpdateScreen
+from fedge.server.screening import EXPECTED_CLIENT, EXPECTED_CLIENT_KEY, UpdateScreen
 from fedge.server.secagg import check_secagg, run_secure_rounds, secure_round_stats
+from fedge.server.starting_model import StartingModel, starting_model
 from fedge.server.strategies import (
     ContinuedRounds,
     build_strategy,
@@ -58,6 +61,7 @@ class ServerData:
     test_y: np.ndarray
     num_classes: int
     vocab_size: int | None = None
+    class_names: tuple[str, ...] | None = None  # label names in class-id order, if named
 
 
 @dataclass(frozen=True)
@@ -87,25 +91,33 @@ class Federation:
     :meth:`server_app` wraps :meth:`run` as a Flower ServerApp for any Grid: Flower's
     simulation engine, the Deployment Engine, or fedge's in-process grid. With
     ``resume``, the run continues after that checkpoint's round.
-    ``on_round(record, improved)`` is called after every round, once it is checkpointed.
+    ``on_round(record, improved)`` is called after every round, once it is checkpointed,
+    ``on_start(metrics)`` with the starting model's validation metrics (round 0).
+    ``start`` is the starting model if the caller prepared it already (:func:`prepare`).
     """
 
     def __init__(self, config: RunConfig, data: ServerData, run_dir: Path,
                  on_round: Callable[[RoundRecord, bool], None] | None = None,
-                 resume: Checkpoint | None = None) -> None:
-        if config.model is None:
-            raise FedgeError("the server needs a model name")
+                 resume: Checkpoint | None = None, start: StartingModel | None = None,
+                 on_start: Callable[[dict], None] | None = None) -> None:
         check_server_settings(config)
+        start = start or prepare(config, data)
         if resume is not None:
             _check_resumable(config, resume)
+            _check_same_model(start, resume)
             resume.model()  # its weights fit its model, or a clear error now
         self.config, self.data, self.run_dir = config, data, run_dir
-        self.on_round, self.resume = on_round, resume
+        self.on_round, self.resume, self.start = on_round, resume, start
+        self.on_start = on_start
         # A resumed run keeps its model definition, input scaling included.
-        self.spec = resume.model_spec if resume else spec_from_data(
-            config.model, data.val_x, data.num_classes, config.dropout,
-            vocab_size=data.vocab_size)
+        self.spec = resume.model_spec if resume else start.spec
         self.outcome: RunOutcome | None = None
+
+    def _with_partial_updates(self, strategy: Strategy, arrays: ArrayRecord) -> Strategy:
+        """Frozen and integer entries stay out of the clients' updates."""
+        if has_fixed_entries(arrays, self.start.frozen):
+            return PartialUpdates(strategy, self.start.frozen)
+        return strategy
 
     def server_app(self) -> ServerApp:
         app = ServerApp()
@@ -133,7 +145,8 @@ class Federation:
             on_round=self._save_round,
             round_stats=(secure_round_stats(grid) if config.secagg
                          else lambda: grid.stats[-1] if grid.stats else RoundStats()),
-            epsilon=lambda: epsilon_spent(self._strategy))
+            epsilon=lambda: epsilon_spent(self._strategy),
+            on_initial=self._started)
         self._strategy = build_strategy(config, self._tracker.aggregate_train_metrics)
         started = time.perf_counter()
         strategy, arrays = self._starting_point()
@@ -141,6 +154,7 @@ class Federation:
                                 round_offset=self._tracker.completed_rounds)
         # Decoding comes first: the screen and the strategy see weights, not updates.
         strategy = DecodeUpdates(strategy, self._tracker.count_bytes)
+        strategy = self._with_partial_updates(strategy, arrays)
         remaining = config.rounds - self._tracker.completed_rounds
         if remaining > 0 and not self._tracker.plateaued():
             self._rounds(strategy, grid, arrays, remaining)
@@ -157,7 +171,7 @@ class Federation:
         """A fresh model, or the resumed checkpoint's weights, strategy state and history."""
         self._best_state: dict[str, torch.Tensor] | None = None
         if self.resume is None:
-            return self._strategy, ArrayRecord(build_model(self.spec).state_dict())
+            return self._strategy, ArrayRecord(self.start.state)
         checkpoint = self.resume
         restore_strategy_state(self._strategy, checkpoint.strategy_state)
         self._tracker.resume(checkpoint.history, checkpoint.initial)
@@ -173,7 +187,7 @@ class Federation:
         try:
             if self.config.secagg:
                 run_secure_rounds(self.config, grid, arrays, rounds, self._tracker,
-                                  self._train_config())
+                                  self._train_config(), self.start.frozen)
                 return
             strategy.start(
                 grid=grid, initial_arrays=arrays, num_rounds=rounds,
@@ -187,10 +201,16 @@ class Federation:
 
     def _train_config(self) -> ConfigRecord:
         c = self.config
+        model = {"model-spec": self.spec.to_json()}
+        if self.spec.program is not None:
+            model[PROGRAM_KEY] = self.spec.program
+        if self.start.frozen:
+            model[FROZEN_KEY] = list(self.start.frozen)
         return ConfigRecord({
-            "model-spec": self.spec.to_json(), "local-epochs": c.local_epochs,
+            **model, "local-epochs": c.local_epochs,
             "batch-size": c.batch_size, "lr": c.lr, "optimizer": c.optimizer,
             "local-patience": c.local_patience, "seed": c.seed, **compression_config(c),
+            EXPECTED_CLIENT_KEY: EXPECTED_CLIENT,
         })
 
     def _checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Checkpoint:
@@ -200,8 +220,15 @@ class Federation:
             reference_inputs=torch.as_tensor(self.data.val_x[:REFERENCE_SAMPLES]),
             history=[r.as_dict() for r in self._tracker.history],
             best_round=self._tracker.best_round, initial=self._tracker.initial,
-            strategy_state=strategy_state(self._strategy),
+            strategy_state=strategy_state(self._strategy), model_origin=self.start.origin,
+            frozen=self.start.frozen,
         )
+
+    def _started(self, initial: dict) -> None:
+        log.info("round 0 (the starting model): val_loss %.4f val_accuracy %.4f",
+                 initial["val_loss"], initial["val_accuracy"])
+        if self.on_start:
+            self.on_start(initial)
 
     def _save_round(self, record: RoundRecord, arrays: ArrayRecord, improved: bool) -> None:
         state = arrays.to_torch_state_dict()
@@ -223,6 +250,8 @@ class Federation:
             "status": status,
             "config": self.config.model_dump(),
             "model_spec": self.spec.model_dump(mode="json"),
+            "model": {"origin": self.start.origin, "fingerprint": self.spec.fingerprint,
+                      "init": self.config.init, "frozen": list(self.start.frozen)},
             "initial": tracker.initial,
             "rounds": [r.as_dict() for r in tracker.history],
             "best_round": tracker.best_round,
@@ -250,6 +279,25 @@ class Federation:
         return RunOutcome(self.run_dir, len(tracker.history), tracker.best_round,
                           tracker.stopped_early, test_loss, test_accuracy, report,
                           privacy_report(self._strategy, self.config))
+
+
+def prepare(config: RunConfig, data: ServerData,
+            factory: Callable[..., torch.nn.Module] | None = None) -> StartingModel:
+    """The starting model of a run of ``config`` on the server's ``data``, every check
+    included; ``factory`` builds your own model instead of importing ``config.model``."""
+    return starting_model(config, data.val_x, data.val_y, data.num_classes,
+                          vocab_size=data.vocab_size, class_names=data.class_names,
+                          factory=factory)
+
+
+def _check_same_model(start: StartingModel, checkpoint: Checkpoint) -> None:
+    """Resuming with another model would average weights of two different networks."""
+    saved = checkpoint.model_spec
+    if saved.fingerprint != start.spec.fingerprint:
+        raise FedgeError(f"cannot resume: the model {start.spec.name} is not the one the run "
+                         f"started with ({checkpoint.model_origin or saved.name}, fingerprint "
+                         f"{saved.fingerprint}); its architecture has fingerprint "
+                         f"{start.spec.fingerprint}")
 
 
 def _check_resumable(config: RunConfig, checkpoint: Checkpoint) -> None:

@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import ModelSpec, build_model
 from fedge.server.grid import RoundStats
+from fedge.server.screening import average_client_metrics, client_metrics
 
 
 class GlobalEarlyStop(Exception):
@@ -21,7 +21,8 @@ class GlobalEarlyStop(Exception):
 @dataclass(frozen=True)
 class RoundRecord:
     """One round as written to metrics.json; ``val_*`` is the server's evaluation of the
-    new global model, ``client_*`` the sampled clients' reports (weighted by examples)."""
+    new global model, ``client_*`` (and ``train_loss``) the clients' reports, weighted by
+    examples, over the clients that report them: None when none of them does."""
 
     round: int
     train_loss: float | None
@@ -60,11 +61,12 @@ class RoundTracker:
     def __init__(self, spec: ModelSpec, val_x: np.ndarray, val_y: np.ndarray, patience: int,
                  min_delta: float, on_round: OnRound,
                  round_stats: Callable[[], RoundStats],
-                 epsilon: Callable[[], float | None] = lambda: None) -> None:
+                 epsilon: Callable[[], float | None] = lambda: None,
+                 on_initial: Callable[[dict], None] = lambda metrics: None) -> None:
         self.spec, self.val_x, self.val_y = spec, val_x, val_y
         self.patience, self.min_delta = patience, min_delta
         self.on_round, self.round_stats = on_round, round_stats
-        self.epsilon = epsilon
+        self.epsilon, self.on_initial = epsilon, on_initial
         self.history: list[RoundRecord] = []
         self.initial: dict | None = None
         self.best_round: int | None = None
@@ -91,10 +93,12 @@ class RoundTracker:
         return self.completed_rounds - (self.best_round or 0) >= self.patience
 
     def aggregate_train_metrics(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
-        metrics = aggregate_metricrecords(replies, weight_key)
-        slowest = max((float(m["train_seconds"]) for reply in replies
-                       for m in reply.metric_records.values() if "train_seconds" in m),
-                      default=None)
+        """Each client metric averaged over the replies that report it (a standard
+        Flower client may report none but its weight), the slowest ``train_seconds``."""
+        metrics = average_client_metrics(replies, weight_key)
+        seconds = [client_metrics(reply).get("train_seconds") for reply in replies]
+        slowest = max((float(s) for s in seconds
+                       if isinstance(s, int | float) and math.isfinite(s)), default=None)
         self._client_metrics = (metrics, len(replies), slowest)
         return metrics
 
@@ -112,7 +116,9 @@ class RoundTracker:
         val_loss, val_accuracy = evaluate_classifier(model, self.spec, self.val_x, self.val_y)
         metrics = {"val_loss": val_loss, "val_accuracy": val_accuracy}
         if server_round <= self.completed_rounds:  # the starting model, fresh or resumed
-            self.initial = self.initial or metrics
+            if self.initial is None:
+                self.initial = {"round": 0, **metrics}
+                self.on_initial(self.initial)
             self._clock = time.perf_counter()
             return MetricRecord(metrics)
 

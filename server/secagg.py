@@ -21,9 +21,10 @@ Flower's ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with Flower's
 clients' metrics, which travel unmasked next to the masked weights.
 """
 
+import io
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -44,6 +45,7 @@ from flwr.serverapp import Grid
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
+from fedge.models.exchange import exchanged_names
 from fedge.server.grid import NotEnoughClients, RoundGrid, RoundStats
 from fedge.server.rounds import GlobalEarlyStop, RoundTracker
 
@@ -57,6 +59,9 @@ SECURE_STRATEGIES = ("fedavg", "fedprox")
 # arrays without names, and the client refuses weights SecAgg+ would clip or overflow.
 ARRAY_NAMES, MAX_WEIGHT, CLIPPING_RANGE = ("array-names", "secagg-max-weight",
                                            "secagg-clipping-range")
+# The entries clients do not send back (frozen, integer), as an .npz archive: the legacy
+# format carries the exchanged arrays only, and a client needs the whole model to train.
+FIXED_ARRAYS = "fixed-arrays"
 MODULUS_RANGE = 2**32  # Flower's default and maximum range of the masks
 
 
@@ -101,13 +106,14 @@ def secure_round_stats(grid: RoundGrid) -> Callable[[], RoundStats]:
 
 
 def run_secure_rounds(config: RunConfig, grid: Grid, arrays: ArrayRecord, rounds: int,
-                      tracker: RoundTracker, train_config: ConfigRecord) -> None:
+                      tracker: RoundTracker, train_config: ConfigRecord,
+                      frozen: Collection[str] = ()) -> None:
     """``rounds`` rounds from ``arrays``, numbered after ``tracker``'s completed rounds,
     each aggregated by SecAgg+. Raises :class:`GlobalEarlyStop` when ``tracker`` stopped
     the run, once Flower's workflow has wound down."""
     if config.max_norm_ratio > 0:
         log.info("update screening (max_norm_ratio) does not apply: SecAgg+ hides each update")
-    strategy = _SecureFedAvg(config, arrays, tracker, train_config)
+    strategy = _SecureFedAvg(config, arrays, tracker, train_config, frozen)
     context = LegacyContext(
         Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                 run_config={}),
@@ -132,21 +138,28 @@ class _SecureFedAvg(FedAvg):
     """
 
     def __init__(self, config: RunConfig, arrays: ArrayRecord, tracker: RoundTracker,
-                 train_config: ConfigRecord) -> None:
+                 train_config: ConfigRecord, frozen: Collection[str]) -> None:
         self.tracker, self.offset = tracker, tracker.completed_rounds
-        self.names = list(arrays.keys())
-        self.dtypes = [a.dtype for a in arrays.to_numpy_ndarrays()]
+        self.all_names = list(arrays.keys())
+        self.names = exchanged_names({n: a.dtype for n, a in arrays.items()}, frozen)
+        self.fixed = {n: arrays[n].numpy() for n in self.all_names if n not in self.names}
+        exchanged = [arrays[n].numpy() for n in self.names]
+        self.dtypes = [a.dtype for a in exchanged]
         self.early_stop: GlobalEarlyStop | None = None
         fit_config: dict[str, Scalar] = {
             **train_config, ARRAY_NAMES: json.dumps(self.names),
             MAX_WEIGHT: config.secagg_max_weight, CLIPPING_RANGE: config.secagg_clipping_range,
         }
+        if self.fixed:
+            archive = io.BytesIO()
+            np.savez(archive, **self.fixed)
+            fit_config[FIXED_ARRAYS] = archive.getvalue()
         if config.strategy == "fedprox":  # as Flower's FedProx sends it
             fit_config["proximal-mu"] = config.proximal_mu
         super().__init__(
             fraction_fit=config.fraction, fraction_evaluate=0.0,
             min_fit_clients=config.min_clients, min_available_clients=config.min_clients,
-            initial_parameters=ndarrays_to_parameters(arrays.to_numpy_ndarrays()),
+            initial_parameters=ndarrays_to_parameters(exchanged),
             on_fit_config_fn=lambda server_round: {
                 **fit_config, "server-round": server_round + self.offset},
             evaluate_fn=self._evaluate, fit_metrics_aggregation_fn=self._client_metrics,
@@ -174,9 +187,11 @@ class _SecureFedAvg(FedAvg):
                   ) -> tuple[float, dict[str, Scalar]] | None:
         if self.early_stop is not None:
             return None
+        trained = {name: np.asarray(w, dtype=d)
+                   for name, w, d in zip(self.names, weights, self.dtypes, strict=True)}
         arrays = ArrayRecord(array_dict={
-            name: Array(np.asarray(w, dtype=d))
-            for name, w, d in zip(self.names, weights, self.dtypes, strict=True)})
+            name: Array(trained[name] if name in trained else self.fixed[name])
+            for name in self.all_names})
         try:
             metrics = self.tracker.evaluate(server_round + self.offset, arrays)
         except GlobalEarlyStop as stop:

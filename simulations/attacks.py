@@ -13,7 +13,7 @@ The first three are a Flower client mod that rewrites the reply of an honest tra
 ``labelflip`` wraps the clients' data loader. Both backends run the same ClientApp.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
@@ -92,7 +92,7 @@ class FlippedLabels:
         if _partition(context) not in self.attackers:
             return data
         top = self.num_classes - 1
-        return LocalData(data.train_x, top - data.train_y, data.val_x, top - data.val_y)
+        return replace(data, train_y=top - data.train_y, val_y=top - data.val_y)
 
 
 @dataclass(frozen=True)

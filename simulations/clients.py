@@ -1,7 +1,8 @@
 """Simulated clients: each node's private samples, derived from its partition id.
 
 Only this small description travels to workers (Ray pickles the ClientApp for every
-message). Inside each process the data set and one index array per partition are cached;
+message). Inside each process the data set (built-in, or your own files: see
+:mod:`fedge.simulations.userdata`) and one index array per partition are cached;
 a client's ``LocalData`` is rebuilt from them for every message and dropped after it, so
 memory grows with the clients sampled in a round, not with the clients registered.
 """
@@ -15,15 +16,22 @@ from flwr.app import Context
 from fedge.client.data import LocalData, split_train_val
 from fedge.simulations.datasets import load_dataset, split_federated
 from fedge.simulations.partition import PartitionSpec, partition_indices
+from fedge.simulations.userdata import UserData, split_user_data
 
 
 @dataclass(frozen=True)
 class SimulatedClients:
+    """A built-in data set (``dataset``), or your own files (``data``, a description that
+    holds paths, never arrays), split among ``num_clients``."""
+
     dataset: str
     partition: str
     num_clients: int
     seed: int
     val_fraction: float
+    val_share: float = 0.15
+    test_share: float = 0.15
+    data: UserData | None = None
 
     def local_data(self, context: Context) -> LocalData:
         return _local_data(self, int(context.node_config["partition-id"]))
@@ -33,19 +41,31 @@ class SimulatedClients:
 
 
 @lru_cache(maxsize=4)
-def _client_samples(dataset: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    return split_federated(load_dataset(dataset, seed), seed).clients
+def _builtin_client_samples(dataset: str, seed: int, val_share: float,
+                            test_share: float) -> tuple[np.ndarray, np.ndarray]:
+    return split_federated(load_dataset(dataset, seed), seed, val_share, test_share).clients
+
+
+def _client_samples(clients: SimulatedClients) -> tuple[np.ndarray, np.ndarray]:
+    if clients.data is not None:
+        split = split_user_data(clients.data)
+        return split.x, split.y
+    return _builtin_client_samples(clients.dataset, clients.seed, clients.val_share,
+                                   clients.test_share)
 
 
 @lru_cache(maxsize=4)
 def _partitions(clients: SimulatedClients) -> list[np.ndarray]:
-    _, y = _client_samples(clients.dataset, clients.seed)
+    if clients.data is not None and clients.data.natural:
+        return split_user_data(clients.data).partitions
+    _, y = _client_samples(clients)
     return partition_indices(y, clients.num_clients, PartitionSpec.parse(clients.partition),
                              clients.seed)
 
 
 def _local_data(clients: SimulatedClients, partition_id: int) -> LocalData:
-    x, y = _client_samples(clients.dataset, clients.seed)
+    x, y = _client_samples(clients)
     rows = _partitions(clients)[partition_id]
+    names = None if clients.data is None else split_user_data(clients.data).class_names
     return split_train_val(x[rows], y[rows], clients.val_fraction,
-                           seed=clients.seed + partition_id)
+                           seed=clients.seed + partition_id, class_names=names)

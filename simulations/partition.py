@@ -1,5 +1,6 @@
 """Split client samples across simulated clients with flwr-datasets' partitioners."""
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -8,28 +9,49 @@ import numpy as np
 
 from fedge.errors import FedgeError
 
-_SPEC = re.compile(r"^(?:(iid)|dirichlet:(?P<alpha>[0-9.eE+-]+)|shards:(?P<shards>[0-9]+))$")
+_SPEC = re.compile(r"^(?:(iid)|dirichlet:(?P<alpha>[0-9.eE+-]+)|shards:(?P<shards>[0-9]+)"
+                   r"|column:(?P<column>.+))$")
 
 
 @dataclass(frozen=True)
 class PartitionSpec:
-    """``iid``, ``dirichlet:ALPHA`` (label skew, smaller is more skewed) or ``shards:K``
-    (each client holds K label-sorted shards)."""
+    """``iid``, ``dirichlet:ALPHA`` (label skew, smaller is more skewed), ``shards:K``
+    (each client holds K label-sorted shards) or ``column:NAME`` (natural partitions: one
+    client per value of a CSV column, such as a device id)."""
 
     kind: str
     alpha: float | None = None
     shards: int | None = None
+    column: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> "PartitionSpec":
         match = _SPEC.match(text.strip())
         alpha = float(match["alpha"]) if match and match["alpha"] else None
         shards = int(match["shards"]) if match and match["shards"] else None
-        if not match or (alpha is not None and not alpha > 0) or shards == 0:
+        column = match["column"].strip() if match and match["column"] else None
+        if (not match or (alpha is not None and not alpha > 0) or shards == 0
+                or column == ""):
             raise FedgeError(f"malformed partition {text!r}: use 'iid', 'dirichlet:ALPHA' "
-                             "with ALPHA > 0, or 'shards:K' with K >= 1")
+                             "with ALPHA > 0, 'shards:K' with K >= 1, or 'column:NAME'")
+        if column is not None:
+            return cls("column", column=column)
         kind = "iid" if match[1] else "dirichlet" if alpha is not None else "shards"
         return cls(kind, alpha, shards)
+
+
+def natural_partitions(groups: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
+    """One partition per distinct value of ``groups`` (text): the values in order (by
+    number when every value is a finite number, else sorted as text) and each one's
+    indices into ``groups``."""
+    values = sorted(set(groups.tolist()))
+    try:
+        numbers = {value: float(value) for value in values}
+    except ValueError:
+        numbers = {}
+    if numbers and all(math.isfinite(number) for number in numbers.values()):
+        values.sort(key=lambda value: (numbers[value], value))
+    return values, [np.flatnonzero(groups == value) for value in values]
 
 
 def partition_indices(labels: np.ndarray, num_partitions: int, spec: PartitionSpec,
@@ -39,6 +61,9 @@ def partition_indices(labels: np.ndarray, num_partitions: int, spec: PartitionSp
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
 
+    if spec.kind == "column":
+        raise FedgeError(f"partition column:{spec.column} splits a CSV file by its "
+                         "column; it needs --data with such a file")
     if num_partitions > len(labels):
         raise FedgeError(f"{num_partitions} clients but only {len(labels)} client samples")
     if spec.kind == "shards" and num_partitions * spec.shards > len(labels):

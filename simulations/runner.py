@@ -7,8 +7,10 @@ simulation engine, for large runs and Ray clusters.
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from torch import nn
 
 from fedge.client.app import build_client_app
 from fedge.client.compression import compression_mod
@@ -17,18 +19,34 @@ from fedge.client.secagg import secagg_mod
 from fedge.client.training import check_device
 from fedge.client.wire import WireRecorder, check_wire_folder
 from fedge.config import RunConfig
+from fedge.datafiles import LabelledSamples
 from fedge.errors import FedgeError
 from fedge.models.registry import check_sample_shape
 from fedge.server.checkpoint import load_checkpoint
-from fedge.server.federation import Federation, RunOutcome, ServerData, check_server_settings
+from fedge.server.federation import (
+    Federation,
+    RunOutcome,
+    ServerData,
+    check_server_settings,
+    prepare,
+)
 from fedge.server.rounds import RoundRecord
 from fedge.server.run_folder import prepare_run_dir, resumable_checkpoint
+from fedge.server.starting_model import StartingModel
 from fedge.server.strategies import check_strategy_name
 from fedge.simulations.attacks import check_attack, staged_attack
 from fedge.simulations.clients import SimulatedClients
 from fedge.simulations.datasets import load_dataset, split_federated
 from fedge.simulations.heterogeneity import check_heterogeneity, with_devices
 from fedge.simulations.partition import PartitionSpec
+from fedge.simulations.userdata import (
+    describe_holdouts,
+    describe_partition,
+    describe_source,
+    fit_config,
+    split_user_data,
+    user_data_source,
+)
 
 
 @dataclass(frozen=True)
@@ -40,13 +58,33 @@ class SimulationPlan:
     clients: SimulatedClients
     server_data: ServerData
     synthetic: bool
+    source: str = ""  # what the run trains on, e.g. "digits (real data)"
+    partition: str = ""  # how the clients' samples were split
+    holdouts: str | None = None  # your own data: where the server's samples come from
+    start: StartingModel | None = None  # the model, checked and with its initial weights
 
 
-def plan_simulation(config: RunConfig) -> SimulationPlan:
-    dataset = load_dataset(config.dataset, config.seed)
-    config = config.model_copy(update={"model": config.model or dataset.default_model})
-    check_sample_shape(config.model, dataset.x.shape[1:])
-    _check_dataset_settings(config, dataset.x.shape[1:], dataset.num_classes)
+def plan_simulation(config: RunConfig, data: LabelledSamples | None = None,
+                    factory: Callable[..., nn.Module] | None = None) -> SimulationPlan:
+    """Check everything about a simulation, reading its data and building its starting
+    model. ``data``: in-memory samples instead of a built-in data set or ``config.data``
+    (backend ``inprocess`` only: Ray's workers read samples from files). ``factory``: your
+    own model's class or function, instead of importing ``config.model``."""
+    plan = _plan_data(config, data)
+    return replace(plan, start=prepare(plan.config, plan.server_data, factory))
+
+
+def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPlan:
+    own = user_data_source(config, data)
+    if own is None:
+        dataset = load_dataset(config.dataset, config.seed)
+        config = config.model_copy(update={"model": config.model or dataset.default_model})
+        check_sample_shape(config.model, dataset.x.shape[1:])
+        _check_dataset_settings(config, dataset.x.shape[1:], dataset.num_classes)
+    else:
+        own_split = split_user_data(own)
+        config = fit_config(config, own, own_split)
+        check_sample_shape(config.model, own_split.x.shape[1:])
     check_strategy_name(config.strategy)
     check_attack(config)
     check_heterogeneity(config)
@@ -57,14 +95,25 @@ def plan_simulation(config: RunConfig) -> SimulationPlan:
         raise FedgeError(f"min_clients ({config.min_clients}) is larger than the number of "
                          f"clients ({config.clients}): no round could ever start")
     clients = SimulatedClients(config.dataset, config.partition, config.clients, config.seed,
-                               config.val_fraction)
+                               config.val_fraction, config.val_share, config.test_share, own)
     if min(clients.partition_sizes()) < 2:
         raise FedgeError(f"partition {config.partition!r} leaves a client with fewer than 2 "
                          "samples; use fewer clients or a larger alpha")
-    split = split_federated(dataset, config.seed)
+    if own is not None:
+        server_data = ServerData(own_split.val_x, own_split.val_y, own_split.test_x,
+                                 own_split.test_y, num_classes=config.num_classes
+                                 or own_split.num_classes, vocab_size=own_split.vocab_size,
+                                 class_names=own_split.class_names)
+        return SimulationPlan(config, clients, server_data, False,
+                              describe_source(config, own, own_split),
+                              describe_partition(config, own),
+                              describe_holdouts(config, own_split))
+    split = split_federated(dataset, config.seed, config.val_share, config.test_share)
     server_data = ServerData(*split.server_val, *split.test, num_classes=dataset.num_classes,
                              vocab_size=dataset.vocab_size)
-    return SimulationPlan(config, clients, server_data, dataset.synthetic)
+    kind = "SYNTHETIC data" if dataset.synthetic else "real data"
+    return SimulationPlan(config, clients, server_data, dataset.synthetic,
+                          f"{config.dataset} ({kind})", config.partition)
 
 
 def _check_dataset_settings(config: RunConfig, sample_shape: tuple[int, ...],
@@ -81,19 +130,23 @@ def _check_dataset_settings(config: RunConfig, sample_shape: tuple[int, ...],
 
 def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
              on_round: Callable[[RoundRecord, bool], None] | None = None,
-             resume: bool = False, record_wire: Path | None = None) -> RunOutcome:
+             resume: bool = False, record_wire: Path | None = None,
+             on_start: Callable[[dict], None] | None = None) -> RunOutcome:
     """Run the planned federation and write its run folder ``run_dir``; with ``resume``,
     continue the interrupted run in ``run_dir`` after its last checkpointed round; with
-    ``record_wire``, record every client reply in that folder (:mod:`fedge.client.wire`)."""
+    ``record_wire``, record every client reply in that folder (:mod:`fedge.client.wire`).
+    ``on_start`` hears the starting model's validation metrics, ``on_round`` each round's
+    record."""
     config = plan.config
     # The wire recorder stays the first mod, the outermost: it records what leaves a client.
     mods = [] if record_wire is None else [WireRecorder(check_wire_folder(record_wire))]
     if resume:
         checkpoint = load_checkpoint(resumable_checkpoint(run_dir))
-        federation = Federation(config, plan.server_data, run_dir, on_round, checkpoint)
+        federation = Federation(config, plan.server_data, run_dir, on_round, checkpoint,
+                                start=plan.start, on_start=on_start)
     else:
         federation = Federation(config, plan.server_data, prepare_run_dir(run_dir, overwrite),
-                                on_round)
+                                on_round, start=plan.start, on_start=on_start)
     load_data, attack_mods = staged_attack(config, plan.clients.local_data,
                                            plan.server_data.num_classes)
     # DP clipping is the last mod, the innermost: it clips what honest training produced

@@ -4,6 +4,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +85,38 @@ def device_client_app(where: str, mod: Mod, tmp_path: Path) -> Iterator[tuple[Cl
         return
     with relay.serve_trainer(build_trainer(device_data, "cpu"), tmp_path) as node_config:
         yield relay.app, node_config
+
+
+# The user's file: BatchNorm and dropout, a factory argument fedge passes (num_classes)
+# and one it does not (width, defaulted). Every process that imports it says so in
+# imports.log, with the test-process marker its environment carries.
+USER_MODEL = '''
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+Path(__file__).with_name("imports.log").open("a").write(
+    os.environ.get("FEDGE_TEST_PROCESS", "-") + "\\n")
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes: int, dropout: float, width: int = 8):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(width * 16, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x / 16.0))
+'''
+
+
+def write_user_model(folder: Path, source: str = USER_MODEL) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "my_model.py"
+    path.write_text(textwrap.dedent(source))
+    return path

@@ -14,6 +14,8 @@ from fedge.models.registry import spec_from_data
 from fedge.simulations.inprocess import FIRST_CLIENT_NODE_ID, InProcessGrid
 from fedge.simulations.runner import plan_simulation, simulate
 
+from conftest import write_user_model
+
 
 def test_flower_is_the_version_the_in_process_grid_was_written_for():
     # InProcessGrid sets flwr.supercore.task_identity.TaskIdentity, a Flower internal.
@@ -113,8 +115,12 @@ def test_a_failing_client_becomes_an_error_reply_and_the_round_goes_on():
 
 
 @pytest.mark.timeout(300)
-def test_ray_backend_runs_the_same_federation_as_the_in_process_backend(tmp_path):
-    config = RunConfig(clients=3, rounds=2, local_epochs=1, partition="iid", patience=5)
+@pytest.mark.parametrize("model", ["cnn", "your own"])
+def test_ray_backend_runs_the_same_federation_as_the_in_process_backend(tmp_path, model):
+    if model == "your own":  # Ray's workers get it as a program, as devices do
+        model = f"{write_user_model(tmp_path / 'src')}:Net"
+    config = RunConfig(model=model, clients=3, rounds=2, local_epochs=1, partition="iid",
+                       patience=5)
     results = {}
     for backend in ("inprocess", "ray"):
         run_dir = tmp_path / backend

@@ -140,7 +140,8 @@ def test_the_installed_command_exits_non_zero_with_one_line_on_stderr(tmp_path):
     result = run_fedge("simulate", "--model", "resnet", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown model 'resnet'; choose one of: cnn, mlp, sensor1d, tinytext"]
+        "error: unknown model 'resnet'; choose one of: cnn, mlp, sensor1d, tinytext, or your "
+        "own as FILE.py:NAME or package.module:NAME"]
 
 
 def test_deployment_commands_need_tls_or_an_explicit_insecure(tmp_path):

@@ -41,7 +41,9 @@ def test_csv_label_column_becomes_int_labels_and_every_other_column_a_float_feat
     rows = [[label, *features] for label, features in zip(y, x, strict=True)]
     path = write_csv(tmp_path / "cancer.csv", header, rows)
 
-    got_x, got_y = load_labelled_data(path, label_column="diagnosis")
+    samples = load_labelled_data(path, label_column="diagnosis")
+
+    got_x, got_y = samples.x, samples.y
 
     assert got_x.dtype == np.float32 and got_x.shape == (20, 30)
     np.testing.assert_allclose(got_x, x, rtol=1e-6)
@@ -56,7 +58,9 @@ def test_csv_rows_of_pixels_are_reshaped_to_the_models_sample_shape(tmp_path):
     path = tmp_path / "digits.csv"
     np.savetxt(path, table, delimiter=",", header=header, comments="")  # labels as 3.0e+00
 
-    x, y = load_labelled_data(path, sample_shape=(1, 8, 8))
+    samples = load_labelled_data(path, sample_shape=(1, 8, 8))
+
+    x, y = samples.x, samples.y
 
     assert x.shape == (12, 1, 8, 8)
     np.testing.assert_array_equal(x[:, 0], digits.images[:12])
@@ -101,10 +105,81 @@ def test_npz_samples_with_nan_or_inf_are_refused_and_counted(tmp_path):
         load_labelled_data(tmp_path / "d.npz")
 
 
-def test_csv_non_numeric_label_is_refused(tmp_path):
-    path = write_csv(tmp_path / "d.csv", ["a", "label"], [[0.5, "cat"]])
-    with pytest.raises(FedgeError, match=r"holds 'cat' in column 'label', which is not a number"):
+def test_csv_text_labels_are_class_names_with_ids_in_sorted_order(tmp_path):
+    rows = [[0.1, "scratch"], [0.2, " good"], [0.3, "dent"], [0.4, "good"], [0.5, "Zinc"]]
+    path = write_csv(tmp_path / "d.csv", ["a", "label"], rows)
+
+    samples = load_labelled_data(path)
+
+    # sorted() order: upper case before lower case; cells are stripped like the header
+    assert samples.class_names == ("Zinc", "dent", "good", "scratch")
+    np.testing.assert_array_equal(samples.y, [3, 2, 1, 2, 0])
+    assert samples.y.dtype == np.int64 and samples.groups is None
+    np.testing.assert_array_equal(samples.x[:, 0], np.float32([0.1, 0.2, 0.3, 0.4, 0.5]))
+
+
+def test_csv_integer_labels_stay_unnamed_ids(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["a", "label"], [[0.5, 2], [0.7, 0]])
+    samples = load_labelled_data(path)
+    assert samples.class_names is None
+    np.testing.assert_array_equal(samples.y, [2, 0])
+
+
+def test_csv_labels_mixing_ids_and_names_are_refused_naming_both_lines(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["a", "label"], [[0.5, "cat"], [0.6, 1], [0.7, "dog"]])
+    with pytest.raises(FedgeError, match=r"column 'label' of .*d\.csv mixes class ids and "
+                                         r"class names \(line 3 holds '1', line 2 'cat'\)"):
         load_labelled_data(path)
+
+
+def test_csv_empty_label_is_refused_with_its_line(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["a", "label"], [[0.5, "cat"], [0.6, " "]])
+    with pytest.raises(FedgeError, match=r"line 3 of .*d\.csv has no label in column 'label'"):
+        load_labelled_data(path)
+
+
+def test_csv_names_map_to_the_federations_ids_and_unknown_names_are_listed(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["a", "label"], [[0.5, "good"], [0.6, "dent"]])
+
+    samples = load_labelled_data(path, class_names=["scratch", "good", "dent"])
+
+    assert samples.class_names == ("scratch", "good", "dent")
+    np.testing.assert_array_equal(samples.y, [1, 2])
+    with pytest.raises(FedgeError, match=r"has a class the federation does not know: dent; "
+                                         r"the federation's classes are: scratch, good"):
+        load_labelled_data(path, class_names=["scratch", "good"])
+
+
+def test_a_group_column_becomes_the_groups_and_is_no_feature(tmp_path):
+    rows = [["dev2", 0.5, "a", 7], ["dev10", 0.6, "b", 8], [" 3 ", 0.7, "a", 9]]
+    path = write_csv(tmp_path / "d.csv", ["device", "f1", "label", "f2"], rows)
+
+    samples = load_labelled_data(path, group_column="device")
+
+    assert samples.x.shape == (3, 2)
+    np.testing.assert_array_equal(samples.x, np.float32([[0.5, 7], [0.6, 8], [0.7, 9]]))
+    assert samples.groups.tolist() == ["dev2", "dev10", "3"]
+    assert samples.class_names == ("a", "b")
+
+
+@pytest.mark.parametrize("group, message", [
+    ("site", r"has no 'site' column; its columns are: device, f1, label"),
+    ("label", r"column 'label' of .* cannot be both the label and the group"),
+])
+def test_a_bad_group_column_is_refused(tmp_path, group, message):
+    path = write_csv(tmp_path / "d.csv", ["device", "f1", "label"], [["d", 0.5, 0]])
+    with pytest.raises(FedgeError, match=message):
+        load_labelled_data(path, group_column=group)
+
+
+def test_a_group_value_must_not_be_empty_and_groups_need_a_csv(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["device", "f1", "label"], [["d", 0.5, 0], ["", 1, 1]])
+    with pytest.raises(FedgeError, match=r"line 3 of .* has no value in column 'device'"):
+        load_labelled_data(path, group_column="device")
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 3)), y=np.array([0, 1]))
+    with pytest.raises(FedgeError, match=r"d\.npz is not a \.csv file, so it has no column "
+                                         r"'device'"):
+        load_labelled_data(tmp_path / "d.npz", group_column="device")
 
 
 def test_an_empty_csv_file_is_refused(tmp_path):
@@ -136,7 +211,9 @@ def test_a_spreadsheet_csv_with_byte_order_mark_and_blank_lines_loads(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("\ufefflabel, a\r\n1,0.5\r\n\r\n0,2\r\n", encoding="utf-8")
 
-    x, y = load_labelled_data(path)
+    samples = load_labelled_data(path)
+
+    x, y = samples.x, samples.y
 
     np.testing.assert_array_equal(x, [[0.5], [2.0]])
     np.testing.assert_array_equal(y, [1, 0])
@@ -150,7 +227,9 @@ def test_npz_float_samples_become_float32_and_labels_int64(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, x=cancer.data[:15], y=cancer.target[:15].astype(np.int32))
 
-    x, y = load_labelled_data(path)
+    samples = load_labelled_data(path)
+
+    x, y = samples.x, samples.y
 
     assert x.dtype == np.float32 and x.shape == (15, 30)
     np.testing.assert_allclose(x, cancer.data[:15], rtol=1e-6)
@@ -162,7 +241,9 @@ def test_npz_integer_samples_stay_integers_as_token_ids(tmp_path):
     tokens = np.array([[5, 9, 0], [70000, 2, 1]], dtype=np.int32)
     np.savez(tmp_path / "d.npz", x=tokens, y=np.array([1, 0], dtype=np.uint8))
 
-    x, y = load_labelled_data(tmp_path / "d.npz")
+    samples = load_labelled_data(tmp_path / "d.npz")
+
+    x, y = samples.x, samples.y
 
     assert x.dtype == np.int64
     np.testing.assert_array_equal(x, tokens)
@@ -188,10 +269,19 @@ def test_npz_labels_must_be_whole_class_ids(tmp_path, labels):
         load_labelled_data(tmp_path / "d.npz")
 
 
-def test_npz_text_labels_are_refused(tmp_path):
-    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4)), y=np.array(["cat", "dog"]))
-    with pytest.raises(FedgeError, match=r"labels in .* must be integer class ids, not <U3"):
-        load_labelled_data(tmp_path / "d.npz")
+def test_npz_text_labels_are_class_names_and_bytes_or_objects_are_refused(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 4)), y=np.array(["dog", "cat", "dog"]))
+    samples = load_labelled_data(tmp_path / "d.npz")
+    assert samples.class_names == ("cat", "dog")
+    np.testing.assert_array_equal(samples.y, [1, 0, 1])
+
+    np.savez(tmp_path / "b.npz", x=np.zeros((2, 4)), y=np.array([b"cat", b"dog"]))
+    with pytest.raises(FedgeError, match=r"labels in .*b\.npz are bytes \(\|S3\); give class "
+                                         r"names as text"):
+        load_labelled_data(tmp_path / "b.npz")
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 4)), y=np.array([True, False]))
+    with pytest.raises(FedgeError, match=r"must be integer class ids or class names, not bool"):
+        load_labelled_data(tmp_path / "c.npz")
 
 
 def test_npz_object_arrays_are_refused_because_pickle_is_never_used(tmp_path):
@@ -214,7 +304,9 @@ def test_grayscale_images_load_as_one_channel_raw_pixels_labelled_by_folder(tmp_
         write_image(tmp_path / str(target) / f"{i:02d}.png", image)
     order = sorted(range(30), key=lambda i: (targets[i], i))  # folder by folder, file by file
 
-    x, y = load_labelled_data(tmp_path)
+    samples = load_labelled_data(tmp_path)
+
+    x, y = samples.x, samples.y
 
     assert x.dtype == np.float32 and x.shape == (30, 1, 8, 8)
     assert x.max() == 255
@@ -227,7 +319,9 @@ def test_rgb_images_load_channels_first(tmp_path):
     write_image(tmp_path / "0" / "a.bmp", rgb)
     write_image(tmp_path / "1" / "b.png", 255 - rgb)
 
-    x, y = load_labelled_data(tmp_path)
+    samples = load_labelled_data(tmp_path)
+
+    x, y = samples.x, samples.y
 
     assert x.shape == (2, 3, 4, 5)
     np.testing.assert_array_equal(x[0], rgb.transpose(2, 0, 1))
@@ -240,7 +334,7 @@ def test_other_image_modes_are_converted_to_rgb(tmp_path):
     write_image(tmp_path / "0" / "a.png", gray, mode="LA")
     write_image(tmp_path / "0" / "b.png", np.zeros((6, 6, 3)), mode="RGBA")
 
-    x, _ = load_labelled_data(tmp_path)
+    x = load_labelled_data(tmp_path).x
 
     assert x.shape == (2, 3, 6, 6)
     np.testing.assert_array_equal(x[0], np.full((3, 6, 6), 200))
@@ -250,20 +344,42 @@ def test_class_names_map_folders_to_the_federations_class_ids(tmp_path):
     write_image(tmp_path / "dog" / "a.png", np.zeros((4, 4)))
     write_image(tmp_path / "cat" / "b.png", np.zeros((4, 4)))
 
-    _, y = load_labelled_data(tmp_path, class_names=["bird", "cat", "dog"])
+    y = load_labelled_data(tmp_path, class_names=["bird", "cat", "dog"]).y
 
     np.testing.assert_array_equal(y, [1, 2])  # cat then dog; this client has no birds
 
 
 def test_a_folder_that_is_not_a_class_name_is_refused_listing_the_classes(tmp_path):
     write_image(tmp_path / "horse" / "a.png", np.zeros((4, 4)))
-    with pytest.raises(FedgeError, match=r"horse is not one of the classes: bird, cat, dog"):
+    with pytest.raises(FedgeError, match=r"has a class the federation does not know: horse; "
+                                         r"the federation's classes are: bird, cat, dog"):
         load_labelled_data(tmp_path, class_names=["bird", "cat", "dog"])
 
 
-def test_folders_must_be_class_ids_unless_class_names_are_given(tmp_path):
+def test_class_named_folders_get_ids_in_sorted_order(tmp_path):
+    write_image(tmp_path / "scratch" / "a.png", np.full((4, 4), 1))
+    write_image(tmp_path / "good" / "b.png", np.full((4, 4), 2))
+    write_image(tmp_path / "good" / "c.png", np.full((4, 4), 3))
+
+    samples = load_labelled_data(tmp_path)
+
+    assert samples.class_names == ("good", "scratch")
+    np.testing.assert_array_equal(samples.y, [0, 0, 1])
+    np.testing.assert_array_equal(samples.x[:, 0, 0, 0], [2, 3, 1])  # folder by folder
+
+
+def test_digit_folders_stay_unnamed_ids(tmp_path):
+    write_image(tmp_path / "3" / "a.png", np.zeros((4, 4)))
+    samples = load_labelled_data(tmp_path)
+    assert samples.class_names is None
+    np.testing.assert_array_equal(samples.y, [3])
+
+
+def test_folders_mixing_ids_and_names_are_refused(tmp_path):
     write_image(tmp_path / "cat" / "a.png", np.zeros((4, 4)))
-    with pytest.raises(FedgeError, match=r"cat is not named by a class id .*pass class_names"):
+    write_image(tmp_path / "1" / "a.png", np.zeros((4, 4)))
+    with pytest.raises(FedgeError, match=r"sub-folders of .* mix class ids and class names "
+                                         r"\(1, cat\)"):
         load_labelled_data(tmp_path)
 
 
@@ -305,7 +421,9 @@ def test_hidden_files_and_folders_beside_the_images_are_ignored(tmp_path):
     (tmp_path / "0" / "._a.png").write_bytes(b"macOS resource fork")
     write_image(tmp_path / ".ipynb_checkpoints" / "a.png", np.zeros((4, 4)))
 
-    x, y = load_labelled_data(tmp_path)
+    samples = load_labelled_data(tmp_path)
+
+    x, y = samples.x, samples.y
 
     assert x.shape == (1, 1, 4, 4)
     np.testing.assert_array_equal(y, [0])
@@ -319,8 +437,8 @@ def test_samples_already_in_the_models_shape_are_kept_and_others_flattened(tmp_p
     for i, (image, target) in enumerate(zip(pixels, targets, strict=True)):
         write_image(tmp_path / str(target) / f"{i}.png", image)
 
-    kept, _ = load_labelled_data(tmp_path, sample_shape=(1, 8, 8))
-    flat, _ = load_labelled_data(tmp_path, sample_shape=(64,))
+    kept = load_labelled_data(tmp_path, sample_shape=(1, 8, 8)).x
+    flat = load_labelled_data(tmp_path, sample_shape=(64,)).x
 
     assert kept.shape == (3, 1, 8, 8)
     np.testing.assert_array_equal(flat, kept.reshape(3, 64))
@@ -360,3 +478,48 @@ def test_json_fedge_writes_is_strict_even_for_nan_and_infinity(tmp_path):
 
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {
         "loss": None, "rounds": [{"x": None}, 1.5], "pair": [None, 2]}
+
+
+# Class names across files and devices
+
+def test_remap_labels_maps_a_devices_own_sorted_names_onto_the_federations_ids():
+    from fedge.datafiles import remap_labels
+
+    # this device has no "dent" samples: its own ids 0, 1 stand for good, scratch
+    y = remap_labels(np.array([1, 0, 1]), ("good", "scratch"), ("dent", "good", "scratch"),
+                     "dev1.csv")
+    np.testing.assert_array_equal(y, [2, 1, 2])
+    assert y.dtype == np.int64
+    ids = np.array([4, 0])
+    np.testing.assert_array_equal(remap_labels(ids, None, ("a", "b"), "x"), ids)
+
+
+def test_remap_labels_names_the_unknown_classes_and_unnamed_federations():
+    from fedge.datafiles import remap_labels
+
+    with pytest.raises(FedgeError, match=r"dev1\.csv has 2 classes the federation does not "
+                                         r"know: rust, scratch; the federation's classes are: "
+                                         r"dent, good"):
+        remap_labels(np.array([0, 1, 2]), ("good", "rust", "scratch"), ("dent", "good"),
+                     "dev1.csv")
+    with pytest.raises(FedgeError, match=r"names its classes \(good\), but the federation's "
+                                         r"classes have no names"):
+        remap_labels(np.array([0]), ("good",), None, "dev1.csv")
+
+
+def test_united_class_names_are_the_sorted_union_and_refuse_named_with_unnamed(tmp_path):
+    from fedge.datafiles import united_class_names
+
+    write_csv(tmp_path / "val.csv", ["a", "label"], [[0, "good"], [1, "scratch"]])
+    write_csv(tmp_path / "test.csv", ["a", "label"], [[0, "dent"], [1, "good"]])
+    write_csv(tmp_path / "ids.csv", ["a", "label"], [[0, 1]])
+    val, test, ids = (load_labelled_data(tmp_path / f"{n}.csv") for n in ("val", "test", "ids"))
+
+    names, (val_y, test_y) = united_class_names([(val, "val.csv"), (test, "test.csv")])
+
+    assert names == ("dent", "good", "scratch")
+    np.testing.assert_array_equal(val_y, [1, 2])
+    np.testing.assert_array_equal(test_y, [0, 1])
+    with pytest.raises(FedgeError, match=r"val\.csv labels its classes by name but ids\.csv "
+                                         r"by id"):
+        united_class_names([(val, "val.csv"), (ids, "ids.csv")])

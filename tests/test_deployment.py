@@ -14,15 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedge.client.app import build_trainer
 from fedge.client.data import split_train_val
-from fedge.client.relay import AUTHKEY_KEY, TrainerFailed, relay, serve_trainer
+from fedge.client.relay import (
+    AUTHKEY_KEY,
+    NOT_FEDGE_CLIENT,
+    RUN_FINISHED,
+    TrainerFailed,
+    relay,
+    serve_trainer,
+)
+from fedge.client.relay import app as relay_app
 from fedge.models.registry import build_model, spec_from_data
 from fedge.processes import free_port
 from fedge.simulations.datasets import load_dataset, split_federated
+from fedge.simulations.inprocess import FIRST_CLIENT_NODE_ID, InProcessGrid
 from fedge.simulations.partition import PartitionSpec, partition_indices
+
+from conftest import write_user_model
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -81,6 +92,17 @@ def test_the_warm_trainer_answers_only_its_own_device_and_reports_failures(tmp_p
         context.node_config[AUTHKEY_KEY] = entries[AUTHKEY_KEY]  # it still serves its device
         with pytest.raises(TrainerFailed):
             relay(content, context)
+
+
+def test_the_relay_with_no_fedge_client_behind_it_says_what_the_federation_expects():
+    # A node whose config names no trainer: Flower's plain SuperNode running the app.
+    grid = InProcessGrid(relay_app, 1)
+    content, _ = _train_message()
+    (reply,) = grid.send_and_receive([Message(content, FIRST_CLIENT_NODE_ID, "train")])
+    assert reply.has_error() and reply.error.reason == NOT_FEDGE_CLIENT
+    farewell = RecordDict({"config": ConfigRecord({"summary": "best round 1"})})
+    (answer,) = grid.send_and_receive([Message(farewell, FIRST_CLIENT_NODE_ID, RUN_FINISHED)])
+    assert not answer.has_error()
 
 
 class Deployment:
@@ -416,3 +438,52 @@ def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment)
         assert last.startswith("error: gave up: the server at 127.0.0.1:"), last
         assert "has not been reachable for 15 s since the connection was lost" in last
         assert_gone_within(d, f"device{i}", CHILDREN_GONE)
+
+
+def test_a_plain_flower_supernode_is_told_to_run_fedge_client_and_the_server_names_it(
+        deployment, tmp_path):
+    d = deployment(rounds=1, **{"min-clients": 1, "join-timeout": 60})
+    server = d.start("server", "server", "--val-data", "val.npz", "--config", "run.toml",
+                     "--insecure", "--host", "127.0.0.1", "--port", str(d.port), "-o", "run")
+    d.wait_for(lambda: "SuperLink listening" in d.log("server"), 60, "the SuperLink")
+    # Someone joins with Flower's own SuperNode instead of `fedge client`.
+    with open(d.root / "plain.log", "ab") as log:
+        d.processes["plain"] = subprocess.Popen(
+            [str(Path(sys.executable).parent / "flower-supernode"), "--insecure",
+             "--superlink", f"127.0.0.1:{d.port}", "--port", str(free_port()),
+             "--max-wait-time", "60"],
+            cwd=d.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "FLWR_HOME": str(tmp_path / "plain-home"),
+                 MARKER: f"{d.marker}-plain"})
+
+    # Its round fails, with the reason under its node id; the run still finishes.
+    assert server.wait(timeout=120) == 0, d.logs()
+    (node,) = re.findall(r"SuperNode ID: (\d+)", d.log("plain"))
+    assert f"client node {node} failed: {NOT_FEDGE_CLIENT}" in d.log("server")
+    (first,) = d.metrics()["rounds"]
+    assert (first["num_clients"], first["failures"]) == (0, 1)
+    # The node's own log says what the federation expects, and then that the run is over.
+    d.wait_for(lambda: "fedge: the federation's run finished" in d.log("plain"), 30,
+               "the farewell in the plain SuperNode's log")
+    plain = d.log("plain")
+    assert f"fedge: {NOT_FEDGE_CLIENT}" in plain
+    assert "`fedge client --server HOST:PORT --data FILE`" in plain
+    for name in ("server", "plain"):
+        assert "Traceback" not in d.log(name) and "KeyError" not in d.log(name), d.log(name)
+
+
+def test_a_loopback_deployment_trains_your_model_on_devices_without_its_source(deployment):
+    d = deployment(rounds=2, model='"operator/my_model.py:Net"', **{"local-epochs": 1})
+    write_user_model(d.root / "operator")
+    server = d.server()
+    clients = [d.client(f"device{i}", f"device{i}.npz") for i in range(3)]
+    assert server.wait(timeout=400) == 0, d.logs()
+    for i, client in enumerate(clients):
+        assert client.wait(timeout=60) == 0, d.logs()
+        assert_gone_within(d, f"device{i}", 15)
+
+    metrics = d.metrics()
+    assert [r["num_clients"] for r in metrics["rounds"]] == [3, 3]
+    assert metrics["test"]["accuracy"] > 0.5
+    importers = set((d.root / "operator" / "imports.log").read_text().split())
+    assert importers and all(marker.endswith("-server") for marker in importers), importers

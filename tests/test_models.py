@@ -77,8 +77,11 @@ def test_a_failed_parity_check_leaves_no_onnx_file(tmp_path):
 
 
 def test_unknown_model_names_list_the_known_ones():
-    with pytest.raises(FedgeError, match=r"unknown model 'resnet'.*cnn, mlp, sensor1d, tinytext"):
-        spec_from_data("resnet", np.zeros((4, 3), np.float32), 2, 0.1)
+    from fedge.models.source import resolve_factory
+
+    with pytest.raises(FedgeError, match=r"unknown model 'resnet'.*cnn, mlp, sensor1d, "
+                                         r"tinytext, or your own as FILE.py:NAME"):
+        resolve_factory("resnet")
 
 
 def test_samples_of_the_wrong_rank_are_rejected_by_name():

@@ -7,16 +7,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from typer.testing import CliRunner
 
 from fedge.cli import app
 from fedge.client.app import build_client_app
+from fedge.client.compression import compression_mod
+from fedge.client.privacy import dp_clipping_mod
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.models.metrics import evaluate_classifier
+from fedge.models.registry import ModelSpec, build_model
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation
+from fedge.server.screening import (
+    EXPECTED_CLIENT,
+    EXPECTED_CLIENT_KEY,
+    average_client_metrics,
+    uniform_content,
+)
 from fedge.simulations.attacks import UpdateAttack, attacker_partitions, staged_attack
 from fedge.simulations.inprocess import FIRST_CLIENT_NODE_ID, InProcessGrid
 from fedge.simulations.runner import plan_simulation, simulate
@@ -175,6 +188,151 @@ def test_nan_wrong_shape_and_wrong_dtype_updates_are_rejected_and_the_run_comple
     rejected = [line for line in server_log if "rejected the update" in line]
     assert sorted(rejected) == [f"round {r}: rejected the update of client node {node}: {why}"
                                 for r in (1, 2) for node, why in reasons.items()]
+
+
+def plain_flower_client_app(local_data, mods=()) -> ClientApp:
+    """Someone else's ClientApp, written after Flower's PyTorch quickstart rather than
+    with fedge: it trains the network it is sent for one epoch of Adam and reports
+    nothing but ``num-examples``; partition 2 names its records its own way and adds a
+    list metric of its own."""
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        model = build_model(ModelSpec.from_json(str(msg.content["config"]["model-spec"])))
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        data = local_data(context)
+        x, y = torch.as_tensor(data.train_x), torch.as_tensor(data.train_y).long()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.003)
+        model.train()
+        losses = []
+        for start in range(0, len(x), 32):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[start:start + 32]),
+                                                     y[start:start + 32])
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        arrays, metrics = ArrayRecord(model.state_dict()), MetricRecord({"num-examples": len(x)})
+        if context.node_config["partition-id"] == 2:
+            metrics["batch-losses"] = losses
+            return Message(RecordDict({"weights": arrays, "train-metrics": metrics}),
+                           reply_to=msg)
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def recording(replies: dict[int, tuple[dict, dict[str, np.ndarray], dict]]):
+    """A mod that keeps each node's last reply, its metrics and its arrays, and the
+    config it was sent."""
+
+    def mod(message, context, call_next):
+        reply = call_next(message, context)
+        (metrics,) = reply.content.metric_records.values()
+        (arrays,) = reply.content.array_records.values()
+        replies[context.node_id] = (dict(metrics), {k: v.numpy() for k, v in arrays.items()},
+                                    dict(message.content["config"]))
+        return reply
+
+    return mod
+
+
+def mixed_federation(plan, replies: dict):
+    """Four nodes: 1001 runs fedge's ClientApp (with the mods `fedge client` runs),
+    1002-1004 the standard Flower one."""
+    fedge_app = build_client_app(plan.clients.local_data, device="cpu",
+                                 mods=[recording(replies), compression_mod, dp_clipping_mod])
+    plain_app = plain_flower_client_app(plan.clients.local_data, mods=[recording(replies)])
+
+    def client_app(message: Message, context: Context) -> Message:
+        app_ = fedge_app if context.node_config["partition-id"] == 0 else plain_app
+        return app_(message, context)
+
+    return InProcessGrid(client_app, 4)
+
+
+def test_standard_flower_clients_and_a_fedge_client_are_aggregated_together(
+        tmp_path, server_log):
+    config = RunConfig(clients=4, partition="iid", rounds=1, local_epochs=1, patience=5)
+    plan = plan_simulation(config)
+    replies: dict[int, tuple[dict, dict[str, np.ndarray], dict]] = {}
+    Federation(plan.config, plan.server_data, tmp_path).run(mixed_federation(plan, replies))
+
+    (record,) = metrics(tmp_path)["rounds"]
+    assert not [line for line in server_log if "rejected" in line]
+    assert (record["rejected"], record["num_clients"], record["failures"]) == (0, 4, 0)
+    # The client metrics are the fedge client's: the only reply that reports them.
+    fedge_metrics, _, _ = replies[FIRST_CLIENT_NODE_ID]
+    assert record["train_loss"] == pytest.approx(fedge_metrics["train_loss"])
+    assert record["client_val_loss"] == pytest.approx(fedge_metrics["val_loss"])
+    assert record["client_val_accuracy"] == pytest.approx(fedge_metrics["val_accuracy"])
+    assert record["client_epochs"] == fedge_metrics["epochs"]
+    assert record["slowest_client_seconds"] == pytest.approx(fedge_metrics["train_seconds"])
+    # The new global model is FedAvg's mean of all four updates.
+    weights = {node: m["num-examples"] for node, (m, _, _) in replies.items()}
+    assert sorted(weights) == [1001, 1002, 1003, 1004]
+    state = load_checkpoint(tmp_path / "checkpoint.pt").state_dict
+    for name, value in state.items():
+        expected = sum(weights[n] * arrays[name] for n, (_, arrays, _) in replies.items())
+        np.testing.assert_allclose(value.numpy(), expected / sum(weights.values()),
+                                   rtol=1e-5, atol=1e-6)
+    # Whoever reads the train config of another ClientApp learns what the server expects.
+    _, _, config = replies[FIRST_CLIENT_NODE_ID + 1]
+    assert config[EXPECTED_CLIENT_KEY] == EXPECTED_CLIENT
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedmedian", "multikrum"])
+def test_every_strategy_aggregates_standard_flower_clients(strategy, tmp_path, server_log):
+    config = RunConfig(clients=4, partition="iid", rounds=2, local_epochs=1, patience=5,
+                       strategy=strategy, krum_byzantine=0)
+    plan = plan_simulation(config)
+    Federation(plan.config, plan.server_data, tmp_path).run(mixed_federation(plan, {}))
+    rounds = metrics(tmp_path)["rounds"]
+    assert [(r["rejected"], r["failures"]) for r in rounds] == [(0, 0)] * 2
+    assert not [line for line in server_log if "rejected" in line]
+    # Multi-Krum with f = 0 selects all four.
+    assert all(r["num_clients"] == 4 and r["train_loss"] > 0 for r in rounds)
+
+
+def test_a_private_run_rejects_standard_clients_that_do_not_clip(tmp_path, server_log):
+    config = RunConfig(clients=4, partition="iid", rounds=1, local_epochs=1, patience=5,
+                       dp_clip_norm=1.0)
+    plan = plan_simulation(config)
+    Federation(plan.config, plan.server_data, tmp_path).run(mixed_federation(plan, {}))
+    (record,) = metrics(tmp_path)["rounds"]
+    assert record["rejected"] == 3
+    rejected = sorted(line for line in server_log if "rejected" in line)
+    assert rejected == [f"round 1: rejected the update of client node {node}: no dp-weight "
+                        "in its metrics: the weight this federation averages updates by"
+                        for node in (1002, 1003, 1004)]
+
+
+def test_flower_refuses_mixed_metric_names_that_the_screened_form_makes_consistent():
+    def reply(arrays_name: str, metrics_name: str, **metrics) -> RecordDict:
+        return RecordDict({arrays_name: ArrayRecord({"w": Array(np.ones(2, np.float32))}),
+                           metrics_name: MetricRecord(metrics)})
+
+    replies = [reply("arrays", "metrics", **{"num-examples": 30, "train_loss": 0.5,
+                                             "epochs": 3, "curve": [1.0, 2.0]}),
+               reply("arrays", "metrics", **{"num-examples": 10}),
+               reply("weights", "train-metrics", **{"num-examples": 20, "train_loss": 2.0,
+                                                    "epochs": [9, 9], "curve": [3.0, 4.0]}),
+               reply("arrays", "metrics", **{"num-examples": 40, "train_loss": float("nan"),
+                                             "curve": [5.0]})]
+    with pytest.raises(InconsistentMessageReplies):  # Flower alone stops the run
+        validate_message_reply_consistency(replies, "num-examples", check_arrayrecord=True)
+    screened = [uniform_content(r, ("num-examples",)) for r in replies]
+    validate_message_reply_consistency(screened, "num-examples", check_arrayrecord=True)
+
+    averaged = average_client_metrics(screened, "num-examples")
+    assert dict(averaged) == {
+        "train_loss": pytest.approx((30 * 0.5 + 20 * 2.0) / 50),  # NaN: not reported
+        "epochs": 3.0,  # a number outranks a list
+    }  # "curve": lists of unequal lengths, not averaged
+    assert dict(average_client_metrics(screened[:3], "num-examples"))["curve"] == \
+        pytest.approx([(30 * 1 + 20 * 3) / 50, (30 * 2 + 20 * 4) / 50])
+    assert dict(average_client_metrics([screened[1]], "num-examples")) == {}
 
 
 def test_label_flipping_attackers_train_on_mirrored_labels():

@@ -1,0 +1,171 @@
+"""fedge's Python API: what the ``fedge`` command runs, for scripts and notebooks.
+
+>>> import fedge
+>>> result = fedge.simulate(model=Net, data=(x, y), init="pretrained.pt", clients=10,
+...                         rounds=20)
+>>> result.test_accuracy, result.run_dir
+>>> fedge.predict(result.onnx_model, x[:5])
+['scratch', 'good', 'good', 'scratch', 'good']
+
+Settings are :class:`~fedge.config.RunConfig`'s fields, as keyword arguments (``lr=``,
+``partition=``, ``freeze=[...]``, ...). Bad input raises :class:`~fedge.errors.FedgeError`
+with the message the command line prints. Heavy libraries load inside the functions.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from fedge.config import load_config
+from fedge.errors import FedgeError
+
+Data = str | Path | tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """A finished simulation: its run folder and what it measured."""
+
+    run_dir: Path
+    test_accuracy: float
+    test_loss: float
+    best_round: int
+    rounds_run: int
+    stopped_early: bool
+    rounds: list[dict]  # metrics.json's record of every round
+    initial: dict | None  # the starting model's validation metrics (round 0)
+    onnx_report: dict
+    privacy: dict | None = None
+
+    @property
+    def onnx_model(self) -> Path:
+        return self.run_dir / "model.onnx"
+
+
+def simulate(model: str | Callable[..., Any] | None = None, data: Data | None = None, *,
+             out: str | Path | None = None, config: str | Path | None = None,
+             overwrite: bool = False, resume: bool = False,
+             on_plan: Callable[[Any], None] | None = None,
+             on_start: Callable[[dict], None] | None = None,
+             on_round: Callable[[Any, bool], None] | None = None,
+             record_wire: str | Path | None = None, **settings: Any) -> SimulationResult:
+    """Federate ``model`` over simulated clients on this machine and write a run folder.
+
+    ``model``: a built-in name, ``"FILE.py:NAME"``, ``"package.module:NAME"``, or an
+    ``nn.Module`` class or factory (called with the arguments it declares among
+    ``input_shape``, ``num_classes``, ``dropout``). ``data``: a CSV, NPZ or image folder,
+    or arrays ``(x, y)`` whose labels ``y`` are class ids or names (default: the
+    ``dataset`` setting, digits). ``out``: the run folder (default ``runs/<timestamp>``).
+    ``on_plan(plan)`` hears the checked plan before training starts, ``on_start(metrics)``
+    the starting model's validation (round 0), ``on_round(record, best)`` every round.
+    """
+    from fedge.simulations.runner import plan_simulation
+    from fedge.simulations.runner import simulate as run
+
+    factory = None
+    if callable(model):
+        from fedge.models.source import resolve_factory
+
+        model, factory = resolve_factory(model)
+    samples = None
+    if isinstance(data, str | Path):
+        settings["data"] = str(data)
+    elif data is not None:
+        samples = _in_memory(data)
+    run_config = load_config(None if config is None else Path(config), model=model,
+                             **settings)
+    if resume and out is None:
+        raise FedgeError("resume needs out: the run folder to continue")
+    plan = plan_simulation(run_config, samples, factory=factory)
+    if on_plan:
+        on_plan(plan)
+    run_dir = Path(out) if out is not None else Path("runs") / datetime.now().strftime(
+        "%Y%m%d-%H%M%S")
+    outcome = run(plan, run_dir, overwrite=overwrite, on_round=on_round, resume=resume,
+                  record_wire=None if record_wire is None else Path(record_wire),
+                  on_start=on_start)
+    metrics = _read_metrics(outcome.run_dir)
+    return SimulationResult(outcome.run_dir, outcome.test_accuracy, outcome.test_loss,
+                            outcome.best_round, outcome.rounds_run, outcome.stopped_early,
+                            metrics["rounds"], metrics["initial"], outcome.onnx_report,
+                            outcome.privacy)
+
+
+def _in_memory(data: object) -> Any:
+    from fedge.datafiles import LabelledSamples, labels_to_ids
+
+    if not (isinstance(data, tuple) and len(data) == 2):
+        raise FedgeError("data must be a path or a pair of arrays (x, y)")
+    x, labels = np.asarray(data[0]), np.asarray(data[1])
+    if x.dtype.kind not in "biuf" or x.ndim < 2:
+        raise FedgeError(f"x must be a numeric array of samples (n, ...), not {x.dtype} "
+                         f"of shape {x.shape}")
+    y, names = labels_to_ids(labels, "the labels y")
+    return LabelledSamples(x if x.dtype.kind in "iu" else x.astype(np.float32), y, names)
+
+
+def _read_metrics(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = False,
+           quantize: Literal["int8", "int8-dynamic"] | None = None,
+           eval_data: str | Path | None = None) -> dict:
+    """Write a run's checkpoint (``checkpoint.pt`` or ``best.pt``) as an ONNX model,
+    checked against torch in onnxruntime (int8 with ``quantize``); the report."""
+    from fedge.datafiles import load_labelled_data, remap_labels
+    from fedge.files import check_output_file
+    from fedge.models.export import export_onnx
+    from fedge.models.quantize import export_int8
+    from fedge.models.registry import check_labelled_samples
+    from fedge.server.checkpoint import load_checkpoint
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    if eval_data is not None and quantize is None:
+        raise FedgeError("eval_data is for comparing an int8 model with its fp32 model; "
+                         "give quantize too")
+    check_output_file(output, overwrite, source=checkpoint)
+    saved = load_checkpoint(checkpoint)
+    if quantize is None:
+        report = export_onnx(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
+                             output)
+        return {**report, "round": saved.round}
+    eval_x = eval_y = None
+    if eval_data is not None:
+        samples = load_labelled_data(Path(eval_data), sample_shape=saved.model_spec.input_shape)
+        eval_x = samples.x
+        eval_y = remap_labels(samples.y, samples.class_names, saved.model_spec.class_names,
+                              eval_data)
+        check_labelled_samples(saved.model_spec, eval_x, eval_y, eval_data)
+    method = "dynamic" if quantize == "int8-dynamic" else "static"
+    report = export_int8(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
+                         output, method, eval_x, eval_y)
+    return {**report, "round": saved.round, "method": method}
+
+
+def predict(model: str | Path, inputs: str | Path | np.ndarray, *,
+            output: Literal["names", "ids", "probabilities"] = "names",
+            label_column: str = "label") -> list | np.ndarray:
+    """Classify ``inputs`` (an array of samples, or a .npy, .csv, image file or image
+    folder) with an ONNX model exported by fedge, in onnxruntime alone (no torch).
+
+    ``names``: each sample's class name when the model has names, its id otherwise;
+    ``ids``: class ids; ``probabilities``: an array of per-class probabilities (rows of
+    NaN where there is no prediction). A sample holding NaN or Inf is predicted ``None``.
+    """
+    from fedge.models.inference import NO_PREDICTION, read_inputs, run_model
+
+    samples = (np.asarray(inputs) if isinstance(inputs, np.ndarray)
+               else read_inputs(Path(inputs), label_column).samples)
+    predictions = run_model(Path(model), samples)
+    if output == "probabilities":
+        return predictions.probabilities
+    names = predictions.class_names if output == "names" else None
+    return [None if c == NO_PREDICTION else names[c] if names else int(c)
+            for c in predictions.classes]

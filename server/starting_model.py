@@ -1,0 +1,94 @@
+"""The federation's starting model: a built-in network or your own, with its initial
+weights (``--init``, ``--reset``) and the entries clients do not train (``--freeze``).
+
+Everything is checked here, before any file is written or process started: the model
+file imports, its factory takes fedge's arguments, it turns the server's samples into
+logits, the weights fit, every glob matches, something is left to train, and your own
+model can be shipped to devices as a program.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedge.config import RunConfig
+from fedge.errors import FedgeError
+from fedge.models.networks import InputScaling
+from fedge.models.program import export_program, fingerprint
+from fedge.models.registry import (
+    ModelSpec,
+    as_input_tensor,
+    build_model,
+    check_labelled_samples,
+    spec_from_data,
+)
+from fedge.models.source import add_input_scaling, check_logits, instantiate, resolve_factory
+from fedge.models.weights import load_initial_weights, matching
+
+
+@dataclass(frozen=True)
+class StartingModel:
+    spec: ModelSpec  # your own model's carries its program and fingerprint
+    state: dict[str, torch.Tensor]
+    frozen: tuple[str, ...]  # state entries clients neither train nor send
+    origin: str  # where the model came from
+
+
+def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_classes: int,
+                   vocab_size: int | None = None, class_names: tuple[str, ...] | None = None,
+                   factory: Callable[..., nn.Module] | None = None) -> StartingModel:
+    """The model a new run starts from, fitted to the server's validation samples; your
+    own ``factory`` (the Python API) stands in for ``config.model``'s import."""
+    if config.model is None:
+        raise FedgeError("the server needs a model")
+    spec = spec_from_data(_short(config.model), val_x, num_classes, config.dropout,
+                          vocab_size=vocab_size, class_names=class_names,
+                          scale_inputs=config.scale_inputs)
+    check_labelled_samples(spec, val_x, val_y, "the server's validation data")
+    with torch.random.fork_rng():  # the same seed, the same starting weights
+        torch.manual_seed(config.seed)
+        if spec.builtin:
+            origin, model = f"fedge built-in model {spec.name}", build_model(spec)
+        else:
+            origin, factory = ((config.model, factory) if factory
+                               else resolve_factory(config.model))
+            model = instantiate(origin, factory, spec.input_shape, spec.num_classes,
+                                spec.dropout)
+            if spec.input_mean is not None:
+                add_input_scaling(model, InputScaling(spec.input_mean, spec.input_std,
+                                                      ndim=len(spec.input_shape) + 1))
+            origin = _where(origin)
+    names = list(model.state_dict())
+    reset = matching(names, config.reset, "--reset")
+    if config.init:
+        load_initial_weights(model, Path(config.init), reset)
+    elif config.reset:
+        raise FedgeError("--reset leaves parameters fresh instead of --init's weights; give "
+                         "--init too")
+    frozen = matching(names, config.freeze, "--freeze")
+    if config.freeze and not any(name not in frozen for name, _ in model.named_parameters()):
+        raise FedgeError(f"--freeze {' '.join(config.freeze)} freezes every parameter: "
+                         "nothing is left to train")
+    sample = as_input_tensor(spec, np.concatenate([val_x[:2], val_x[:1]])[:2])
+    check_logits(origin, model, sample, spec.num_classes)
+    if not spec.builtin:
+        program = export_program(model, sample)
+        spec = spec.model_copy(update={"program": program, "fingerprint": fingerprint(program)})
+    return StartingModel(spec, {k: v.detach().clone() for k, v in model.state_dict().items()},
+                         tuple(n for n in names if n in frozen), origin)
+
+
+def _short(model: str) -> str:
+    """The model's name as devices see it: a file's name without the server's folders."""
+    module, _, name = model.rpartition(":")
+    return f"{Path(module).name}:{name}" if module.endswith(".py") else model
+
+
+def _where(origin: str) -> str:
+    """``origin`` with its file's absolute path, for the checkpoint's record."""
+    module, _, name = origin.rpartition(":")
+    return f"{Path(module).resolve()}:{name}" if module.endswith(".py") else origin

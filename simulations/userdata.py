@@ -1,0 +1,373 @@
+"""Your own data in a simulation: one file split among the clients, or one per client.
+
+``--data FILE`` (CSV, NPZ or image folder, read as ``fedge client --data`` reads it) is
+split by ``--partition``: ``iid``, ``dirichlet:A``, ``shards:K``, or ``column:NAME``, one
+client per value of a CSV column (a device id, a site), that column being no feature.
+``--client-data DIR`` holds one data file or image folder per client: its entries, sorted
+by name (hidden ones ignored), are clients 0, 1, 2, ...
+
+**Hold-outs.** The server's validation and test samples come from ``--val-data`` and
+``--test-data`` when given; otherwise ``test_share`` and then ``val_share`` of all the
+samples, stratified by label (scikit-learn's ``train_test_split``, seeded), are taken out
+*before* any client gets its samples, as for the built-in data sets. A natural partition
+loses the held-out rows from its clients; no client ever holds a held-out sample.
+
+**Class names.** Files that label samples by name give the federation the sorted union
+of all their names (``sorted()``; the first name is class 0), and every file's ids are
+mapped onto it. Files that label by id keep their ids, unnamed. In-memory samples that
+carry ``class_names`` keep that order (the files' names must be among them).
+
+Only :class:`UserData` (paths and settings, never arrays) travels to Ray workers; every
+process reads and splits the files once (cached) and, from the seed, gets the same split.
+"""
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from fedge.config import RunConfig
+from fedge.datafiles import LabelledSamples, labels_to_ids, load_labelled_data, united_class_names
+from fedge.errors import FedgeError
+from fedge.simulations.partition import PartitionSpec, natural_partitions
+
+MEMORY = "the in-memory samples"
+
+
+@dataclass(frozen=True)
+class UserData:
+    """Where a simulation's own samples come from, and how they are held out."""
+
+    data: str | None = None  # one file, split by the partition
+    client_data: str | None = None  # a folder of one file or image folder per client
+    val_data: str | None = None
+    test_data: str | None = None
+    label_column: str = "label"
+    group_column: str | None = None  # partition column:NAME
+    sample_shape: tuple[int, ...] | None = None
+    val_share: float = 0.15
+    test_share: float = 0.15
+    seed: int = 0
+    # In-memory samples (the Python API; in-process simulations only): compared and
+    # hashed by their id, so that the description stays a cheap cache key.
+    memory_id: str | None = None
+    memory: LabelledSamples | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def natural(self) -> bool:
+        """One client per group (a column's value, or an entry of --client-data)."""
+        return self.client_data is not None or self.group_column is not None
+
+
+@dataclass(frozen=True)
+class UserSplit:
+    """The clients' samples, their partitions when natural, and the server's hold-outs."""
+
+    x: np.ndarray
+    y: np.ndarray
+    partitions: list[np.ndarray] | None  # natural: indices into x, y for each client
+    client_names: list[str] | None  # natural: each client's column value or entry name
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    class_names: tuple[str, ...] | None
+    num_classes: int  # named: the number of names; else the largest id seen + 1
+    vocab_size: int | None  # token-id samples: the largest id seen + 1
+
+
+@lru_cache(maxsize=4)
+def split_user_data(source: UserData) -> UserSplit:
+    """Read ``source``'s files, hold out the server's samples, and partition the rest
+    when the partition is natural; every problem is a :class:`FedgeError` naming it."""
+    pool, codes, names_of_groups = _pool(source)
+    held = [(_read(source, path), path) for path in (source.val_data, source.test_data)
+            if path is not None]
+    order = source.memory.class_names if source.memory is not None else None
+    class_names, ids = united_class_names([*pool, *held], order)
+    x = _concatenate([samples.x for samples, _ in pool], [where for _, where in pool])
+    y = np.concatenate(ids[:len(pool)])
+    client_rows, val_rows, test_rows = _hold_outs(y, source)
+    val = test = None
+    if source.val_data is not None:
+        val = held[0][0].x, ids[len(pool)]
+    if source.test_data is not None:
+        test = held[-1][0].x, ids[-1]
+    val = val or (x[val_rows], y[val_rows])
+    test = test or (x[test_rows], y[test_rows])
+    for (part_x, _), where in ((val, source.val_data), (test, source.test_data)):
+        if where is not None:
+            _same_kind(part_x, x, where, _first(pool))
+    partitions = None
+    if codes is not None:
+        partitions = _natural(codes[client_rows], names_of_groups, source)
+    every_y = np.concatenate([y, val[1], test[1]])
+    num_classes = len(class_names) if class_names else int(every_y.max()) + 1
+    vocab = None
+    if np.issubdtype(x.dtype, np.integer):
+        vocab = int(max(x.max(), val[0].max(), test[0].max())) + 1
+    return UserSplit(x[client_rows], y[client_rows], partitions, names_of_groups, *val, *test,
+                     class_names, num_classes, vocab)
+
+
+def _first(pool: list[tuple[LabelledSamples, object]]) -> object:
+    return pool[0][1]
+
+
+def _read(source: UserData, path: str | Path, group_column: str | None = None
+          ) -> LabelledSamples:
+    return load_labelled_data(Path(path), label_column=source.label_column,
+                              sample_shape=source.sample_shape, group_column=group_column)
+
+
+def _pool(source: UserData) -> tuple[list[tuple[LabelledSamples, object]], np.ndarray | None,
+                                     list[str] | None]:
+    """The samples the clients and the hold-outs come from, with where they came from;
+    for a natural partition, each sample's group number and the groups' names."""
+    if source.memory is not None:
+        samples = _checked_memory(source.memory, source)
+        pool = [(samples, MEMORY)]
+        groups = samples.groups
+    elif source.data is not None:
+        if source.group_column is not None and (Path(source.data).is_dir()
+                                                or Path(source.data).suffix.lower() != ".csv"):
+            raise FedgeError(f"partition column:{source.group_column} splits a CSV file by "
+                             f"one of its columns, but {source.data} is not a .csv file")
+        samples = _read(source, source.data, source.group_column)
+        pool = [(samples, source.data)]
+        groups = samples.groups
+    else:
+        return _client_entries(source)
+    if source.group_column is None:
+        return pool, None, None
+    if groups is None:
+        raise FedgeError(f"partition column:{source.group_column} needs each sample's group: "
+                         "give the in-memory samples groups")
+    values, members = natural_partitions(np.asarray(groups).astype(str))
+    codes = np.empty(len(groups), dtype=np.int64)
+    for code, rows in enumerate(members):
+        codes[rows] = code
+    return pool, codes, values
+
+
+def _client_entries(source: UserData) -> tuple[list[tuple[LabelledSamples, object]],
+                                               np.ndarray, list[str]]:
+    folder = Path(source.client_data)
+    if not folder.is_dir():
+        raise FedgeError(f"--client-data {folder} is not a folder; give a folder holding one "
+                         "data file or image folder per client")
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")),
+                     key=lambda p: p.name)
+    if not entries:
+        raise FedgeError(f"--client-data {folder} is empty; put one data file or image "
+                         "folder per client in it")
+    pool = [(_read(source, entry), entry) for entry in entries]
+    codes = np.concatenate([np.full(len(samples.y), k) for k, (samples, _) in enumerate(pool)])
+    return pool, codes, [entry.name for entry in entries]
+
+
+def _checked_memory(samples: LabelledSamples, source: UserData) -> LabelledSamples:
+    """In-memory samples held to the same standard as a data file's."""
+    x = np.asarray(samples.x)
+    if x.ndim < 2 or x.dtype.kind not in "biuf":
+        raise FedgeError(f"{MEMORY} must be a numeric array of shape (samples, ...), not "
+                         f"{x.dtype} of shape {x.shape}")
+    if x.dtype.kind in "iu":
+        x = x.astype(np.int64)
+    else:
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float32)
+        finite = np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
+        if not finite.all():
+            raise FedgeError(f"{MEMORY} hold NaN, Inf or values beyond float32's range in "
+                             f"{int((~finite).sum())} samples (the first is sample "
+                             f"{int(np.argmin(finite))})")
+    if source.sample_shape is not None:
+        if math.prod(x.shape[1:]) != math.prod(source.sample_shape):
+            raise FedgeError(f"{MEMORY} have shape {x.shape[1:]}, but input_shape is "
+                             f"{tuple(source.sample_shape)}")
+        x = x.reshape(len(x), *source.sample_shape)
+    if len(x) == 0:
+        raise FedgeError(f"{MEMORY} hold no samples")
+    y, names = labels_to_ids(np.asarray(samples.y), MEMORY, samples.class_names)
+    groups = None if samples.groups is None else np.asarray(samples.groups).astype(str)
+    return LabelledSamples(x, y, names, groups)
+
+
+def _concatenate(parts: list[np.ndarray], sources: list[object]) -> np.ndarray:
+    for part, where in zip(parts[1:], sources[1:], strict=True):
+        _same_kind(part, parts[0], where, sources[0])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _same_kind(x: np.ndarray, reference: np.ndarray, where: object, reference_source: object
+               ) -> None:
+    if x.shape[1:] != reference.shape[1:]:
+        raise FedgeError(f"samples in {where} have shape {x.shape[1:]}, but those in "
+                         f"{reference_source} {reference.shape[1:]}; every file must hold "
+                         "samples of one shape (input_shape reshapes flat CSV rows)")
+    if (x.dtype.kind in "iu") != (reference.dtype.kind in "iu"):
+        raise FedgeError(f"samples in {where} are {x.dtype} but those in {reference_source} "
+                         f"{reference.dtype}: token ids and float samples do not mix")
+
+
+def _hold_outs(y: np.ndarray, source: UserData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of the clients, of the server's validation and of the test set: a stated
+    share of the samples, stratified by label, for each hold-out not given as a file."""
+    rows, none = np.arange(len(y)), np.zeros(0, dtype=np.int64)
+    take_test, take_val = source.test_data is None, source.val_data is None
+    if take_test and take_val and source.val_share + source.test_share >= 1:
+        raise FedgeError(f"val_share {source.val_share:g} and test_share "
+                         f"{source.test_share:g} leave no samples for the clients")
+    test_rows = val_rows = none
+    if take_test:
+        rows, test_rows = _stratified(y, rows, source.test_share, source.seed, "test",
+                                      source.test_share, "--test-data")
+    if take_val:
+        share = source.val_share / (1 - source.test_share) if take_test else source.val_share
+        rows, val_rows = _stratified(y, rows, share, source.seed, "validation",
+                                     source.val_share, "--val-data")
+    return rows, val_rows, test_rows
+
+
+def _stratified(y: np.ndarray, rows: np.ndarray, share: float, seed: int, what: str,
+                stated: float, option: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        kept, held = train_test_split(rows, test_size=share, stratify=y[rows],
+                                      random_state=seed)
+    except ValueError as error:
+        raise FedgeError(f"cannot hold out {stated:.0%} of the {len(y)} samples for the "
+                         f"server's {what} set, stratified by label: {error} Give the {what} "
+                         f"samples with {option}, or more samples of every class") from None
+    return np.sort(kept), np.sort(held)
+
+
+def _natural(codes: np.ndarray, names: list[str], source: UserData) -> list[np.ndarray]:
+    """Each group's rows among the clients' samples; a group left with fewer than 2 (the
+    hold-outs took the others) is a client that cannot train and validate."""
+    partitions = [np.flatnonzero(codes == k) for k in range(len(names))]
+    for k, rows in enumerate(partitions):
+        if len(rows) < 2:
+            what = (f"entry {names[k]!r} of {source.client_data}" if source.client_data
+                    else f"value {names[k]!r} of column {source.group_column!r}")
+            taken = ("" if source.val_data and source.test_data else
+                     " after the server's hold-outs (give them with --val-data and "
+                     "--test-data instead)")
+            raise FedgeError(f"client {k} ({what}) has {len(rows)} "
+                             f"sample{'' if len(rows) == 1 else 's'}{taken}; a client needs "
+                             "at least 2 (training and validation)")
+    return partitions
+
+
+def user_data_source(config: RunConfig, data: LabelledSamples | None = None
+                     ) -> UserData | None:
+    """The description of the run's own samples (None: a built-in data set), after the
+    checks of settings that do not go together."""
+    given = config.model_fields_set
+    own = [name for name, value in (("in-memory samples", data), ("--data", config.data),
+                                    ("--client-data", config.client_data)) if value is not None]
+    spec = PartitionSpec.parse(config.partition)
+    if not own:
+        for option, value in (("--val-data", config.val_data), ("--test-data", config.test_data)):
+            if value is not None:
+                raise FedgeError(f"{option} is for your own data (--data or --client-data); "
+                                 f"data set {config.dataset!r} holds out its own samples")
+        if spec.kind == "column":
+            raise FedgeError(f"partition {config.partition!r} splits your own CSV file by "
+                             "one of its columns: give the file with --data")
+        return None
+    if len(own) > 1:
+        raise FedgeError(f"give one source of samples, not {' and '.join(own)}")
+    if "dataset" in given:
+        raise FedgeError(f"give --dataset or {own[0]}, not both")
+    if config.client_data is not None and "partition" in given:
+        raise FedgeError(f"--client-data is one client per entry of {config.client_data}: it "
+                         f"takes no --partition ({config.partition!r})")
+    if data is not None and config.backend == "ray":
+        raise FedgeError("in-memory samples cannot be sent to Ray's workers: use backend "
+                         "'inprocess', or save the samples to a file and give its path as "
+                         "data")
+    if data is not None and not isinstance(data, LabelledSamples):
+        raise FedgeError(f"in-memory samples must be LabelledSamples, not "
+                         f"{type(data).__name__}")
+
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else str(Path(path).expanduser().resolve())
+
+    return UserData(
+        data=absolute(config.data), client_data=absolute(config.client_data),
+        val_data=absolute(config.val_data), test_data=absolute(config.test_data),
+        label_column=config.label_column,
+        group_column=spec.column if spec.kind == "column" else None,
+        sample_shape=None if config.input_shape is None else tuple(config.input_shape),
+        val_share=config.val_share, test_share=config.test_share, seed=config.seed,
+        memory_id=None if data is None else uuid.uuid4().hex, memory=data)
+
+
+def fit_config(config: RunConfig, source: UserData, split: UserSplit) -> RunConfig:
+    """The settings the samples decide: the clients of a natural partition, the default
+    model for the samples' shape; and a clear error for settings that contradict them."""
+    updates: dict[str, object] = {}
+    if split.partitions is not None:
+        count = len(split.partitions)
+        what = (f"entries in {config.client_data}" if config.client_data
+                else f"values of column {source.group_column!r}")
+        if "clients" in config.model_fields_set and config.clients != count:
+            raise FedgeError(f"--clients {config.clients} does not match the {count} {what} "
+                             "(one client each); leave --clients out")
+        updates["clients"] = count
+    if config.model is None:
+        updates["model"] = default_model(split.x)
+    classes = split.num_classes
+    if split.class_names is not None and config.num_classes not in (None, classes):
+        raise FedgeError(f"num_classes {config.num_classes} does not match the {classes} "
+                         f"class names of the data: {', '.join(split.class_names)}")
+    if config.num_classes is not None and config.num_classes < classes:
+        raise FedgeError(f"num_classes {config.num_classes} is too small for the data, "
+                         f"whose labels go up to {classes - 1}")
+    if max(classes, config.num_classes or 0) < 2:
+        only = split.class_names[0] if split.class_names else "0"
+        raise FedgeError(f"the samples hold only one class ({only}); a classifier needs at "
+                         "least 2")
+    return config.model_copy(update=updates)
+
+
+def default_model(x: np.ndarray) -> str:
+    """The built-in model for samples like ``x``."""
+    if x.dtype.kind in "iu" and x.ndim == 2:
+        return "tinytext"
+    by_dims = {2: "mlp", 3: "sensor1d", 4: "cnn"}
+    if x.dtype.kind in "iu" or x.ndim not in by_dims:
+        raise FedgeError(f"no built-in model takes samples of shape {x.shape[1:]} "
+                         f"({x.dtype}); choose one with --model")
+    return by_dims[x.ndim]
+
+
+def describe_source(config: RunConfig, source: UserData, split: UserSplit) -> str:
+    """What the run trains on, for the first line of ``fedge simulate``."""
+    where = (f"data {config.data}" if config.data else
+             f"client data {config.client_data}" if config.client_data else "in-memory data")
+    classes = (f"{len(split.class_names)} named classes" if split.class_names
+               else f"{split.num_classes} classes")
+    return f"{where} (real data, {classes})"
+
+
+def describe_partition(config: RunConfig, source: UserData) -> str:
+    return (f"one per entry of {config.client_data}" if source.client_data
+            else config.partition)
+
+
+def describe_holdouts(config: RunConfig, split: UserSplit) -> str:
+    """Where the server's validation and test samples come from."""
+    def held(name: str, path: str | None, share: float, count: int) -> str:
+        if path:
+            return f"{name} {path} ({count} samples)"
+        return f"{name} {count} samples ({share:.0%} of the data, stratified by label)"
+
+    return (f"{held('validation', config.val_data, config.val_share, len(split.val_y))}, "
+            f"{held('test', config.test_data, config.test_share, len(split.test_y))}; "
+            "no client holds any of them")
