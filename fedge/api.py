@@ -12,6 +12,7 @@ Settings are :class:`~fedge.config.RunConfig`'s fields, as keyword arguments (``
 with the message the command line prints. Heavy libraries load inside the functions.
 """
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,7 +53,8 @@ def simulate(model: str | Callable[..., Any] | None = None, data: Data | None = 
              on_plan: Callable[[Any], None] | None = None,
              on_start: Callable[[dict], None] | None = None,
              on_round: Callable[[Any, bool], None] | None = None,
-             record_wire: str | Path | None = None, **settings: Any) -> SimulationResult:
+             record_wire: str | Path | None = None, verbose: bool = False,
+             **settings: Any) -> SimulationResult:
     """Federate ``model`` over simulated clients on this machine and write a run folder.
 
     ``model``: a built-in name, ``"FILE.py:NAME"``, ``"package.module:NAME"``, or an
@@ -62,9 +64,13 @@ def simulate(model: str | Callable[..., Any] | None = None, data: Data | None = 
     ``dataset`` setting, digits). ``out``: the run folder (default ``runs/<timestamp>``).
     ``on_plan(plan)`` hears the checked plan before training starts, ``on_start(metrics)``
     the starting model's validation (round 0), ``on_round(record, best)`` every round.
+    Flower's own log shows only its errors unless ``verbose``.
     """
     from fedge.simulations.runner import plan_simulation
     from fedge.simulations.runner import simulate as run
+
+    # Importing Flower set up its logger; it logs every round at INFO.
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
 
     factory = None
     if callable(model):

@@ -221,6 +221,7 @@ def simulate(
         result = run_simulation(model, config=config, out=out or _new_run_dir(),
                                 overwrite=overwrite, resume=resume, on_plan=show_plan,
                                 on_start=show_start, on_round=show, record_wire=record_wire,
+                                verbose=verbose,
                                 **{k: v for k, v in overrides.items() if v is not None})
     finally:
         status.stop()
