@@ -296,18 +296,24 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim == 0 or y.ndim != 1 or len(x) != len(y):
         raise FedgeError(f"{path} has x of shape {x.shape} and y of shape {y.shape}, "
                          "but needs one row of x and one label in y per sample")
-    if x.dtype.kind in "iu":  # token ids for text models, which embed rather than scale them
-        return x.astype(np.int64), y
+    return as_samples(x, f"x in {path}"), y
+
+
+def as_samples(x: np.ndarray, where: str) -> np.ndarray:
+    """``x`` as model inputs: integers as int64 token ids (text models embed rather than
+    scale them), anything else numeric as float32, refused if not finite."""
+    if x.dtype.kind in "iu":
+        return x.astype(np.int64)
     if x.dtype.kind not in "fb":
-        raise FedgeError(f"x in {path} must be numeric, not {x.dtype}")
+        raise FedgeError(f"{where} must be numeric, not {x.dtype}")
     with np.errstate(over="ignore"):  # beyond float32's range becomes Inf, refused below
         x = x.astype(np.float32)
     finite = np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
     if not finite.all():
-        raise FedgeError(f"x in {path} holds NaN, Inf or values beyond float32's range in "
+        raise FedgeError(f"{where} holds NaN, Inf or values beyond float32's range in "
                          f"{int((~finite).sum())} samples (the first is sample "
                          f"{int(np.argmin(finite))}); values must be finite numbers")
-    return x, y
+    return x
 
 
 def _visible(path: Path) -> bool:

@@ -31,7 +31,13 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from fedge.config import RunConfig
-from fedge.datafiles import LabelledSamples, labels_to_ids, load_labelled_data, united_class_names
+from fedge.datafiles import (
+    LabelledSamples,
+    as_samples,
+    labels_to_ids,
+    load_labelled_data,
+    united_class_names,
+)
 from fedge.errors import FedgeError
 from fedge.simulations.partition import PartitionSpec, natural_partitions
 
@@ -176,16 +182,7 @@ def _checked_memory(samples: LabelledSamples, source: UserData) -> LabelledSampl
     if x.ndim < 2 or x.dtype.kind not in "biuf":
         raise FedgeError(f"{MEMORY} must be a numeric array of shape (samples, ...), not "
                          f"{x.dtype} of shape {x.shape}")
-    if x.dtype.kind in "iu":
-        x = x.astype(np.int64)
-    else:
-        with np.errstate(over="ignore"):
-            x = x.astype(np.float32)
-        finite = np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
-        if not finite.all():
-            raise FedgeError(f"{MEMORY} hold NaN, Inf or values beyond float32's range in "
-                             f"{int((~finite).sum())} samples (the first is sample "
-                             f"{int(np.argmin(finite))})")
+    x = as_samples(x, MEMORY)
     if source.sample_shape is not None:
         if math.prod(x.shape[1:]) != math.prod(source.sample_shape):
             raise FedgeError(f"{MEMORY} have shape {x.shape[1:]}, but input_shape is "

@@ -61,11 +61,18 @@ def test_your_model_exports_to_onnx_with_parity_and_predicts(own_run, tmp_path):
     assert (predicted == test_y[:50]).mean() > 0.6
 
     # A later export needs no source code: the checkpoint holds the model's program.
-    (own_run.parent / "elsewhere" / "my_model.py").rename(tmp_path / "moved.py")
-    out = tmp_path / "again.onnx"
-    result = run_fedge("export", str(own_run / "best.pt"), "-o", str(out))
-    assert result.returncode == 0, result.stderr
-    assert out.stat().st_size > 0
+    source = own_run.parent / "elsewhere" / "my_model.py"
+    source.rename(tmp_path / "moved.py")
+    try:
+        for options in ([], ["--quantize", "int8"]):
+            out = tmp_path / f"again{len(options)}.onnx"
+            result = run_fedge("export", str(own_run / "best.pt"), "-o", str(out), *options)
+            assert result.returncode == 0, result.stderr
+            assert "int8 predicts the fp32 class" in result.stdout or not options
+            predicted = run_fedge("predict", str(out), str(tmp_path / "samples.npy"))
+            assert len(predicted.stdout.split()) == 50
+    finally:
+        (tmp_path / "moved.py").rename(source)
 
 
 def test_resuming_with_another_model_is_refused(tmp_path):
@@ -126,6 +133,13 @@ def test_globs_that_match_nothing_or_everything_are_refused(tmp_path, options, m
     model = f"{tmp_path / 'src' / 'my_model.py'}:Net"
     assert_simulation_refused(tmp_path, ["--model", model, "--init", str(weights), *options],
                               message)
+
+
+def test_reset_without_initial_weights_is_refused(tmp_path):
+    model = f"{write_user_model(tmp_path / 'src')}:Net"
+    assert_simulation_refused(tmp_path, ["--model", model, "--reset", "head.*"],
+                              "--reset leaves parameters fresh instead of --init's weights; "
+                              "give --init too")
 
 
 def test_weights_that_do_not_fit_are_listed_in_one_error(tmp_path):

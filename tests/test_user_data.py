@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
 from fedge.cli import app
+from fedge.client.deployment import DeviceData
 from fedge.config import RunConfig
 from fedge.datafiles import LabelledSamples
 from fedge.errors import FedgeError
@@ -465,9 +466,53 @@ def test_server_data_names_are_the_union_of_its_files(tmp_path):
 
 
 def test_a_device_keeps_its_own_names(tmp_path):
-    from fedge.client.deployment import DeviceData
-
     path = digits_csv(tmp_path / "dev.csv", np.flatnonzero(DIGITS.target < 3)[:40])
     data = DeviceData(path).load()
     assert data.class_names == ("one", "two", "zero")
     assert set(np.concatenate([data.train_y, data.val_y])) == {0, 1, 2}
+
+
+def _train_message(class_names: tuple[str, ...] | None, always: int = 0) -> RecordDict:
+    """A round of an mlp that predicts class id ``always`` for every sample, and that
+    one epoch at lr 1e-9 leaves as it is."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedge.models.registry import build_model, spec_from_data
+
+    x = DIGITS.data.astype(np.float32)
+    spec = spec_from_data("mlp", x, 10 if class_names is None else len(class_names), 0.1,
+                          class_names=class_names)
+    state = build_model(spec).state_dict()
+    state["layers.6.bias"][:] = -100.0
+    state["layers.6.bias"][always] = 100.0
+    return RecordDict({
+        "arrays": ArrayRecord(state),
+        "config": ConfigRecord({"model-spec": spec.to_json(), "local-epochs": 1,
+                                "batch-size": 16, "lr": 1e-9, "optimizer": "sgd",
+                                "local-patience": 1, "seed": 0, "server-round": 1}),
+    })
+
+
+def test_a_device_trains_its_names_as_the_federations_class_ids(tmp_path):
+    from fedge.client.app import CannotTakePart, build_trainer
+
+    rows = np.flatnonzero(DIGITS.target < 3)[:60]
+    device = DeviceData(digits_csv(tmp_path / "dev.csv", rows))
+    local = device.load()
+    assert local.class_names == ("one", "two", "zero")
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    federation = tuple(sorted(WORDS))  # ... "one" 4, ... "two" 8, "zero" 9
+
+    # A model that always answers "zero" is right exactly on the device's zeros: its own
+    # id 2 for "zero" became the federation's 9.
+    reply = build_trainer(lambda c: device.load(), "cpu")(
+        _train_message(federation, always=federation.index("zero")), context)
+    zeros = float(np.mean(local.val_y == local.class_names.index("zero")))
+    assert 0 < zeros < 1
+    assert reply["metrics"]["val_accuracy"] == pytest.approx(zeros)
+
+    with pytest.raises(CannotTakePart, match="the federation does not know: zero"):
+        build_trainer(lambda c: device.load(), "cpu")(
+            _train_message(("one", "three", "two")), context)
+    with pytest.raises(CannotTakePart, match="the federation's classes have no names"):
+        build_trainer(lambda c: device.load(), "cpu")(_train_message(None), context)
