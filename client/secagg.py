@@ -39,6 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedge.errors import FedgeError
+from fedge.models.exchange import FROZEN_KEY
 
 # Fit-config entries the server adds (fedge.server.secagg).
 ARRAY_NAMES, MAX_WEIGHT, CLIPPING_RANGE = ("array-names", "secagg-max-weight",
@@ -62,6 +63,8 @@ def _train(fit: Message, context: Context, call_next: ClientAppCallable) -> Mess
     names = json.loads(str(config[ARRAY_NAMES]))
     weights = parameters_to_ndarrays(fit_ins.parameters)
     arrays = {name: Array(w) for name, w in zip(names, weights, strict=True)}
+    if isinstance(config.get(FROZEN_KEY), str):  # the legacy format carries no lists
+        config[FROZEN_KEY] = json.loads(config[FROZEN_KEY])
     fixed = config.pop(FIXED_ARRAYS, None)
     if isinstance(fixed, bytes):
         with np.load(io.BytesIO(fixed), allow_pickle=False) as saved:

@@ -16,13 +16,11 @@ from torch import nn
 
 from fedge.errors import FedgeError
 from fedge.files import temporary_sibling
+from fedge.models.inference import CLASS_NAMES_KEY
 from fedge.models.program import ProgramModel
 from fedge.models.registry import ModelSpec, as_input_tensor
 
 PARITY_TOLERANCE = 1e-4
-# ONNX metadata entry with the model's label names, a JSON list in class-id order
-# (fedge.models.inference reads it to print names).
-CLASS_NAMES_KEY = "fedge.class_names"
 
 
 @contextlib.contextmanager

@@ -57,8 +57,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray,
                   method: Method = "static") -> None:
     """Write the int8 version of the ONNX model ``fp32`` to ``out`` (atomically);
     ``calibration`` are real samples in the model's input shape."""
-    fp32_session = session(fp32)
-    model_input = fp32_session.get_inputs()[0]
+    model_input = session(fp32).get_inputs()[0]
     samples = calibration.astype(input_dtype(model_input))
     prepared, tmp = temporary_sibling(out), temporary_sibling(out)
     try:
@@ -72,8 +71,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray,
                             extra_options={"QuantizeBias": False})
         else:
             quantize_dynamic(str(prepared), str(tmp), weight_type=QuantType.QInt8)
-        # Fail here, not on a device, if onnxruntime cannot load it.
-        _keep_fedge_metadata(fp32_session, session(tmp), tmp)
+        session(tmp)  # fail here, not on a device, if onnxruntime cannot load it
         os.replace(tmp, out)
     except Exception as error:  # onnxruntime's quantizer raises untyped errors
         raise FedgeError(f"int8 quantization failed, so nothing was written: "
@@ -81,22 +79,6 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray,
     finally:
         prepared.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
-
-
-def _keep_fedge_metadata(fp32: ort.InferenceSession, int8: ort.InferenceSession,
-                         int8_path: Path) -> None:
-    """The int8 model keeps fedge's metadata entries (its class names): onnxruntime's
-    quantizer keeps them today, and a device printing names must not depend on that."""
-    wanted = {key: value for key, value in fp32.get_modelmeta().custom_metadata_map.items()
-              if key.startswith("fedge.")}
-    present = int8.get_modelmeta().custom_metadata_map
-    if all(present.get(key) == value for key, value in wanted.items()):
-        return
-    import onnx
-
-    model = onnx.load(str(int8_path))
-    onnx.helper.set_model_props(model, {**present, **wanted})
-    onnx.save(model, str(int8_path))
 
 
 def latency_us(model: Path, sample: np.ndarray, batch: int = 1,

@@ -45,7 +45,7 @@ from flwr.serverapp import Grid
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
-from fedge.models.exchange import exchanged_names
+from fedge.models.exchange import FROZEN_KEY, exchanged_names
 from fedge.server.grid import NotEnoughClients, RoundGrid, RoundStats
 from fedge.server.rounds import GlobalEarlyStop, RoundTracker
 
@@ -150,6 +150,8 @@ class _SecureFedAvg(FedAvg):
             **train_config, ARRAY_NAMES: json.dumps(self.names),
             MAX_WEIGHT: config.secagg_max_weight, CLIPPING_RANGE: config.secagg_clipping_range,
         }
+        if FROZEN_KEY in fit_config:  # the legacy format carries no lists
+            fit_config[FROZEN_KEY] = json.dumps(list(fit_config[FROZEN_KEY]))
         if self.fixed:
             archive = io.BytesIO()
             np.savez(archive, **self.fixed)

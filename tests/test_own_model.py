@@ -206,3 +206,23 @@ def test_a_server_refuses_your_model_before_its_superlink_starts(tmp_path, case,
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("privacy", [["--secagg"], ["--dp-clip-norm", "5"]])
+def test_frozen_and_integer_entries_stay_out_of_secure_and_private_rounds(tmp_path, privacy):
+    model = write_user_model(tmp_path / "m")
+    run = tmp_path / "run"
+    result = run_fedge("simulate", "--model", f"{model}:Net", "--rounds", "1", *FAST,
+                       "--freeze", "features.0.*", *privacy, "--out", str(run))
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["rounds"][0]["num_clients"] == 4 and metrics["rounds"][0]["failures"] == 0
+    assert metrics["rounds"][0]["val_loss"] < metrics["initial"]["val_loss"]
+    state = load_checkpoint(run / "checkpoint.pt").state_dict
+    assert state["features.1.num_batches_tracked"].item() == 0
+    from fedge.models.source import instantiate, resolve_factory
+
+    torch.manual_seed(0)  # the run's seed: its starting weights
+    start = instantiate(*resolve_factory(f"{model}:Net"), (1, 8, 8), 10, 0.2).state_dict()
+    assert torch.equal(state["features.0.weight"], start["features.0.weight"])  # frozen
+    assert not torch.equal(state["head.2.weight"], start["head.2.weight"])  # trained
