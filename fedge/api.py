@@ -89,11 +89,9 @@ def simulate(model: str | Callable[..., Any] | None = None, data: Data | None = 
     plan = plan_simulation(run_config, samples, factory=factory)
     if on_plan:
         on_plan(plan)
-    run_dir = Path(out) if out is not None else Path("runs") / datetime.now().strftime(
-        "%Y%m%d-%H%M%S")
-    outcome = run(plan, run_dir, overwrite=overwrite, on_round=on_round, resume=resume,
-                  record_wire=None if record_wire is None else Path(record_wire),
-                  on_start=on_start)
+    outcome = run(plan, Path(out) if out is not None else new_run_dir(), overwrite=overwrite,
+                  on_round=on_round, resume=resume, on_start=on_start,
+                  record_wire=None if record_wire is None else Path(record_wire))
     metrics = _read_metrics(outcome.run_dir)
     return SimulationResult(outcome.run_dir, outcome.test_accuracy, outcome.test_loss,
                             outcome.best_round, outcome.rounds_run, outcome.stopped_early,
@@ -101,17 +99,19 @@ def simulate(model: str | Callable[..., Any] | None = None, data: Data | None = 
                             outcome.privacy)
 
 
+def new_run_dir() -> Path:
+    """``runs/<timestamp>``: where a run goes unless told otherwise."""
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
 def _in_memory(data: object) -> Any:
     from fedge.datafiles import LabelledSamples, labels_to_ids
 
     if not (isinstance(data, tuple) and len(data) == 2):
         raise FedgeError("data must be a path or a pair of arrays (x, y)")
-    x, labels = np.asarray(data[0]), np.asarray(data[1])
-    if x.dtype.kind not in "biuf" or x.ndim < 2:
-        raise FedgeError(f"x must be a numeric array of samples (n, ...), not {x.dtype} "
-                         f"of shape {x.shape}")
-    y, names = labels_to_ids(labels, "the labels y")
-    return LabelledSamples(x if x.dtype.kind in "iu" else x.astype(np.float32), y, names)
+    # Labels as ids here; the samples are checked as a data file's are when planned.
+    y, names = labels_to_ids(np.asarray(data[1]), "the labels y")
+    return LabelledSamples(np.asarray(data[0]), y, names)
 
 
 def _read_metrics(run_dir: Path) -> dict:

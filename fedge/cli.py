@@ -4,7 +4,6 @@ must run on a device that has onnxruntime but no torch."""
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -71,10 +70,6 @@ VerboseFlowerOption = Annotated[bool, Opt(
 RecordWireOption = Annotated[Path | None, Opt(
     help="record every message a client sends into this folder (check it with "
          "`fedge audit-wire`)")]
-
-
-def _new_run_dir() -> Path:
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def _check_transport(insecure: bool, tls_file: Path | None, tls_option: str,
@@ -218,7 +213,7 @@ def simulate(
         console.print(_round_line(record, total[0], best), highlight=False)
 
     try:
-        result = run_simulation(model, config=config, out=out or _new_run_dir(),
+        result = run_simulation(model, config=config, out=out,
                                 overwrite=overwrite, resume=resume, on_plan=show_plan,
                                 on_start=show_start, on_round=show, record_wire=record_wire,
                                 verbose=verbose,
@@ -438,6 +433,7 @@ def server(
     verbose: VerboseFlowerOption = False,
 ) -> None:
     """Serve a federation to clients on other machines (Flower's Deployment Engine)."""
+    from fedge.api import new_run_dir
     from fedge.server.deployment import Listener, ServerSettings, serve
 
     _show_logs(verbose=False)
@@ -447,7 +443,7 @@ def server(
     run_config = load_config(config, model=model, init=init, reset=reset, freeze=freeze,
                              scale_inputs=scale_inputs)
     settings = ServerSettings(config=run_config, val_data=val_data,
-                              test_data=test_data, run_dir=out or _new_run_dir(),
+                              test_data=test_data, run_dir=out or new_run_dir(),
                               log_format=log_format)
     serve(settings, Listener(host, port, certs, tuple(authorized_keys or ()), health_port),
           verbose=verbose)

@@ -25,6 +25,13 @@ ARGUMENTS = ("input_shape", "num_classes", "dropout")
 Factory = Callable[..., nn.Module]
 
 
+def with_file_path(model: str, path: Callable[[Path], Path]) -> str:
+    """``model`` with ``path`` applied to its file, when it is ``FILE.py:NAME``; any
+    other model as it is."""
+    module, _, name = model.rpartition(":")
+    return f"{path(Path(module))}:{name}" if module.endswith(".py") else model
+
+
 def resolve_factory(model: str | Factory) -> tuple[str, Factory]:
     """Where the model comes from (as a user would write it) and what builds it."""
     if callable(model):

@@ -27,6 +27,7 @@ from fedge.datafiles import load_labelled_data, united_class_names
 from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
 from fedge.logs import LogFormat, show_fedge_logs
+from fedge.models.source import with_file_path
 from fedge.processes import (
     Children,
     check_port_free,
@@ -194,9 +195,8 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     update: dict[str, str] = {}
     if config.init:
         update["init"] = str(Path(config.init).resolve())
-    module, _, name = (config.model or "").rpartition(":")
-    if module.endswith(".py"):
-        update["model"] = f"{Path(module).resolve()}:{name}"
+    if config.model:
+        update["model"] = with_file_path(config.model, Path.resolve)
     return config.model_copy(update=update)
 
 

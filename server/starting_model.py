@@ -26,7 +26,13 @@ from fedge.models.registry import (
     check_labelled_samples,
     spec_from_data,
 )
-from fedge.models.source import add_input_scaling, check_logits, instantiate, resolve_factory
+from fedge.models.source import (
+    add_input_scaling,
+    check_logits,
+    instantiate,
+    resolve_factory,
+    with_file_path,
+)
 from fedge.models.weights import load_initial_weights, matching
 
 
@@ -45,9 +51,10 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
     own ``factory`` (the Python API) stands in for ``config.model``'s import."""
     if config.model is None:
         raise FedgeError("the server needs a model")
-    spec = spec_from_data(_short(config.model), val_x, num_classes, config.dropout,
-                          vocab_size=vocab_size, class_names=class_names,
-                          scale_inputs=config.scale_inputs)
+    # Devices see the file's name, not the server's folders.
+    name = with_file_path(config.model, lambda path: Path(path.name))
+    spec = spec_from_data(name, val_x, num_classes, config.dropout, vocab_size=vocab_size,
+                          class_names=class_names, scale_inputs=config.scale_inputs)
     check_labelled_samples(spec, val_x, val_y, "the server's validation data")
     with torch.random.fork_rng():  # the same seed, the same starting weights
         torch.manual_seed(config.seed)
@@ -61,7 +68,7 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
             if spec.input_mean is not None:
                 add_input_scaling(model, InputScaling(spec.input_mean, spec.input_std,
                                                       ndim=len(spec.input_shape) + 1))
-            origin = _where(origin)
+            origin = with_file_path(origin, Path.resolve)
     names = list(model.state_dict())
     reset = matching(names, config.reset, "--reset")
     if config.init:
@@ -80,15 +87,3 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
         spec = spec.model_copy(update={"program": program, "fingerprint": fingerprint(program)})
     return StartingModel(spec, {k: v.detach().clone() for k, v in model.state_dict().items()},
                          tuple(n for n in names if n in frozen), origin)
-
-
-def _short(model: str) -> str:
-    """The model's name as devices see it: a file's name without the server's folders."""
-    module, _, name = model.rpartition(":")
-    return f"{Path(module).name}:{name}" if module.endswith(".py") else model
-
-
-def _where(origin: str) -> str:
-    """``origin`` with its file's absolute path, for the checkpoint's record."""
-    module, _, name = origin.rpartition(":")
-    return f"{Path(module).resolve()}:{name}" if module.endswith(".py") else origin
