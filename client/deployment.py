@@ -234,9 +234,11 @@ class Supervisor:
 
     def serve(self, give_up_at: float) -> str:
         server, timeout = self.connection.server, self.connection.join_timeout
-        pause, lost_at = 1.0, None
+        pause, lost_at, cause = 1.0, None, None
         while True:
             watch = self._attempt(give_up_at)
+            # A last attempt cut short by the timeout may have said nothing yet.
+            cause = watch.cause or cause
             if self.session.finished:
                 return self.session.finished
             if self.session.refusal:
@@ -244,26 +246,26 @@ class Supervisor:
                                  f"{server}: {self.session.refusal}")
             now = time.monotonic()
             if watch.node_id is not None:  # it had joined: the server went away
-                give_up_at, pause, lost_at = now + timeout, 1.0, now
+                give_up_at, pause, lost_at, cause = now + timeout, 1.0, now, None
                 log.warning("lost the server at %s; trying to rejoin for up to %.0f s",
                             server, timeout)
                 continue
             if now >= give_up_at:
-                raise FedgeError(self._gave_up(watch, lost_at))
+                raise FedgeError(self._gave_up(cause, lost_at))
             log.warning("could not join the federation at %s: %s; retrying in %.0f s",
-                        server, watch.cause or JOIN_PROBLEMS, pause)
+                        server, cause or JOIN_PROBLEMS, pause)
             time.sleep(min(pause, max(0.0, give_up_at - now)))
             pause = min(2 * pause, MAX_PAUSE)
 
-    def _gave_up(self, watch: SuperNodeWatch, lost_at: float | None) -> str:
+    def _gave_up(self, cause: str | None, lost_at: float | None) -> str:
         server, timeout = self.connection.server, self.connection.join_timeout
         if lost_at is not None:
             return (f"gave up: the server at {server} has not been reachable for "
                     f"{timeout:.0f} s since the connection was lost"
-                    + (f" ({watch.cause})" if watch.cause else "")
+                    + (f" ({cause})" if cause else "")
                     + "; its run may have ended while this client was away")
         return (f"gave up joining the federation at {server} after {timeout:.0f} s: "
-                f"{watch.cause or JOIN_PROBLEMS}")
+                f"{cause or JOIN_PROBLEMS}")
 
     def _attempt(self, give_up_at: float) -> SuperNodeWatch:
         """One SuperNode, from its start until it has ended (by itself, or stopped by us
