@@ -205,17 +205,29 @@ def run_client(connection: Connection, data: DeviceData, device: str = "auto",
     with ``record_wire``, every reply this device sends is also recorded in that folder
     (see :mod:`fedge.client.wire`). ``verbose`` shows Flower's output unfiltered. The
     join timeout counts from ``started`` (``time.monotonic()``; default: now)."""
-    give_up_at = (time.monotonic() if started is None else started) + connection.join_timeout
+    started = time.monotonic() if started is None else started
     connection.check()
     check_device(device)
-    wire = {} if record_wire is None else {FOLDER_KEY: str(check_wire_folder(record_wire))}
+    wire = None if record_wire is None else check_wire_folder(record_wire)
     samples = data.load()
     log.info("%d training and %d validation samples from %s", len(samples.train_y),
              len(samples.val_y), data.path)
+    return run_node(connection, build_trainer(lambda context: samples, device), wire,
+                    verbose, started)
+
+
+def run_node(connection: Connection, trainer: Trainer, record_wire: Path | None = None,
+             verbose: bool = False, started: float | None = None) -> str:
+    """Serve ``trainer`` (train message in, reply out) as one SuperNode of the federation
+    at ``connection``, as :func:`run_client` does: ``fedge client`` and ``fedge gateway``
+    are both nodes."""
+    give_up_at = (time.monotonic() if started is None else started) + connection.join_timeout
+    connection.check()
+    wire = {} if record_wire is None else {FOLDER_KEY: str(record_wire)}
     session = Session()
-    trainer = session.trainer(build_trainer(lambda context: samples, device))
     with (tempfile.TemporaryDirectory(prefix="fedge-client-") as workdir,
-          serve_trainer(trainer, Path(workdir), session.run_finished) as relay_entries):
+          serve_trainer(session.trainer(trainer), Path(workdir), session.run_finished)
+          as relay_entries):
         node_config = Path(workdir) / "node.toml"
         node_config.write_text(node_config_toml({**relay_entries, **wire}))
         children = Children(env={"FLWR_HOME": workdir})

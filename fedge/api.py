@@ -175,3 +175,52 @@ def predict(model: str | Path, inputs: str | Path | np.ndarray, *,
     names = predictions.class_names if output == "names" else None
     return [None if c == NO_PREDICTION else names[c] if names else int(c)
             for c in predictions.classes]
+
+
+def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | None = None,
+                key: str | Path | None = None, certs: str | Path | None = None,
+                tokens: str | Path | None = None, round_deadline: float = 60.0,
+                min_devices: int = 1, join_timeout: float = 600.0, verbose: bool = False,
+                started: float | None = None) -> str:
+    """Serve ExecuTorch devices (``fedge-device``, or a phone app speaking
+    ``client/device/PROTOCOL.md``) as one node of the federation at ``server``, until the
+    server's run finishes (returns its summary).
+
+    Toward the server the gateway is a client (``ca``: the server's CA; ``key``: this
+    gateway's node key; both None: plaintext, loopback only); toward devices it serves
+    HTTPS on ``listen`` with ``certs``' ``server.pem`` and ``server.key`` (None:
+    plaintext) to the devices whose tokens ``tokens`` holds (``NAME.sha256`` files from
+    ``fedge tokens``; default: ``certs/tokens``). Each round waits at most
+    ``round_deadline`` seconds for at least ``min_devices`` results.
+    """
+    import time
+
+    from fedge.client.deployment import Connection, parse_server_address, run_node
+    from fedge.client.gateway import build_gateway_trainer
+    from fedge.server.gateway import DeviceFleet, GatewaySettings, read_token_digests
+
+    started = time.monotonic() if started is None else started
+    connection = Connection(server, None if ca is None else Path(ca),
+                            None if key is None else Path(key), join_timeout)
+    connection.check()
+    host, port = parse_server_address(listen)
+    settings = GatewaySettings(round_deadline=round_deadline, min_devices=min_devices)
+    if round_deadline <= 0 or min_devices < 1:
+        raise FedgeError("--round-deadline must be positive and --min-devices at least 1")
+    certfile = keyfile = None
+    if certs is not None:
+        certfile, keyfile = Path(certs) / "server.pem", Path(certs) / "server.key"
+        for path in (certfile, keyfile):
+            if not path.is_file():
+                raise FedgeError(f"{path} does not exist: make the gateway's certificate with "
+                                 f"`fedge certs --host GATEWAY-NAME -o {certs}`")
+    if tokens is None and certs is None:
+        raise FedgeError("give --tokens: the folder of NAME.sha256 files made by "
+                         "`fedge tokens`")
+    fleet = DeviceFleet(read_token_digests(Path(tokens) if tokens else Path(certs) / "tokens"),
+                        settings)
+    with fleet.serving(host, port, certfile, keyfile):
+        summary = run_node(connection, build_gateway_trainer(fleet.run_round),
+                           verbose=verbose, started=started)
+        fleet.finish(summary)
+    return summary

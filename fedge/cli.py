@@ -429,6 +429,9 @@ def server(
                                     "it resumes  \\[default: runs/<timestamp>]")] = None,
     insecure: Annotated[bool, Opt(help="no TLS, no node authentication: loopback tests "
                                        "only")] = False,
+    edge_programs: Annotated[bool, Opt(help="also export ExecuTorch training programs for "
+                                            "devices behind `fedge gateway` (needs pip "
+                                            "install 'fedge[edge]')")] = False,
     log_format: LogFormatOption = "text",
     verbose: VerboseFlowerOption = False,
 ) -> None:
@@ -441,7 +444,7 @@ def server(
     _check_transport(insecure, certs, "--certs", "traffic is unencrypted and any client "
                                                  "may join")
     run_config = load_config(config, model=model, init=init, reset=reset, freeze=freeze,
-                             scale_inputs=scale_inputs)
+                             scale_inputs=scale_inputs, edge_programs=edge_programs or None)
     settings = ServerSettings(config=run_config, val_data=val_data,
                               test_data=test_data, run_dir=out or new_run_dir(),
                               log_format=log_format)
@@ -480,6 +483,91 @@ def client(
                          DeviceData(data, label_column, val_fraction), device, record_wire,
                          verbose, started=started)
     console.print(f"the federation's run finished ({summary})", highlight=False)
+
+
+@app.command()
+@_friendly_errors
+def gateway(
+    server: Annotated[str, Opt(help="HOST:PORT of the fedge server")],
+    listen: Annotated[str, Opt(help="HOST:PORT devices connect to")] = "0.0.0.0:8443",
+    certs: Annotated[Path | None, Opt(help="folder with the gateway's server.pem and "
+                                           "server.key for devices' HTTPS (`fedge certs "
+                                           "--host GATEWAY-NAME`)")] = None,
+    tokens: Annotated[Path | None, Opt(help="folder of the devices' NAME.sha256 files from "
+                                            "`fedge tokens`  \\[default: CERTS/tokens]",
+                                       show_default=False)] = None,
+    ca: Annotated[Path | None, Opt(help="the server's ca.pem (TLS)")] = None,
+    key: Annotated[Path | None, Opt(help="this gateway's private key from `fedge keys`")
+                   ] = None,
+    round_deadline: Annotated[float, Opt(help="seconds a round waits for device "
+                                              "results")] = 60.0,
+    min_devices: Annotated[int, Opt(help="fewest device results a round needs")] = 1,
+    join_timeout: Annotated[float, Opt(help="seconds to keep trying to join before giving "
+                                            "up")] = 600.0,
+    insecure: Annotated[bool, Opt(help="no TLS toward the server nor the devices: loopback "
+                                       "tests only")] = False,
+    log_format: LogFormatOption = "text",
+    verbose: VerboseFlowerOption = False,
+) -> None:
+    """Bring devices that train with ExecuTorch (`fedge-device`) into a federation: one
+    node toward the server, the devices' coordinator toward them."""
+    started = time.monotonic()
+    from fedge.api import run_gateway
+
+    show_fedge_logs(log_format)
+    _check_transport(insecure, ca, "--ca", "traffic is unencrypted")
+    if insecure == (certs is not None):
+        raise FedgeError("give --certs (HTTPS for devices, the default) or --insecure, not "
+                         "both or neither")
+    summary = run_gateway(server, listen=listen, ca=ca, key=key, certs=certs, tokens=tokens,
+                          round_deadline=round_deadline, min_devices=min_devices,
+                          join_timeout=join_timeout, verbose=verbose, started=started)
+    console.print(f"the federation's run finished ({summary})", highlight=False)
+
+
+@app.command()
+@_friendly_errors
+def tokens(
+    names: Annotated[list[str], typer.Argument(help="device names")],
+    out: Annotated[Path, Opt("--out", "-o", help="folder for NAME.token and NAME.sha256")
+                   ] = Path("tokens"),
+) -> None:
+    """Make devices' access tokens for `fedge gateway`."""
+    from fedge.server.gateway import make_tokens
+
+    paths = make_tokens(names, out)
+    console.print(f"wrote {', '.join(str(p) for p in paths)}: give NAME.token to that device "
+                  "only; the gateway reads the .sha256 files (--tokens)", highlight=False)
+
+
+@app.command("device-data")
+@_friendly_errors
+def device_data(
+    data: Annotated[Path, typer.Argument(help="samples: CSV with a label column, NPZ with x "
+                                              "and y, or a folder of class sub-folders")],
+    output: Annotated[Path, Opt("--output", "-o", help="the device's data file to write")],
+    label_column: Annotated[str, Opt(help="CSV column holding the label")] = "label",
+    overwrite: Annotated[bool, Opt(help="replace an existing output file")] = False,
+) -> None:
+    """Write samples as the data file `fedge-device --data` reads."""
+    from fedge.client.device_files import write_device_data
+
+    count = write_device_data(data, output, label_column, overwrite)
+    console.print(f"wrote {count} samples to {output}", highlight=False)
+
+
+@app.command("build-device")
+@_friendly_errors
+def build_device_command(
+    out: Annotated[Path, Opt("--out", "-o", help="build folder")] = Path("fedge-device-build"),
+    jobs: Annotated[int, Opt(help="parallel compile jobs")] = 2,
+) -> None:
+    """Build `fedge-device`, the C++ device client (needs pip install 'fedge[edge]',
+    CMake and a C++17 compiler)."""
+    from fedge.client.device_build import build_device
+
+    binary = build_device(out, jobs)
+    console.print(f"built {binary}", highlight=False)
 
 
 MAX_SHOWN_VIOLATIONS = 20

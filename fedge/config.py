@@ -139,6 +139,9 @@ class RunConfig(BaseModel):
                                            "levels must stay below 2**32")
     secagg_max_weight: float = Field(1000.0, gt=0.0, description="SecAgg+: the most training "
                                      "samples a client may have (its FedAvg weight)")
+    edge_programs: bool = Field(False, description="export ExecuTorch training programs "
+                                "for devices without Python, which train behind `fedge "
+                                "gateway` (needs pip install 'fedge[edge]')")
     compress: Literal["none", "fp16", "int8"] = Field("none", description="none | fp16 | "
                                                       "int8: clients send their update "
                                                       "w_local − w quantized (int8: one "

@@ -1,5 +1,6 @@
 """The Flower ServerApp: rounds through a Flower strategy, checkpoints, ONNX export."""
 
+import json
 import logging
 import random
 import time
@@ -16,7 +17,14 @@ from flwr.serverapp.strategy import Strategy
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.files import write_json
-from fedge.models.exchange import FROZEN_KEY, PROGRAM_KEY
+from fedge.models.edge import write_edge_folder
+from fedge.models.exchange import (
+    EDGE_MANIFEST_KEY,
+    EDGE_PREDICT_KEY,
+    EDGE_TRAIN_KEY,
+    FROZEN_KEY,
+    PROGRAM_KEY,
+)
 from fedge.models.export import export_onnx
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import build_model
@@ -45,6 +53,7 @@ from fedge.server.strategies import (
 
 log = logging.getLogger("fedge.server")
 
+EDGE_FOLDER = "edge"  # the run folder's device programs (fedge.models.edge)
 REFERENCE_SAMPLES = 64  # held-out inputs kept in checkpoints to verify later exports
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_CHANGES = {"rounds", "round_timeout", "join_timeout", "min_results", "backend",
@@ -149,6 +158,8 @@ class Federation:
             on_initial=self._started)
         self._strategy = build_strategy(config, self._tracker.aggregate_train_metrics)
         started = time.perf_counter()
+        if self.start.edge is not None:
+            write_edge_folder(self.start.edge, self.run_dir / EDGE_FOLDER)
         strategy, arrays = self._starting_point()
         strategy = UpdateScreen(strategy, config.max_norm_ratio, self._tracker.count_rejected,
                                 round_offset=self._tracker.completed_rounds)
@@ -206,6 +217,10 @@ class Federation:
             model[PROGRAM_KEY] = self.spec.program
         if self.start.frozen:
             model[FROZEN_KEY] = list(self.start.frozen)
+        if self.start.edge is not None:  # for gateways; fedge client ignores them
+            model.update({EDGE_MANIFEST_KEY: json.dumps(self.start.edge.manifest),
+                          EDGE_TRAIN_KEY: self.start.edge.train,
+                          EDGE_PREDICT_KEY: self.start.edge.predict})
         return ConfigRecord({
             **model, "local-epochs": c.local_epochs,
             "batch-size": c.batch_size, "lr": c.lr, "optimizer": c.optimizer,

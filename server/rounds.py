@@ -41,12 +41,36 @@ class RoundRecord:
     simulated_seconds: float | None = None  # the round on a simulation's clock, if it has one
     epsilon: float | None = None  # differential privacy spent so far (at the run's δ), if any
     bytes_per_client: float | None = None  # mean bytes of the arrays a reply sent, if known
+    # Which kind of client contributed what: Python clients (`fedge client`, or any Flower
+    # client) and ExecuTorch devices behind gateways (:func:`contributions`).
+    contributions: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 OnRound = Callable[[RoundRecord, ArrayRecord, bool], None]
+DEVICES_KEY = "devices"  # a gateway's reply: how many devices' results it aggregated
+
+
+def contributions(replies: list[RecordDict], weight_key: str) -> dict:
+    """The aggregated replies by kind: ``python`` clients, and ``executorch`` devices
+    behind gateways (a gateway's reply counts its devices), with their examples."""
+    python = {"clients": 0, "examples": 0}
+    edge = {"gateways": 0, "devices": 0, "examples": 0}
+    for metrics in map(client_metrics, replies):
+        examples = metrics.get(weight_key)
+        examples = int(examples) if isinstance(examples, int | float) and math.isfinite(
+            examples) else 0
+        devices = metrics.get(DEVICES_KEY)
+        if isinstance(devices, int | float) and devices > 0:
+            edge["gateways"] += 1
+            edge["devices"] += int(devices)
+            edge["examples"] += examples
+        else:
+            python["clients"] += 1
+            python["examples"] += examples
+    return {"python": python, "executorch": edge}
 
 
 class RoundTracker:
@@ -73,6 +97,7 @@ class RoundTracker:
         self.best_val_loss = math.inf
         self.stopped_early = False
         self._client_metrics: tuple[MetricRecord, int, float | None] | None = None
+        self._contributions: dict | None = None
         self._rejected = 0
         self._bytes_per_client: float | None = None
         self._clock = time.perf_counter()
@@ -100,6 +125,7 @@ class RoundTracker:
         slowest = max((float(s) for s in seconds
                        if isinstance(s, int | float) and math.isfinite(s)), default=None)
         self._client_metrics = (metrics, len(replies), slowest)
+        self._contributions = contributions(replies, weight_key)
         return metrics
 
     def count_rejected(self, rejected: int) -> None:
@@ -135,7 +161,7 @@ class RoundTracker:
 
     def _record(self, server_round: int, val_loss: float, val_accuracy: float) -> RoundRecord:
         metrics, num_clients, slowest = self._client_metrics or ({}, 0, None)
-        self._client_metrics = None
+        shares, self._client_metrics, self._contributions = self._contributions, None, None
         stats = self.round_stats()
         now, started = time.perf_counter(), self._clock
         self._clock = now
@@ -151,5 +177,5 @@ class RoundTracker:
             failures=stats.failures, timeouts=stats.timeouts,
             slowest_client_seconds=slowest, seconds=now - started, rejected=self._rejected,
             simulated_seconds=stats.simulated_seconds, epsilon=self.epsilon(),
-            bytes_per_client=self._bytes_per_client,
+            bytes_per_client=self._bytes_per_client, contributions=shares,
         )

@@ -17,6 +17,7 @@ from torch import nn
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
+from fedge.models.edge import EdgePrograms, export_edge_programs
 from fedge.models.networks import InputScaling
 from fedge.models.program import export_program, fingerprint
 from fedge.models.registry import (
@@ -42,6 +43,7 @@ class StartingModel:
     state: dict[str, torch.Tensor]
     frozen: tuple[str, ...]  # state entries clients neither train nor send
     origin: str  # where the model came from
+    edge: EdgePrograms | None = None  # ExecuTorch programs for devices (--edge-programs)
 
 
 def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_classes: int,
@@ -85,5 +87,7 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
     if not spec.builtin:
         program = export_program(model, sample)
         spec = spec.model_copy(update={"program": program, "fingerprint": fingerprint(program)})
+    edge = (export_edge_programs(model, spec, val_x, val_y, config.batch_size, frozen)
+            if config.edge_programs else None)
     return StartingModel(spec, {k: v.detach().clone() for k, v in model.state_dict().items()},
-                         tuple(n for n in names if n in frozen), origin)
+                         tuple(n for n in names if n in frozen), origin, edge)

@@ -1,0 +1,381 @@
+"""ExecuTorch programs for devices that train without Python or PyTorch (``fedge[edge]``).
+
+For the run's model the server exports two pure functions as ExecuTorch programs, once
+per run (weights travel each round as arrays by name, see ``client/device/PROTOCOL.md``):
+
+- **train**: ``(state..., x, y, dropout) → (loss, logits, ∇parameters..., buffers'...)``,
+  the mean cross-entropy of a mini-batch, its gradient for every parameter and
+  BatchNorm's updated running statistics;
+- **predict**: ``(state..., x) → logits``, in evaluation mode.
+
+Weights are inputs, not held inside the programs: a program that holds them gives a
+second method its own stale copy, and its delegated form diverged after one step (see
+the field notes in the README). The gradient is traced with ``torch.func.grad`` and
+``make_fx`` into plain ATen operators, so the programs need no training extension.
+
+Two portable kernels of ExecuTorch 1.5.1 are silently wrong, so they never reach a
+program: ``max_pool2d_with_indices_backward`` (its output is not zeroed, pytorch/
+executorch#21686) is replaced by torch's decomposition, and dropout (whose kernel does
+not scale kept values) by ``rand ≥ p`` masks; ``dropout`` is an input so that the same
+program trains with dropout and is checked without it. Every export is verified before
+any device sees it: the runtime's loss, logits, gradients and statistics against eager
+PyTorch on real samples, at the largest batch and a ragged one. A model whose program
+needs a kernel the runtime lacks, or whose program disagrees with PyTorch, is refused
+with the operator or the entry at fault.
+"""
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedge.errors import FedgeError
+from fedge.files import write_atomic, write_json
+from fedge.models.registry import ModelSpec, as_input_tensor
+
+MANIFEST_FORMAT = 1
+# Largest |runtime − eager| allowed, relative to the larger of 1 and the output's scale.
+TOLERANCE = 1e-4
+RAGGED_BATCH = 3  # the second verification batch: not the size the programs were traced at
+
+
+@dataclass(frozen=True)
+class EdgePrograms:
+    train: bytes
+    predict: bytes
+    manifest: dict  # what a device needs to call them (PROTOCOL.md, "The programs")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def runtime_available() -> bool:
+    """Whether ``executorch`` (``pip install 'fedge[edge]'``) is installed here."""
+    try:
+        import executorch.exir  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_edge_programs(model: nn.Module, spec: ModelSpec, x: np.ndarray, y: np.ndarray,
+                         max_batch: int, frozen: Collection[str] = ()) -> EdgePrograms:
+    """``model``'s train and predict programs for batches of 1 to ``max_batch`` samples,
+    verified on the real samples ``x``, ``y`` (at least ``max_batch`` + 1 would be ideal;
+    at least 2), or a :class:`FedgeError` saying why a device could not run them."""
+    if not runtime_available():
+        raise FedgeError("device programs need ExecuTorch: pip install 'fedge[edge]'")
+    if max_batch < 2 or len(x) < 2:
+        raise FedgeError(f"device programs need a batch size of at least 2 and 2 samples "
+                         f"(batch size {max_batch}, {len(x)} samples)")
+    functions = _Functions(model, frozen)
+    example = _batch(spec, x, y, 2)
+    train = _lower(functions, functions.train_step, (*example, torch.tensor(1.0)), max_batch,
+                   spec.name)
+    predict = _lower(functions, functions.predict_step, example[:1], max_batch, spec.name)
+    verified = _verify(model, functions, train, predict, spec, x, y, max_batch)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model": spec.name,
+        "input": {"shape": list(spec.input_shape), "dtype": str(example[0].dtype)[6:]},
+        "num_classes": spec.num_classes,
+        "class_names": list(spec.class_names) if spec.class_names else None,
+        "max_batch": max_batch,
+        "state": [{"name": name, "shape": list(value.shape), "parameter": name in
+                   functions.parameters, "frozen": name in functions.frozen}
+                  for name, value in functions.state.items()],
+        "programs": {"train": {"sha256": sha256(train), "bytes": len(train)},
+                     "predict": {"sha256": sha256(predict), "bytes": len(predict)}},
+        "verified": verified,
+    }
+    return EdgePrograms(train, predict, manifest)
+
+
+PROGRAM_FILES = {"train": "train.pte", "predict": "predict.pte"}
+MANIFEST_FILE = "manifest.json"
+
+
+def write_edge_folder(programs: EdgePrograms, folder: Path) -> None:
+    """The programs and their manifest as files (a run folder's ``edge/``), each written
+    whole or not at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, name in PROGRAM_FILES.items():
+        write_atomic(folder / name, getattr(programs, kind))
+    write_json(folder / MANIFEST_FILE, programs.manifest)
+
+
+def read_edge_folder(folder: Path) -> EdgePrograms:
+    """What :func:`write_edge_folder` wrote, its programs checked against the manifest."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        train, predict = ((folder / name).read_bytes() for name in PROGRAM_FILES.values())
+    except (OSError, ValueError) as error:
+        raise FedgeError(f"{folder} holds no device programs: {error}") from None
+    for kind, data in (("train", train), ("predict", predict)):
+        if sha256(data) != manifest["programs"][kind]["sha256"]:
+            raise FedgeError(f"{folder / PROGRAM_FILES[kind]} does not match its manifest")
+    return EdgePrograms(train, predict, manifest)
+
+
+def _batch(spec: ModelSpec, x: np.ndarray, y: np.ndarray, size: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``size`` samples, densely laid out: numpy's views can have zero strides
+    (a broadcast channel axis), which ExecuTorch refuses."""
+    return (as_input_tensor(spec, x[:size]).clone(memory_format=torch.contiguous_format),
+            torch.as_tensor(y[:size], dtype=torch.int64).clone())
+
+
+class _MaskDropout(nn.Module):
+    """Inverted dropout from a uniform draw, switched on and off by a traced input."""
+
+    def __init__(self, p: float, functions: "_Functions") -> None:
+        super().__init__()
+        self.p, self.functions = p, functions
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        rate = self.p * self.functions.dropout_on
+        keep = (torch.rand(x.shape, dtype=x.dtype) >= rate).to(x.dtype)
+        return x * keep / (1 - rate)
+
+
+class _Conv1dAs2d(nn.Module):
+    """A ``Conv1d`` as a ``Conv2d`` over a height of one (the runtime has no kernel for
+    the 1-D convolution's backward); same parameters, same names."""
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.dilation = (1, conv.stride[0]), (1, conv.dilation[0])
+        self.padding, self.groups = (0, conv.padding[0]), conv.groups  # type: ignore[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x.unsqueeze(2), self.weight.unsqueeze(2), self.bias, self.stride,
+                        self.padding, self.dilation, self.groups).squeeze(2)
+
+
+def _rewritable_conv1d(module: nn.Module) -> bool:
+    return (type(module) is nn.Conv1d and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+class _Functions:
+    """``model`` as the pure functions the programs compute, over its float state
+    entries (inputs) and its other tensors (constants: input scaling, counters)."""
+
+    def __init__(self, model: nn.Module, frozen: Collection[str]) -> None:
+        self.net = copy.deepcopy(model).cpu()
+        self._rewrite(self.net)
+        self.dropout_on: torch.Tensor | float = 1.0
+        state = self.net.state_dict()
+        self.parameters = {name for name, _ in self.net.named_parameters()}
+        self.state = {name: value.detach().clone() for name, value in state.items()
+                      if value.dtype.is_floating_point}
+        self.buffers = [name for name in self.state if name not in self.parameters]
+        self.frozen = set(frozen) & set(self.state)
+        everything = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
+        self.constants = {name: value.detach().clone() for name, value in everything.items()
+                          if name not in self.state}
+
+    def _rewrite(self, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                setattr(module, name, _MaskDropout(child.p, self))
+            elif _rewritable_conv1d(child):
+                setattr(module, name, _Conv1dAs2d(child))
+            else:
+                self._rewrite(child)
+
+    def _split(self, args: tuple) -> tuple[dict, dict, tuple]:
+        names, constants = list(self.state), list(self.constants)
+        state = dict(zip(names, args[:len(names)], strict=True))
+        consts = dict(zip(constants, args[len(names):len(names) + len(constants)], strict=True))
+        return state, consts, args[len(names) + len(constants):]
+
+    def train_step(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state, consts, (x, y, dropout_on) = self._split(args)
+        self.dropout_on = dropout_on
+        # Clones, because BatchNorm updates its statistics (and counter) in place.
+        others = {name: value.clone() for name, value in {**state, **consts}.items()
+                  if name not in self.parameters}
+        parameters = {name: state[name].detach().requires_grad_(True) for name in state
+                      if name in self.parameters}
+        self.net.train()
+        with torch.enable_grad():
+            logits = torch.func.functional_call(self.net, {**parameters, **others}, (x,))
+            loss = F.cross_entropy(logits, y)
+            grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g
+                 for p, g in zip(parameters.values(), grads, strict=True)]
+        buffers = [others[name] for name in self.buffers]
+        return (loss.detach(), logits.detach(), *grads, *buffers)
+
+    def predict_step(self, *args: torch.Tensor) -> torch.Tensor:
+        state, consts, (x,) = self._split(args)
+        self.net.eval()
+        return torch.func.functional_call(self.net, {**state, **consts}, (x,))
+
+
+class _WithConstants(nn.Module):
+    """A traced step as a module whose constants are its buffers (inside the program)."""
+
+    def __init__(self, graph: nn.Module, state: int, constants: dict[str, torch.Tensor]
+                 ) -> None:
+        super().__init__()
+        self.graph, self.state_count = graph, state
+        for i, value in enumerate(constants.values()):
+            self.register_buffer(f"constant_{i}", value)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state, rest = args[:self.state_count], args[self.state_count:]
+        return self.graph(*state, *self.buffers(recurse=False), *rest)
+
+
+def _decompositions() -> dict:
+    from torch._decomp import get_decompositions
+
+    aten = torch.ops.aten
+    return get_decompositions([
+        # ExecuTorch 1.5.1's portable kernel leaves its output unzeroed (#21686).
+        aten.max_pool2d_with_indices_backward,
+        # Training-mode BatchNorm has no out-variant kernel: plain arithmetic instead.
+        aten.native_batch_norm, aten._native_batch_norm_legit,
+        aten._native_batch_norm_legit_functional, aten.native_batch_norm_backward,
+    ])
+
+
+def _lower(functions: _Functions, step: Callable, example: tuple[torch.Tensor, ...],
+           max_batch: int, model_name: str) -> bytes:
+    """``step`` as ExecuTorch program bytes, its batch axis free up to ``max_batch``."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    state, constants = list(functions.state.values()), list(functions.constants.values())
+    try:
+        graph = make_fx(step, tracing_mode="symbolic", decomposition_table=_decompositions()
+                        )(*state, *constants, *example)
+        module = _WithConstants(graph, len(state), functions.constants)
+        batch = torch.export.Dim("batch", min=1, max=max_batch)
+        batched = [{0: batch}] * (2 if len(example) > 1 else 1) + [None] * (len(example) - 2)
+        exported = torch.export.export(
+            module, (*state, *example), dynamic_shapes=((*[None] * len(state), *batched),))
+        program = to_edge(exported, compile_config=EdgeCompileConfig(
+            _check_ir_validity=False)).to_executorch()
+    except Exception as error:  # torch's tracers raise many kinds; all mean "cannot"
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise FedgeError(f"model {model_name!r} cannot become a device program: {first}"
+                         ) from error
+    _check_kernels(program, model_name)
+    return program.buffer
+
+
+def _check_kernels(program: object, model_name: str) -> None:
+    from executorch.extension.pybindings.portable_lib import _get_operator_names
+
+    available = set(_get_operator_names())
+    needed = {f"{op.name}.{op.overload}" if op.overload else op.name
+              for plan in program.executorch_program.execution_plan  # type: ignore[attr-defined]
+              for op in plan.operators}
+    missing = sorted(needed - available)
+    if missing:
+        raise FedgeError(f"model {model_name!r} cannot train on devices: the ExecuTorch "
+                         f"runtime has no kernel for {', '.join(missing)}")
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """The runtime prints CPU-probing chatter on file descriptor 2 when it loads."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def run_program(program: bytes, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The outputs of ``program``'s ``forward`` in the ExecuTorch runtime (copied out)."""
+    from executorch.runtime import Runtime
+
+    with _quiet_native_stderr():
+        method = Runtime.get().load_program(program).load_method("forward")
+    return [value.clone() for value in method.execute(inputs)]
+
+
+def _eager_reference(model: nn.Module, functions: _Functions, x: torch.Tensor,
+                     y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """PyTorch's own loss, logits, gradients and new statistics (dropout off), and its
+    eval-mode logits, from an untouched copy of ``model``."""
+    net = copy.deepcopy(model).cpu()
+    net.train()
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+    logits = net(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    named = dict(net.named_parameters())
+    state = net.state_dict()
+    train = [loss.detach(), logits.detach(),
+             *(named[name].grad if named[name].grad is not None
+               else torch.zeros_like(named[name]) for name in functions.state
+               if name in functions.parameters),
+             *(state[name] for name in functions.buffers)]
+    with torch.no_grad():
+        fresh = copy.deepcopy(model).cpu().eval()
+        return train, fresh(x)
+
+
+def _verify(model: nn.Module, functions: _Functions, train: bytes, predict: bytes,
+            spec: ModelSpec, x: np.ndarray, y: np.ndarray, max_batch: int) -> dict:
+    """Runtime against eager at the largest batch the samples allow and a ragged one."""
+    names = ["loss", "logits",
+             *(f"the gradient of {name!r}" for name in functions.state
+               if name in functions.parameters),
+             *(f"the new value of {name!r}" for name in functions.buffers)]
+    state = list(functions.state.values())
+    worst: dict[str, float] = {"train": 0.0, "predict": 0.0}
+    sizes = sorted({min(max_batch, len(x)), min(RAGGED_BATCH, len(x))}, reverse=True)
+    for size in sizes:
+        xb, yb = _batch(spec, x, y, size)
+        expected, expected_logits = _eager_reference(model, functions, xb, yb)
+        got = run_program(train, [*state, xb, yb, torch.tensor(0.0)])
+        for what, a, b in zip(names, got, expected, strict=True):
+            worst["train"] = max(worst["train"], _checked(a, b, what, size, spec.name))
+        (logits,) = run_program(predict, [*state, xb])
+        worst["predict"] = max(worst["predict"], _checked(
+            logits, expected_logits, "the predicted logits", size, spec.name))
+        with_dropout = run_program(train, [*state, xb, yb, torch.tensor(1.0)])
+        if not all(torch.isfinite(t).all() for t in with_dropout):
+            raise FedgeError(f"model {spec.name!r}: its device train program gives "
+                             "non-finite values with dropout on")
+    return {"batches": sizes, "tolerance": TOLERANCE,
+            "max_abs_diff": {k: float(v) for k, v in worst.items()}}
+
+
+def _checked(got: torch.Tensor, expected: torch.Tensor, what: str, size: int,
+             model_name: str) -> float:
+    expected = expected.detach().to(got.dtype)
+    if got.shape != expected.shape:
+        raise FedgeError(f"model {model_name!r}: the device program's {what} has shape "
+                         f"{tuple(got.shape)}, PyTorch's {tuple(expected.shape)}")
+    diff = float((got - expected).abs().max()) if got.numel() else 0.0
+    scale = max(1.0, float(expected.abs().max()) if expected.numel() else 0.0)
+    if not diff <= TOLERANCE * scale:  # NaN fails too
+        raise FedgeError(f"model {model_name!r}: the ExecuTorch runtime's {what} differs "
+                         f"from PyTorch's by {diff:.3g} on a batch of {size} (tolerance "
+                         f"{TOLERANCE:g}×{scale:.3g}); the device programs are refused")
+    return diff

@@ -1,0 +1,134 @@
+"""The server's ExecuTorch programs for devices: exported once per run, verified against
+PyTorch before any device sees them, and refused with the operator at fault."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedge.errors import FedgeError
+from fedge.models.blob import pack, unpack
+from fedge.models.registry import MODELS, ModelSpec, build_model, spec_from_data
+from fedge.simulations.datasets import load_dataset
+
+pytest.importorskip("executorch", reason="the device programs need pip install 'fedge[edge]'")
+edge = pytest.importorskip("fedge.models.edge")
+
+pytestmark = [pytest.mark.edge, pytest.mark.timeout(300)]
+
+DATA_OF = {"cnn": "digits", "mlp": "breast_cancer", "sensor1d": "synthetic-sensor",
+           "tinytext": "synthetic-text"}
+
+
+def built(name: str, dropout: float = 0.3) -> tuple[nn.Module, ModelSpec, np.ndarray, np.ndarray]:
+    data = load_dataset(DATA_OF[name])
+    spec = spec_from_data(name, data.x, data.num_classes, dropout,
+                          vocab_size=int(data.x.max()) + 1 if name == "tinytext" else None)
+    torch.manual_seed(0)
+    return build_model(spec), spec, data.x[:40], data.y[:40]
+
+
+def test_every_built_in_model_is_covered():
+    assert set(DATA_OF) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(DATA_OF))
+def test_each_built_in_models_programs_match_pytorch_on_real_samples(name):
+    model, spec, x, y = built(name)
+    programs = edge.export_edge_programs(model, spec, x, y, max_batch=16)
+
+    verified = programs.manifest["verified"]
+    assert verified["batches"] == [16, edge.RAGGED_BATCH]
+    assert max(verified["max_abs_diff"].values()) <= edge.TOLERANCE
+    # The manifest describes the inputs a device must pass, in the model's order.
+    state = model.state_dict()
+    float_entries = [n for n, v in state.items() if v.dtype.is_floating_point]
+    assert [e["name"] for e in programs.manifest["state"]] == float_entries
+    assert all(e["shape"] == list(state[e["name"]].shape) for e in programs.manifest["state"])
+    assert programs.manifest["programs"]["train"]["sha256"] == edge.sha256(programs.train)
+    json.dumps(programs.manifest, allow_nan=False)  # strict JSON
+
+    # Dropout on: a different loss than with it off, on the same batch and weights.
+    inputs = [*(state[n] for n in float_entries), *edge._batch(spec, x, y, 16)]
+    off = edge.run_program(programs.train, [*inputs, torch.tensor(0.0)])[0]
+    on = edge.run_program(programs.train, [*inputs, torch.tensor(1.0)])[0]
+    assert torch.isfinite(on) and float(on) != float(off)
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                      nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x / 16.0))
+
+
+def test_batchnorm_statistics_come_back_from_the_train_program_and_frozen_entries_are_marked():
+    data = load_dataset("digits")
+    spec = ModelSpec(name="net.py:BatchNormNet", input_shape=(1, 8, 8), num_classes=10,
+                     dropout=0.2)
+    model = BatchNormNet()
+    programs = edge.export_edge_programs(model, spec, data.x[:40], data.y[:40], 16,
+                                         frozen=["features.0.weight"])
+    state = {e["name"]: e for e in programs.manifest["state"]}
+    assert not state["features.1.running_mean"]["parameter"]
+    assert "features.1.num_batches_tracked" not in state  # a counter, not a weight
+    assert state["features.0.weight"]["frozen"] and not state["head.2.weight"]["frozen"]
+
+    weights = [v for n, v in model.state_dict().items() if n in state]
+    outputs = edge.run_program(programs.train, [*weights, *edge._batch(spec, data.x, data.y, 16),
+                                                torch.tensor(0.0)])
+    new_mean = outputs[-2]  # running_mean, running_var are the last outputs
+    reference = BatchNormNet()
+    reference.load_state_dict(model.state_dict())
+    reference.train()
+    reference(torch.as_tensor(data.x[:16]))
+    torch.testing.assert_close(new_mean, reference.features[1].running_mean)
+
+
+class AveragePooling(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(1, 4, 3, padding=1), nn.AvgPool2d(2)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(x)).flatten(1))
+
+
+def test_a_model_the_runtime_cannot_train_is_refused_naming_the_operator():
+    data = load_dataset("digits")
+    spec = ModelSpec(name="net.py:AveragePooling", input_shape=(1, 8, 8), num_classes=10,
+                     dropout=0.0)
+    with pytest.raises(FedgeError, match=r"no kernel for aten::avg_pool2d_backward"):
+        edge.export_edge_programs(AveragePooling(), spec, data.x[:20], data.y[:20], 8)
+
+
+def test_the_programs_folder_refuses_a_program_that_does_not_match_its_manifest(tmp_path):
+    model, spec, x, y = built("mlp", dropout=0.0)
+    programs = edge.export_edge_programs(model, spec, x, y, 8)
+    edge.write_edge_folder(programs, tmp_path)
+    assert edge.read_edge_folder(tmp_path).train == programs.train
+    (tmp_path / "train.pte").write_bytes(programs.train[:-1] + b"\0")
+    with pytest.raises(FedgeError, match="does not match its manifest"):
+        edge.read_edge_folder(tmp_path)
+
+
+def test_blobs_round_trip_and_refuse_what_does_not_add_up():
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "y": np.arange(3)}
+    header, back = unpack(pack({"round": 3}, arrays))
+    assert header["round"] == 3 and list(back) == ["w", "y"]
+    np.testing.assert_array_equal(back["w"], arrays["w"])
+    assert back["y"].dtype == np.int64
+    data = pack({}, arrays)
+    with pytest.raises(FedgeError, match="cut short"):
+        unpack(data[:-1])
+    with pytest.raises(FedgeError, match="after its last array"):
+        unpack(data + b"\0")
+    with pytest.raises(FedgeError, match="float64"):
+        pack({}, {"w": np.zeros(2)})
