@@ -120,3 +120,12 @@ def write_user_model(folder: Path, source: str = USER_MODEL) -> Path:
     path = folder / "my_model.py"
     path.write_text(textwrap.dedent(source))
     return path
+
+
+@pytest.fixture(scope="session")
+def device_binary(tmp_path_factory):
+    """`fedge-device`, built once per test session as `fedge build-device` builds it."""
+    pytest.importorskip("executorch", reason="fedge-device needs pip install 'fedge[edge]'")
+    from fedge.client.device_build import build_device
+
+    return build_device(tmp_path_factory.mktemp("fedge-device-build"))
