@@ -205,8 +205,6 @@ def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | N
     connection.check()
     host, port = parse_server_address(listen)
     settings = GatewaySettings(round_deadline=round_deadline, min_devices=min_devices)
-    if round_deadline <= 0 or min_devices < 1:
-        raise FedgeError("--round-deadline must be positive and --min-devices at least 1")
     certfile = keyfile = None
     if certs is not None:
         certfile, keyfile = Path(certs) / "server.pem", Path(certs) / "server.key"

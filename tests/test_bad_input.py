@@ -407,3 +407,40 @@ def test_a_setting_spelt_twice_in_a_config_file_is_refused(tmp_path):
     (tmp_path / "run.toml").write_text("local-epochs = 1\nlocal_epochs = 2\n")
     assert_refused(fedge("simulate", "--config", str(tmp_path / "run.toml")),
                    "sets local-epochs twice (spelt with - and _)")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--server", "127.0.0.1:9092", "--insecure"], "give --tokens"),
+    (["--server", "127.0.0.1:9092", "--ca", "ca.pem"], "give --certs (HTTPS for devices"),
+    (["--server", "127.0.0.1:9092", "--insecure", "--tokens", "nowhere"], "nowhere"),
+    (["--server", "nohost", "--insecure", "--tokens", "t"], "is not HOST:PORT"),
+    (["--server", "127.0.0.1:9092", "--insecure", "--tokens", "t", "--listen", "x"],
+     "is not HOST:PORT"),
+    (["--server", "127.0.0.1:9092", "--insecure", "--tokens", "t", "--round-deadline", "0"],
+     "round_deadline must be a positive number of seconds"),
+])
+def test_a_gateway_with_bad_settings_says_so_before_it_starts(tmp_path, monkeypatch, args,
+                                                              message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "dev1.sha256").write_text("ab" * 32 + "\n")
+    assert_refused(fedge("gateway", *args), message)
+
+
+def test_device_tokens_and_device_data_refuse_to_overwrite(tmp_path):
+    out = tmp_path / "tokens"
+    assert fedge("tokens", "dev1", "-o", str(out)).exit_code == 0
+    secret = (out / "dev1.token").read_text()
+    assert_refused(fedge("tokens", "dev1", "-o", str(out)), "refusing to overwrite")
+    assert (out / "dev1.token").read_text() == secret
+    assert_refused(fedge("tokens", "../dev", "-o", str(out)), "../dev")
+
+    np.savez(tmp_path / "samples.npz", x=np.zeros((4, 3), np.float32), y=np.arange(4))
+    target = tmp_path / "local.bin"
+    assert fedge("device-data", str(tmp_path / "samples.npz"), "-o", str(target)).exit_code == 0
+    written = target.read_bytes()
+    assert_refused(fedge("device-data", str(tmp_path / "samples.npz"), "-o", str(target)),
+                   "already exists")
+    assert_refused(fedge("device-data", str(tmp_path / "missing.npz"), "-o",
+                         str(tmp_path / "other.bin")), "missing.npz")
+    assert target.read_bytes() == written and not (tmp_path / "other.bin").exists()
