@@ -383,7 +383,9 @@ def test_a_device_whose_labels_do_not_fit_leaves_and_too_few_clients_stop_the_se
     last = d.log("server").strip().splitlines()[-1]
     assert last.startswith("error: only 1 of the 2 clients a round needs stayed connected "
                            "for 20 s"), last
-    assert "the run folder keeps round 1: starting the server again on" in last
+    # Round 1 at least; a second one when the misfit's node was still registered then.
+    assert re.search(r"the run folder keeps round [12]: starting the server again on", last
+                     ), last
     assert "Traceback" not in d.log("server")
     first = d.metrics()["rounds"][0]
     assert (first["num_clients"], first["failures"]) == (1, 1)
