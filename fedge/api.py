@@ -197,6 +197,7 @@ def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | N
 
     from fedge.client.deployment import Connection, parse_server_address, run_node
     from fedge.client.gateway import build_gateway_trainer
+    from fedge.server.certs import check_server_certificates
     from fedge.server.gateway import DeviceFleet, GatewaySettings, read_token_digests
 
     started = time.monotonic() if started is None else started
@@ -207,11 +208,8 @@ def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | N
     settings = GatewaySettings(round_deadline=round_deadline, min_devices=min_devices)
     certfile = keyfile = None
     if certs is not None:
+        check_server_certificates(Path(certs))  # the SuperLink's check serves the gateway
         certfile, keyfile = Path(certs) / "server.pem", Path(certs) / "server.key"
-        for path in (certfile, keyfile):
-            if not path.is_file():
-                raise FedgeError(f"{path} does not exist: make the gateway's certificate with "
-                                 f"`fedge certs --host GATEWAY-NAME -o {certs}`")
     if tokens is None and certs is None:
         raise FedgeError("give --tokens: the folder of NAME.sha256 files made by "
                          "`fedge tokens`")
