@@ -323,15 +323,18 @@ def test_a_client_killed_mid_run_is_counted_under_its_own_node_id(deployment):
     server = d.server()
     for i in range(3):
         d.client(f"device{i}", f"device{i}.npz")
-    d.wait_for(lambda: len(d.metrics()["rounds"]) >= 1, 300, "round 1")
+    # min-clients 2 lets round 1 start before the third client has joined.
+    d.wait_for(lambda: any(r["num_clients"] == 3 for r in d.metrics()["rounds"]), 300,
+               "a round with all three clients")
     killed = d.node_id("device0")
     d.kill("device0")
+    rounds_before_kill = len(d.metrics()["rounds"])
 
     assert server.wait(timeout=400) == 0, d.logs()
     rounds = d.metrics()["rounds"]
     assert d.metrics()["status"] == "finished" and len(rounds) == 4
-    assert rounds[0]["num_clients"] == 3
-    assert all(r["num_clients"] == 2 for r in rounds[2:])
+    # The round under way at the kill may or may not have heard from device0.
+    assert all(r["num_clients"] == 2 for r in rounds[rounds_before_kill + 1:])
     assert sum(r["failures"] + r["timeouts"] for r in rounds) >= 1
     # The SuperLink answers for a dead node itself; the server still names, and
     # quarantines, the node it sent the message to.
