@@ -112,6 +112,10 @@ class RunConfig(BaseModel):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (0 to 2³²−1): the "
                       "same seed gives the same run")
     backend: Literal["inprocess", "ray"] = Field("inprocess", description="inprocess | ray")
+    workers: int | None = Field(None, description="in-process simulation: worker processes "
+                                "that train a round's clients in parallel (default: the "
+                                "machine's cores, at most the clients per round; 1: train in "
+                                "this process); the Ray backend ignores it")
     device: str = Field("auto", description="auto | cpu | cuda | mps (auto: CUDA, then MPS, "
                                             "then CPU)")
     dp_clip_norm: float | None = Field(None, gt=0.0, description="differential privacy: "

@@ -57,7 +57,8 @@ EDGE_FOLDER = "edge"  # the run folder's device programs (fedge.models.edge)
 REFERENCE_SAMPLES = 64  # held-out inputs kept in checkpoints to verify later exports
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_CHANGES = {"rounds", "round_timeout", "join_timeout", "min_results", "backend",
-                     "device", "poll_interval", "quarantine", "max_norm_ratio"}
+                     "device", "poll_interval", "quarantine", "max_norm_ratio",
+                     "workers"}
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,10 @@ class InProcessGrid(Grid):
         # Clients run synchronously here, so every reply is in before any timeout.
         return self.pull_messages(self.push_messages(messages))
 
+    def reply_to(self, message: Message) -> Message:
+        """The ClientApp's reply to ``message``, now (an error reply if it raised)."""
+        return self._handle(message)
+
     def _handle(self, message: Message) -> Message:
         context = self._context(message.metadata.dst_node_id)
         if context is None:

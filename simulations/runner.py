@@ -12,12 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
-from fedge.client.app import build_client_app
-from fedge.client.compression import compression_mod
-from fedge.client.privacy import dp_clipping_mod
-from fedge.client.secagg import secagg_mod
 from fedge.client.training import check_device
-from fedge.client.wire import WireRecorder, check_wire_folder
+from fedge.client.wire import check_wire_folder
 from fedge.config import RunConfig
 from fedge.datafiles import LabelledSamples
 from fedge.errors import FedgeError
@@ -34,7 +30,7 @@ from fedge.server.rounds import RoundRecord
 from fedge.server.run_folder import prepare_run_dir, resumable_checkpoint
 from fedge.server.starting_model import StartingModel
 from fedge.server.strategies import check_strategy_name
-from fedge.simulations.attacks import check_attack, staged_attack
+from fedge.simulations.attacks import check_attack
 from fedge.simulations.clients import SimulatedClients
 from fedge.simulations.datasets import load_dataset, split_federated
 from fedge.simulations.heterogeneity import check_heterogeneity, with_devices
@@ -47,6 +43,7 @@ from fedge.simulations.userdata import (
     split_user_data,
     user_data_source,
 )
+from fedge.simulations.workers import ClientRecipe, WorkerGrid, resolve_workers
 
 
 @dataclass(frozen=True)
@@ -90,6 +87,7 @@ def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPla
     check_heterogeneity(config)
     check_server_settings(config)
     check_device(config.device)
+    resolve_workers(config)
     PartitionSpec.parse(config.partition)
     if config.min_clients > config.clients:
         raise FedgeError(f"min_clients ({config.min_clients}) is larger than the number of "
@@ -138,8 +136,7 @@ def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
     ``on_start`` hears the starting model's validation metrics, ``on_round`` each round's
     record."""
     config = plan.config
-    # The wire recorder stays the first mod, the outermost: it records what leaves a client.
-    mods = [] if record_wire is None else [WireRecorder(check_wire_folder(record_wire))]
+    wire = None if record_wire is None else check_wire_folder(record_wire)
     if resume:
         checkpoint = load_checkpoint(resumable_checkpoint(run_dir))
         federation = Federation(config, plan.server_data, run_dir, on_round, checkpoint,
@@ -147,29 +144,26 @@ def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
     else:
         federation = Federation(config, plan.server_data, prepare_run_dir(run_dir, overwrite),
                                 on_round, start=plan.start, on_start=on_start)
-    load_data, attack_mods = staged_attack(config, plan.clients.local_data,
-                                           plan.server_data.num_classes)
-    # DP clipping is the last mod, the innermost: it clips what honest training produced
-    # (an attacker's mod acts after it, as a malicious device would not clip). SecAgg+
-    # masks what the mods inside it produce; it passes plaintext rounds through. Compression
-    # quantizes what the device sends, an attacker's update included.
-    client_app = build_client_app(load_data, device=config.device,
-                                  mods=[*mods, secagg_mod, compression_mod, *attack_mods,
-                                        dp_clipping_mod])
+    recipe = ClientRecipe(config, plan.clients, plan.server_data.num_classes, wire)
     if config.backend == "inprocess":
-        from fedge.simulations.inprocess import InProcessGrid
-
         first_round = (federation.resume.round if federation.resume else 0) + 1
-        grid, clock = with_devices(InProcessGrid(client_app, config.clients), config,
-                                   first_round)
-        return federation.run(grid, clock=clock)
+        workers = resolve_workers(config)
+        if workers == 1:
+            from fedge.simulations.inprocess import InProcessGrid
+
+            grid, clock = with_devices(InProcessGrid(recipe.client_app(), config.clients),
+                                       config, first_round)
+            return federation.run(grid, clock=clock)
+        with WorkerGrid(recipe, config.clients, workers, timeout=config.round_timeout) as pool:
+            grid, clock = with_devices(pool, config, first_round)
+            return federation.run(grid, clock=clock)
 
     from flwr.simulation import run_simulation
 
     # Ray warns at start-up unless told how to treat CUDA_VISIBLE_DEVICES with 0 GPUs.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
-        server_app=federation.server_app(), client_app=client_app,
+        server_app=federation.server_app(), client_app=recipe.client_app(),
         num_supernodes=config.clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

@@ -1,0 +1,376 @@
+"""A Flower ``Grid`` that trains a round's clients in parallel, in worker processes.
+
+:class:`WorkerGrid` is :class:`~fedge.simulations.inprocess.InProcessGrid` spread over a
+few long-lived processes. Each worker starts once (``spawn``: nothing of this process's
+torch state is inherited), imports torch with one thread, and builds the very ClientApp the
+in-process backend builds from a picklable :class:`ClientRecipe`: the data set is read once
+per worker, and memory grows with the workers, not with the clients. Node ``n`` always
+goes to worker ``n % workers``, which keeps its Flower Context (SecAgg+'s keys between
+stages). Messages travel as Flower's own protobuf serialization, as over a network.
+
+One thread per worker makes training bit-identical to a single thread, whichever worker
+trains a client; the server sorts the replies into the order of its messages, so the
+same seed gives the same run with 1, 2 or 4 workers.
+
+A worker that dies (or answers nothing for ``timeout`` seconds) becomes an error reply
+for each of its nodes' messages, which the server counts as failures; it is started
+again at once, for the next round. :meth:`WorkerGrid.close` ends every worker, and
+workers end themselves when this process dies.
+"""
+
+import atexit
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Error, Message
+from flwr.clientapp import ClientApp
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedge.config import RunConfig
+from fedge.errors import FedgeError
+from fedge.simulations.clients import SimulatedClients
+from fedge.simulations.inprocess import CLIENT_APP_ERROR, FIRST_CLIENT_NODE_ID, SERVER_NODE_ID
+
+log = logging.getLogger("fedge.server")
+
+START_TIMEOUT = 300.0  # seconds for the workers' first start (import torch, read the data)
+STOP_GRACE = 5.0  # seconds a worker has to stop before it is killed
+PULL_WAIT = 0.5  # longest a pull waits for the replies it asks for
+
+
+@dataclass(frozen=True)
+class ClientRecipe:
+    """Everything a process needs to build the simulation's ClientApp (picklable)."""
+
+    config: RunConfig
+    clients: SimulatedClients
+    num_classes: int
+    record_wire: Path | None = None
+
+    def client_app(self) -> ClientApp:
+        from fedge.client.app import build_client_app
+        from fedge.client.compression import compression_mod
+        from fedge.client.privacy import dp_clipping_mod
+        from fedge.client.secagg import secagg_mod
+        from fedge.client.wire import WireRecorder
+        from fedge.simulations.attacks import staged_attack
+
+        # The wire recorder stays the first mod, the outermost: it records what leaves a
+        # client. DP clipping is the last mod, the innermost: it clips what honest training
+        # produced (an attacker's mod acts after it, as a malicious device would not clip).
+        # SecAgg+ masks what the mods inside it produce; it passes plaintext rounds through.
+        # Compression quantizes what the device sends, an attacker's update included.
+        wire = [] if self.record_wire is None else [WireRecorder(self.record_wire)]
+        load_data, attack_mods = staged_attack(self.config, self.clients.local_data,
+                                               self.num_classes)
+        return build_client_app(load_data, device=self.config.device,
+                                mods=[*wire, secagg_mod, compression_mod, *attack_mods,
+                                      dp_clipping_mod])
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(config: RunConfig) -> int:
+    """The worker processes an in-process simulation uses (1: none, train in this one)."""
+    if config.workers is not None and config.workers < 1:
+        raise FedgeError(f"workers must be at least 1 (1: train in this process), not "
+                         f"{config.workers}")
+    per_round = min(config.clients, max(int(config.fraction * config.clients),
+                                        config.min_clients))
+    if config.workers is not None:
+        return max(1, min(config.workers, config.clients))
+    return max(1, min(available_cores(), per_round))
+
+
+def _encode(message: Message) -> bytes:
+    return message_to_proto(message).SerializeToString()
+
+
+def _decode(payload: bytes) -> Message:
+    proto = ProtoMessage()
+    proto.ParseFromString(payload)
+    return message_from_proto(proto)
+
+
+def _serve(recipe: ClientRecipe, num_nodes: int, run_id: int, inbox: Any,
+           outbox: Connection, parent: int, log_level: int) -> None:
+    """A worker: build the ClientApp once, then answer messages until told to stop."""
+    from fedge import guard
+
+    guard.die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops us
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("flwr").setLevel(log_level)
+    from fedge.simulations.inprocess import InProcessGrid
+
+    nodes = InProcessGrid(recipe.client_app(), num_nodes, run_id)
+    outbox.send_bytes(b"")  # ready
+    while True:
+        try:
+            task = inbox.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if task is None:
+            return
+        outbox.send_bytes(_encode(nodes.reply_to(_decode(task))))
+
+
+class _Worker:
+    """One worker process, its inbox and the messages it has not answered yet."""
+
+    def __init__(self, index: int, context: Any, args: tuple) -> None:
+        self.index = index
+        self.inbox = context.Queue()
+        reader, writer = context.Pipe(duplex=False)
+        self.replies: Connection = reader
+        self.process = context.Process(
+            target=_serve, args=(*args, self.inbox, writer, os.getpid(),
+                                 logging.getLogger("flwr").level),
+            name=f"fedge-worker-{index}", daemon=True)
+        with _main_module_hidden():
+            self.process.start()
+        writer.close()  # the worker holds the only writing end: its death is EOF here
+        self.ready = False
+        self.outstanding: dict[str, tuple[Message, float]] = {}  # id → (message, sent)
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stop(self, grace: float) -> None:
+        if self.process.is_alive() and grace > 0:
+            with contextlib.suppress(OSError, ValueError):
+                self.inbox.put(None)
+            self.process.join(grace)
+        for end in (self.process.terminate, self.process.kill):
+            if not self.process.is_alive():
+                break
+            end()
+            self.process.join(2.0)
+        self.inbox.cancel_join_thread()  # a dead worker's inbox must not block our exit
+        self.inbox.close()
+        self.replies.close()
+
+
+class WorkerGrid(Grid):
+    """Nodes ``1001, 1002, ...`` as in :class:`InProcessGrid`, their ClientApp run by
+    ``workers`` processes built from ``recipe``. A worker silent for ``timeout`` seconds
+    (the round's) is ended; see the module docstring."""
+
+    def __init__(self, recipe: ClientRecipe, num_nodes: int, workers: int,
+                 timeout: float = 600.0, run_id: int = 1,
+                 start_timeout: float = START_TIMEOUT) -> None:
+        if workers < 1:
+            raise FedgeError(f"workers must be at least 1, not {workers}")
+        self.num_nodes, self.timeout = num_nodes, timeout
+        self._run = Run.create_empty(run_id)
+        self._args = (recipe, num_nodes, run_id)
+        self._context = multiprocessing.get_context("spawn")
+        self._replies: dict[str, Message] = {}
+        self._closed = False
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE_ID, 1
+        atexit.register(self.close)
+        self._workers: list[_Worker] = []
+        try:
+            self._workers = [_Worker(k, self._context, self._args) for k in range(workers)]
+            self._await_start(start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- Grid ---------------------------------------------------------------------------
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: Any, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(range(FIRST_CLIENT_NODE_ID, FIRST_CLIENT_NODE_ID + self.num_nodes))
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Hand each message to its node's worker; replies wait for ``pull_messages``."""
+        self._check_open()
+        # A worker still busy with messages nobody waits for any more is hung: restart it.
+        for worker in list(self._workers):
+            if worker.outstanding:
+                self._fail(worker, "was still busy with an earlier round's messages")
+        ids = []
+        now = time.monotonic()
+        for message in messages:
+            message_id = uuid.uuid4().hex
+            message.metadata.__dict__["_message_id"] = message_id
+            node = message.metadata.dst_node_id
+            if not 0 <= node - FIRST_CLIENT_NODE_ID < self.num_nodes:
+                self._replies[message_id] = Message(Error(CLIENT_APP_ERROR, f"no node {node}"),
+                                                    reply_to=message)
+            else:
+                worker = self._workers[node % len(self._workers)]
+                worker.outstanding[message_id] = (message, now)
+                worker.inbox.put(_encode(message))
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies in so far to ``message_ids``, in that order; waits up to
+        ``PULL_WAIT`` seconds for all of them."""
+        wanted = list(message_ids)
+        deadline = time.monotonic() + PULL_WAIT
+        while True:
+            self._collect(max(0.0, deadline - time.monotonic()))
+            if all(i in self._replies for i in wanted) or time.monotonic() >= deadline:
+                break
+        return [self._replies.pop(i) for i in wanted if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        ids = list(self.push_messages(messages))
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        replies: dict[str, Message] = {}
+        while len(replies) < len(ids) and time.monotonic() < deadline:
+            for reply in self.pull_messages([i for i in ids if i not in replies]):
+                replies[reply.metadata.reply_to_message_id] = reply
+        return [replies[i] for i in ids if i in replies]
+
+    # --- workers ------------------------------------------------------------------------
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The workers' process ids, in worker order (for tests and monitoring)."""
+        return [w.process.pid for w in self._workers]
+
+    def close(self) -> None:
+        """End every worker (politely, then by force); the grid cannot be used after."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        for worker in self._workers:
+            with _ignored_interrupts():
+                worker.stop(STOP_GRACE)
+
+    def __enter__(self) -> "WorkerGrid":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FedgeError("this WorkerGrid is closed")
+
+    def _await_start(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(w.ready for w in self._workers):
+            self._collect(min(1.0, max(0.0, deadline - time.monotonic())), starting=True)
+            if time.monotonic() >= deadline and not all(w.ready for w in self._workers):
+                raise FedgeError(f"the simulation's worker processes did not start within "
+                                 f"{timeout:.0f} s")
+
+    def _collect(self, wait_for: float, starting: bool = False) -> None:
+        """Read every reply that is in (waiting up to ``wait_for`` seconds for one), and
+        turn dead or hung workers into error replies."""
+        readable = {w.replies: w for w in self._workers}
+        sentinels = {w.process.sentinel: w for w in self._workers}
+        ready = wait([*readable, *sentinels], timeout=wait_for) if wait_for > 0 else [
+            c for c in readable if c.poll()]
+        for connection in ready:
+            worker = readable.get(connection)
+            if worker is None:
+                continue
+            while worker in self._workers and connection.poll():
+                try:
+                    payload = connection.recv_bytes()
+                except (EOFError, OSError):
+                    break
+                if not payload:
+                    worker.ready = True
+                    continue
+                reply = _decode(payload)
+                if worker.outstanding.pop(reply.metadata.reply_to_message_id, None):
+                    self._replies[reply.metadata.reply_to_message_id] = reply
+        now = time.monotonic()
+        for worker in list(self._workers):
+            if not worker.alive():
+                code = worker.process.exitcode
+                if starting:
+                    raise FedgeError(f"a simulation worker process ended while starting "
+                                     f"(exit code {code}); run with --workers 1 to see why")
+                self._fail(worker, f"ended (exit code {code})")
+            elif any(now - sent > self.timeout for _, sent in worker.outstanding.values()):
+                self._fail(worker, f"answered nothing for {self.timeout:g} s")
+
+    def _fail(self, worker: _Worker, what: str) -> None:
+        """Error replies for ``worker``'s unanswered messages; a fresh worker in its place."""
+        pid = worker.process.pid
+        for message_id, (message, _) in worker.outstanding.items():
+            self._replies[message_id] = Message(
+                Error(CLIENT_APP_ERROR, f"simulation worker {worker.index} (pid {pid}) {what} "
+                                        f"before node {message.metadata.dst_node_id} replied"),
+                reply_to=message)
+        if worker.outstanding:
+            log.warning("simulation worker %d (pid %d) %s: %d client(s) failed; restarting it",
+                        worker.index, pid, what, len(worker.outstanding))
+        worker.outstanding.clear()
+        worker.stop(0.0)
+        self._workers[worker.index] = _Worker(worker.index, self._context, self._args)
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start a spawned worker without re-running the ``__main__`` script in it, as
+    ``multiprocessing`` otherwise does: a worker needs nothing from it, and a script that
+    calls ``fedge.simulate`` without an ``if __name__ == "__main__":`` guard would run again
+    in every worker."""
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__")
+             if name in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+
+
+class _ignored_interrupts:
+    """Finish stopping the workers even if a second Ctrl-C arrives meanwhile."""
+
+    def __enter__(self) -> None:
+        self._previous = None
+        with contextlib.suppress(ValueError):  # not the main thread
+            self._previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
