@@ -107,6 +107,24 @@ def test_a_killed_worker_fails_its_clients_for_one_round_and_the_run_finishes(
     assert len(grid.all_pids) == 3
 
 
+def test_a_hung_worker_costs_one_round_timeout_and_is_replaced(tmp_path, grids):
+    stopped = []
+
+    def stop_after_round_one(record, best) -> None:
+        if record.round == 1:
+            stopped.append(grids[0].worker_pids[0])
+            os.kill(stopped[0], signal.SIGSTOP)  # alive, but answers nothing
+
+    result = run(tmp_path, "hung", workers=2, rounds=3, round_timeout=10,
+                 on_round=stop_after_round_one)
+    rounds = result.rounds
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[1]["failures"] + rounds[1]["timeouts"] == 3
+    assert rounds[1]["num_clients"] == 3
+    assert rounds[2]["failures"] + rounds[2]["timeouts"] == 0
+    assert stopped[0] not in grids[0].worker_pids
+
+
 def test_secure_aggregation_works_with_workers(tmp_path, grids):
     # SecAgg+ keeps each node's keys in its Context between stages: in its worker.
     result = fedge.simulate(out=tmp_path / "secure", dataset="digits", clients=4, rounds=1,
