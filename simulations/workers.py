@@ -161,11 +161,18 @@ class _Worker:
     def alive(self) -> bool:
         return self.process.is_alive()
 
-    def stop(self, grace: float) -> None:
-        if self.process.is_alive() and grace > 0:
-            with contextlib.suppress(OSError, ValueError):
-                self.inbox.put(None)
-            self.process.join(grace)
+    def ask_to_stop(self) -> None:
+        """An idle worker stops after its last message; a busy one is ended now (it
+        would finish every message queued for it first)."""
+        if self.outstanding or not self.ready:
+            self.process.terminate()
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.inbox.put(None)
+
+    def stop(self, deadline: float) -> None:
+        """Wait until ``deadline`` (monotonic seconds) for the process to end; then end it."""
+        self.process.join(max(0.0, deadline - time.monotonic()))
         for end in (self.process.terminate, self.process.kill):
             if not self.process.is_alive():
                 break
@@ -275,9 +282,12 @@ class WorkerGrid(Grid):
             return
         self._closed = True
         atexit.unregister(self.close)
-        for worker in self._workers:
-            with _ignored_interrupts():
-                worker.stop(STOP_GRACE)
+        with _ignored_interrupts():
+            for worker in self._workers:
+                worker.ask_to_stop()
+            deadline = time.monotonic() + STOP_GRACE
+            for worker in self._workers:
+                worker.stop(deadline)
 
     def __enter__(self) -> "WorkerGrid":
         return self
@@ -342,6 +352,7 @@ class WorkerGrid(Grid):
             log.warning("simulation worker %d (pid %d) %s: %d client(s) failed; restarting it",
                         worker.index, pid, what, len(worker.outstanding))
         worker.outstanding.clear()
+        worker.process.kill()
         worker.stop(0.0)
         self._workers[worker.index] = _Worker(worker.index, self._context, self._args)
 

@@ -4,6 +4,9 @@ a dead worker is a round's failures, not a hung run; no worker outlives its run.
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -156,3 +159,50 @@ def test_the_worker_count_defaults_to_the_cores_and_refuses_less_than_one(monkey
     assert resolve_workers(RunConfig(clients=10)) == 1
     with pytest.raises(FedgeError, match="workers must be at least 1"):
         plan_simulation(RunConfig(clients=4, workers=0))
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux)")
+def test_ctrl_c_ends_the_run_and_every_worker(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedge", "simulate", "--workers", "2", "--clients", "6",
+         "--rounds", "100", "--local-epochs", "1", "--patience", "100", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)  # its own process group, as a terminal's foreground job
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoint.pt").exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "no round finished in 180 s"
+            time.sleep(0.2)
+        workers = children_of(process.pid)
+        assert process.poll() is None and len(workers) >= 2
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole group gets it
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode != 0
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if running(pid)]
