@@ -33,7 +33,7 @@ from fedge.server.strategies import check_strategy_name
 from fedge.simulations.attacks import check_attack
 from fedge.simulations.clients import SimulatedClients
 from fedge.simulations.datasets import load_dataset, split_federated
-from fedge.simulations.heterogeneity import check_heterogeneity, with_devices
+from fedge.simulations.heterogeneity import DeviceFleet, check_heterogeneity, with_devices
 from fedge.simulations.partition import PartitionSpec
 from fedge.simulations.userdata import (
     describe_holdouts,
@@ -154,7 +154,11 @@ def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
             grid, clock = with_devices(InProcessGrid(recipe.client_app(), config.clients),
                                        config, first_round)
             return federation.run(grid, clock=clock)
-        with WorkerGrid(recipe, config.clients, workers, timeout=config.round_timeout) as pool:
+        # A simulated clock keeps the round's deadline in simulated seconds; workers then
+        # get the default deadline in real ones before they count as hung.
+        hung_after = (RunConfig.model_fields["round_timeout"].default
+                      if DeviceFleet.from_config(config).heterogeneous else config.round_timeout)
+        with WorkerGrid(recipe, config.clients, workers, timeout=hung_after) as pool:
             grid, clock = with_devices(pool, config, first_round)
             return federation.run(grid, clock=clock)
 
