@@ -128,6 +128,19 @@ def test_a_hung_worker_costs_one_round_timeout_and_is_replaced(tmp_path, grids):
     assert stopped[0] not in grids[0].worker_pids
 
 
+def test_simulated_devices_keep_their_clock_with_workers(tmp_path, grids):
+    # A deadline of 10⁶ simulated seconds that slow clients miss: lateness is decided on
+    # the simulated clock, not by how long the workers take in real time.
+    result = fedge.simulate(out=tmp_path / "devices", dataset="digits", clients=4, rounds=2,
+                            local_epochs=1, partition="iid", patience=10, slow_fraction=0.5,
+                            slowdown=1e7, samples_per_second=1.0, round_timeout=1e6,
+                            workers=2)
+    assert [(r["num_clients"], r["timeouts"], r["failures"]) for r in result.rounds] == [
+        (2, 2, 0), (2, 0, 0)]
+    assert result.rounds[0]["simulated_seconds"] == 1e6
+    assert len(grids) == 1
+
+
 def test_secure_aggregation_works_with_workers(tmp_path, grids):
     # SecAgg+ keeps each node's keys in its Context between stages: in its worker.
     result = fedge.simulate(out=tmp_path / "secure", dataset="digits", clients=4, rounds=1,
