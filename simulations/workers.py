@@ -10,12 +10,13 @@ stages). Messages travel as Flower's own protobuf serialization, as over a netwo
 
 One thread per worker makes training bit-identical to a single thread, whichever worker
 trains a client; the server sorts the replies into the order of its messages, so the
-same seed gives the same run with 1, 2 or 4 workers.
+same seed gives the same run with 2 or 4 workers, and with InProcessGrid on one torch
+thread (on torch's default threads, clients' losses can differ in their last digits).
 
 As with InProcessGrid, every reply is in when ``push_messages`` returns. A worker that
 dies (or answers nothing for ``timeout`` seconds) becomes an error reply for each of its
-nodes' messages, which the server counts as failures; it is started
-again at once, for the next round. :meth:`WorkerGrid.close` ends every worker, and
+nodes' messages, which the server counts as failures; it is started again at once, for
+the next round. Workers ignore Ctrl-C: :meth:`WorkerGrid.close` ends every worker, and
 workers end themselves when this process dies.
 """
 
@@ -29,6 +30,7 @@ import signal
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -52,6 +54,7 @@ log = logging.getLogger("fedge.server")
 
 START_TIMEOUT = 300.0  # seconds for the workers' first start (import torch, read the data)
 STOP_GRACE = 5.0  # seconds a worker has to stop before it is killed
+IN_FLIGHT = 2  # messages sent to a worker ahead of its replies
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,21 @@ class _Worker:
             self.process.start()
         writer.close()  # the worker holds the only writing end: its death is EOF here
         self.ready, self.started = False, time.monotonic()
-        self.outstanding: dict[str, tuple[Message, float]] = {}  # id → (message, sent)
+        self.outstanding: dict[str, Message] = {}  # unanswered, sent or still queued here
+        self.queued: deque[str] = deque()  # ids of those not yet sent
+        self.progress = self.started  # when it last answered, or got work while idle
+
+    def feed(self) -> None:
+        """Send queued messages until ``IN_FLIGHT`` are with the worker: memory holds a
+        few encoded messages per worker, not one per client."""
+        while self.queued and len(self.outstanding) - len(self.queued) < IN_FLIGHT:
+            if len(self.outstanding) == len(self.queued):  # idle until now
+                self.progress = time.monotonic()
+            self.inbox.put(_encode(self.outstanding[self.queued.popleft()]))
+
+    def hung(self, timeout: float) -> bool:
+        busy = len(self.outstanding) > len(self.queued)
+        return self.ready and busy and time.monotonic() - self.progress > timeout
 
     def alive(self) -> bool:
         return self.process.is_alive()
@@ -231,7 +248,6 @@ class WorkerGrid(Grid):
         """Hand each message to its node's worker; replies wait for ``pull_messages``."""
         self._check_open()
         ids = []
-        now = time.monotonic()
         for message in messages:
             message_id = uuid.uuid4().hex
             message.metadata.__dict__["_message_id"] = message_id
@@ -241,9 +257,11 @@ class WorkerGrid(Grid):
                                                     reply_to=message)
             else:
                 worker = self._workers[node % len(self._workers)]
-                worker.outstanding[message_id] = (message, now)
-                worker.inbox.put(_encode(message))
+                worker.outstanding[message_id] = message
+                worker.queued.append(message_id)
             ids.append(message_id)
+        for worker in self._workers:
+            worker.feed()
         # As in InProcessGrid, every reply is in when the push returns (an error reply for
         # each message of a worker that died or stayed silent for `timeout` seconds): a
         # simulated clock then decides which results were late, not this machine's speed.
@@ -314,14 +332,14 @@ class WorkerGrid(Grid):
                     payload = connection.recv_bytes()
                 except (EOFError, OSError):
                     break
-                if not payload:  # started: its deadlines run from now
-                    worker.ready, started = True, time.monotonic()
-                    worker.outstanding = {k: (m, started)
-                                          for k, (m, _) in worker.outstanding.items()}
+                worker.progress = time.monotonic()
+                if not payload:  # started: its deadline runs from now
+                    worker.ready = True
                     continue
                 reply = _decode(payload)
                 if worker.outstanding.pop(reply.metadata.reply_to_message_id, None):
                     self._replies[reply.metadata.reply_to_message_id] = reply
+                worker.feed()
         now = time.monotonic()
         for worker in list(self._workers):
             if not worker.alive():
@@ -333,13 +351,13 @@ class WorkerGrid(Grid):
             elif not worker.ready:
                 if now - worker.started > START_TIMEOUT:
                     self._fail(worker, f"did not start within {START_TIMEOUT:g} s")
-            elif any(now - sent > self.timeout for _, sent in worker.outstanding.values()):
+            elif worker.hung(self.timeout):
                 self._fail(worker, f"answered nothing for {self.timeout:g} s")
 
     def _fail(self, worker: _Worker, what: str) -> None:
         """Error replies for ``worker``'s unanswered messages; a fresh worker in its place."""
         pid = worker.process.pid
-        for message_id, (message, _) in worker.outstanding.items():
+        for message_id, message in worker.outstanding.items():
             self._replies[message_id] = Message(
                 Error(CLIENT_APP_ERROR, f"simulation worker {worker.index} (pid {pid}) {what} "
                                         f"before node {message.metadata.dst_node_id} replied"),

@@ -20,8 +20,9 @@ def _alive(kind: type) -> int:
 
 
 def test_no_client_data_or_context_outlives_its_round(tmp_path):
+    # In this process (workers=1), where the objects can be counted.
     config = RunConfig(dataset="digits", clients=REGISTERED, fraction=FRACTION, rounds=2,
-                       local_epochs=1, partition="iid", patience=5)
+                       local_epochs=1, partition="iid", patience=5, workers=1)
     plan = plan_simulation(config)
     before = _alive(LocalData), _alive(Context)
     after_each_round = []
