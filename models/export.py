@@ -7,10 +7,9 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -19,6 +18,9 @@ from fedge.files import temporary_sibling
 from fedge.models.inference import CLASS_NAMES_KEY
 from fedge.models.program import ProgramModel
 from fedge.models.registry import ModelSpec, as_input_tensor
+
+if TYPE_CHECKING:
+    import onnx
 
 PARITY_TOLERANCE = 1e-4
 
@@ -39,11 +41,13 @@ def _quiet_exporter() -> Iterator[None]:
         exporter_log.setLevel(level)
 
 
-def _finish_metadata(path: Path, spec: ModelSpec) -> onnx.ModelProto:
+def _finish_metadata(path: Path, spec: ModelSpec) -> "onnx.ModelProto":
     """Remove the exporter's per-node debug metadata (FX node names, module paths, source
     stack traces with this machine's file paths) from the file, add the class names, and
     return the model: devices never read the former, and it is over 6 % of a small
     model's file (a fifth of its int8 version)."""
+    import onnx
+
     model = onnx.load(str(path))
     for node in model.graph.node:
         del node.metadata_props[:]
@@ -66,6 +70,9 @@ def export_onnx(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray,
     ``reference_inputs`` (real held-out samples); the largest absolute difference to
     torch's logits must not exceed ``tolerance``. ``path`` only appears once it passed.
     """
+    import onnx  # with onnxruntime, about a second: only when exporting
+    import onnxruntime as ort
+
     model = model.eval().cpu()
     traced = model.inference_module() if isinstance(model, ProgramModel) else model
     inputs = as_input_tensor(spec, reference_inputs)

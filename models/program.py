@@ -28,7 +28,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch._export.serde import serialize as serde
 
 from fedge.errors import FedgeError
 from fedge.models.exchange import PROGRAM_FORMAT, program_files, read_manifest
@@ -39,6 +38,8 @@ ALLOWED_TARGETS = ("torch.ops.aten.", "torch.ops.prims.", "_operator.getitem")
 def export_program(model: nn.Module, sample: torch.Tensor) -> bytes:
     """``model`` (whose own code runs here, on the server) as a program archive, traced on
     ``sample``, a batch of at least two inputs; the batch size stays free."""
+    from torch._export.serde import serialize as serde  # 1.5 s: only when exporting
+
     constants: dict[str, np.ndarray] = {}
     graphs = {}
     was_training = model.training
@@ -139,6 +140,8 @@ def _checked_graph(data: bytes, mode: str) -> bytes:
 
 def _load(data: bytes, state: dict[str, torch.Tensor], constants: dict[str, torch.Tensor],
           device: torch.device) -> nn.Module:
+    from torch._export.serde import serialize as serde
+
     try:
         program = serde.deserialize(serde.SerializedArtifact(data, state, constants, b""))
         if device.type != "cpu":
