@@ -130,7 +130,7 @@ def _decode(payload: bytes) -> Message:
     return message_from_proto(proto)
 
 
-def _serve(recipe: ClientRecipe, num_nodes: int, run_id: int, inbox: Any,
+def _serve(recipe: ClientRecipe, num_nodes: int, run_id: int, index: int, inbox: Any,
            outbox: Connection, parent: int, log_level: int) -> None:
     """A worker: build the ClientApp once, then answer messages until told to stop."""
     from fedge import guard
@@ -140,6 +140,7 @@ def _serve(recipe: ClientRecipe, num_nodes: int, run_id: int, inbox: Any,
     import torch
 
     torch.set_num_threads(1)
+    _share_the_gpus(recipe.config.device, index)
     logging.getLogger("flwr").setLevel(log_level)
     from fedge.simulations.inprocess import InProcessGrid
 
@@ -157,6 +158,15 @@ def _serve(recipe: ClientRecipe, num_nodes: int, run_id: int, inbox: Any,
         outbox.send_bytes(_encode(nodes.reply_to(_decode(task))))
 
 
+def _share_the_gpus(device: str, index: int) -> None:
+    """Worker ``k`` trains on GPU ``k % GPUs`` when the run asks for CUDA without naming a
+    GPU: the workers spread evenly over every GPU of the machine."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(index % torch.cuda.device_count())
+
+
 class _Worker:
     """One worker process, its inbox and the messages it has not answered yet."""
 
@@ -166,7 +176,7 @@ class _Worker:
         reader, writer = context.Pipe(duplex=False)
         self.replies: Connection = reader
         self.process = context.Process(
-            target=_serve, args=(*args, self.inbox, writer, os.getpid(),
+            target=_serve, args=(*args, index, self.inbox, writer, os.getpid(),
                                  logging.getLogger("flwr").level),
             name=f"fedge-worker-{index}", daemon=True)
         with _main_module_hidden() if context.get_start_method() == "spawn" else (
