@@ -15,7 +15,7 @@ from flwr.clientapp.typing import Mod
 from torch import nn
 
 from fedge.client.data import LocalData, node_seed
-from fedge.client.training import LocalTraining, pick_device, train_locally
+from fedge.client.training import LocalTraining, TrainReport, pick_device, train_locally
 from fedge.datafiles import remap_labels
 from fedge.errors import FedgeError
 from fedge.models.exchange import PROGRAM_KEY, exchanged_names, frozen_from_config
@@ -41,7 +41,7 @@ def local_training_from_config(config: dict, node_seed: int) -> LocalTraining:
     )
 
 
-def _fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
+def fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
     """The samples in the model's input shape (flat CSV rows are reshaped), or a clear
     error: the first round is where a device learns which model it trains."""
     data = _in_federation_ids(spec, data)
@@ -75,7 +75,7 @@ def _in_federation_ids(spec: ModelSpec, data: LocalData) -> LocalData:
     return LocalData(data.train_x, train_y, data.val_x, val_y, spec.class_names)
 
 
-def _federation_model(config: dict) -> tuple[ModelSpec, nn.Module]:
+def federation_model(config: dict) -> tuple[ModelSpec, nn.Module]:
     """The model the server's train config describes: a built-in network, or your own as
     a program (no source code, nothing that runs Python); a device that cannot build it
     (an unknown model, from a newer fedge) cannot take part in any round."""
@@ -95,38 +95,58 @@ def _federation_model(config: dict) -> tuple[ModelSpec, nn.Module]:
 Trainer = Callable[[RecordDict, Context], RecordDict]
 
 
+def start_training(content: RecordDict, context: Context, load_data: DataLoaderFn
+                   ) -> tuple[ModelSpec, nn.Module, LocalData, LocalTraining, set[str]]:
+    """What a train message asks of this node: the model holding the global weights
+    (frozen entries not trainable), the node's samples fitted to it, the round's
+    settings (seeded for this node and round), and the frozen entries."""
+    config = content["config"]
+    spec, model = federation_model(config)
+    data = fit_to_model(spec, load_data(context))
+    model.load_state_dict(content["arrays"].to_torch_state_dict())
+    frozen = frozen_from_config(config)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in frozen)
+    return spec, model, data, training_settings(config, context), frozen
+
+
+def training_settings(config: dict, context: Context) -> LocalTraining:
+    """The train config's local-training settings, seeded for this node and round."""
+    return local_training_from_config(
+        config, node_seed(int(config["seed"]), int(config["server-round"]), context))
+
+
+def train_reply(state: dict, frozen: set[str], num_examples: int, report: TrainReport,
+                train_seconds: float) -> RecordDict:
+    """The train reply's records: the trained entries of ``state`` (CPU tensors by name,
+    in the model's order) that travel back, and the local-training metrics."""
+    metrics = MetricRecord({
+        "num-examples": num_examples,
+        "train_loss": report.train_loss,
+        "val_loss": report.val_loss,
+        "val_accuracy": report.val_accuracy,
+        "epochs": report.epochs,
+        "stopped_early": int(report.stopped_early),
+        "train_seconds": train_seconds,
+    })
+    sent = exchanged_names({name: value.numpy().dtype for name, value in state.items()},
+                           frozen)
+    return RecordDict({"arrays": ArrayRecord({name: state[name] for name in sent}),
+                       "metrics": metrics})
+
+
 def build_trainer(load_data: DataLoaderFn, device: str = "auto") -> Trainer:
     """Train on the samples ``load_data`` returns for the node, on ``device`` unless the
     node config names one: the records of a train message in, the reply's records out."""
 
     def train(content: RecordDict, context: Context) -> RecordDict:
-        config = content["config"]
-        spec, model = _federation_model(config)
-        data = _fit_to_model(spec, load_data(context))
-        model.load_state_dict(content["arrays"].to_torch_state_dict())
-        frozen = frozen_from_config(config)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name not in frozen)
-        settings = local_training_from_config(
-            config, node_seed(int(config["seed"]), int(config["server-round"]), context))
+        spec, model, data, settings, frozen = start_training(content, context, load_data)
         chosen = pick_device(str(context.node_config.get("device", device)))
         started = time.perf_counter()
         report = train_locally(model, spec, data, settings, chosen)
         train_seconds = time.perf_counter() - started
-        metrics = MetricRecord({
-            "num-examples": len(data.train_x),
-            "train_loss": report.train_loss,
-            "val_loss": report.val_loss,
-            "val_accuracy": report.val_accuracy,
-            "epochs": report.epochs,
-            "stopped_early": int(report.stopped_early),
-            "train_seconds": train_seconds,
-        })
-        state = model.cpu().state_dict()
-        sent = exchanged_names({name: value.numpy().dtype for name, value in state.items()},
-                               frozen)
-        return RecordDict({"arrays": ArrayRecord({name: state[name] for name in sent}),
-                           "metrics": metrics})
+        return train_reply(model.cpu().state_dict(), frozen, len(data.train_x), report,
+                           train_seconds)
 
     return train
 

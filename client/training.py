@@ -4,10 +4,11 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from fedge.client.data import LocalData
 from fedge.errors import FedgeError
@@ -69,6 +70,53 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+# The optimizers' settings, shared with the vectorized clients (fedge.simulations.vectorized).
+SGD_MOMENTUM = 0.9
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def training_inputs(spec: ModelSpec, x: np.ndarray) -> torch.Tensor:
+    """Samples as the model's input tensor, in plain row-major strides: a mini-batch taken
+    from it by index then has the strides of one collated from single samples (a size-1
+    channel axis with other strides would make convolutions pick another memory format,
+    and other last digits)."""
+    return as_input_tensor(spec, x).clone(memory_format=torch.contiguous_format)
+
+
+def shuffled_batches(num_samples: int, settings: LocalTraining) -> DataLoader:
+    """Each epoch's mini-batches as index tensors, reshuffled every time the loader is
+    iterated, from a generator seeded by ``settings.seed``: one loader per client, kept
+    across its epochs, gives the same order wherever that client trains."""
+    return DataLoader(range(num_samples), batch_size=settings.batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(settings.seed))
+
+
+class EarlyStopping:
+    """Local early stopping on validation loss: the received weights count as epoch 0;
+    a client stops once its validation loss has not improved for ``patience`` epochs."""
+
+    def __init__(self, val_loss: float, val_accuracy: float, patience: int) -> None:
+        self.best_val_loss, self.best_val_accuracy = val_loss, val_accuracy
+        self.best_epoch, self.patience = 0, patience
+
+    def update(self, epoch: int, val_loss: float, val_accuracy: float) -> tuple[bool, bool]:
+        """After ``epoch``: (its weights are the best so far, the client stops now)."""
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_val_accuracy = val_loss, val_accuracy
+            self.best_epoch = epoch
+            return True, False
+        return False, epoch - self.best_epoch >= self.patience
+
+
+def diverged(train_loss: float, epoch: int) -> FedgeError | None:
+    """The error for an epoch whose training loss is no longer finite, or None."""
+    if math.isfinite(train_loss):
+        return None
+    return FedgeError(f"local training diverged: the training loss became {train_loss} in "
+                      f"epoch {epoch}; a lower learning rate (lr) may help")
+
+
 def _proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     """``||w - w_global||²`` over all trainable parameters (FedProx)."""
     return sum(((w - w0) ** 2).sum() for w, w0 in zip(model.parameters(), anchor, strict=True))
@@ -83,8 +131,8 @@ def _optimizer(model: nn.Module, settings: LocalTraining) -> torch.optim.Optimiz
     """Over the trainable parameters: frozen ones (``--freeze``) do not require grad."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(trainable, lr=settings.lr, momentum=0.9)
-    return torch.optim.Adam(trainable, lr=settings.lr)
+        return torch.optim.SGD(trainable, lr=settings.lr, momentum=SGD_MOMENTUM)
+    return torch.optim.Adam(trainable, lr=settings.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
 
 
 def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: LocalTraining,
@@ -98,22 +146,21 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
     """
     torch.manual_seed(settings.seed)
     model.to(device)
-    loader = DataLoader(
-        TensorDataset(as_input_tensor(spec, data.train_x), torch.as_tensor(data.train_y)),
-        batch_size=settings.batch_size, shuffle=True,
-        generator=torch.Generator().manual_seed(settings.seed),
-    )
+    train_x = training_inputs(spec, data.train_x)
+    train_y = torch.as_tensor(data.train_y)
+    batches = shuffled_batches(len(train_x), settings)
     anchor = [p.detach().clone() for p in model.parameters()]
     optimizer = _optimizer(model, settings)
 
-    best_val_loss, best_val_acc = evaluate_classifier(model, spec, data.val_x, data.val_y, device)
-    best_state, best_epoch = _snapshot(model), 0
+    stopping = EarlyStopping(*evaluate_classifier(model, spec, data.val_x, data.val_y, device),
+                             settings.patience)
+    best_state = _snapshot(model)
     epoch, train_loss = 0, float("nan")
     for epoch in range(1, settings.epochs + 1):
         model.train()
         loss_sum, seen = 0.0, 0
-        for inputs, labels in loader:
-            inputs, labels = inputs.to(device), labels.to(device)
+        for batch in batches:
+            inputs, labels = train_x[batch].to(device), train_y[batch].to(device)
             loss = F.cross_entropy(model(inputs), labels)
             loss_sum, seen = loss_sum + loss.item() * len(labels), seen + len(labels)
             if settings.proximal_mu > 0:
@@ -122,18 +169,17 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
             loss.backward()
             optimizer.step()
         train_loss = loss_sum / seen
-        if not math.isfinite(train_loss):  # its weights would only dilute the average
-            raise FedgeError(f"local training diverged: the training loss became "
-                             f"{train_loss} in epoch {epoch}; a lower learning rate (lr) "
-                             "may help")
-        val_loss, val_acc = evaluate_classifier(model, spec, data.val_x, data.val_y, device)
-        if val_loss < best_val_loss:
-            best_val_loss, best_val_acc, best_epoch = val_loss, val_acc, epoch
+        if error := diverged(train_loss, epoch):  # its weights would only dilute the average
+            raise error
+        improved, stop = stopping.update(
+            epoch, *evaluate_classifier(model, spec, data.val_x, data.val_y, device))
+        if improved:
             best_state = _snapshot(model)
-        elif epoch - best_epoch >= settings.patience:
+        elif stop:
             break
     model.load_state_dict(best_state)
     return TrainReport(
-        train_loss=train_loss, val_loss=best_val_loss, val_accuracy=best_val_acc,
-        epochs=epoch, best_epoch=best_epoch, stopped_early=epoch < settings.epochs,
+        train_loss=train_loss, val_loss=stopping.best_val_loss,
+        val_accuracy=stopping.best_val_accuracy, epochs=epoch,
+        best_epoch=stopping.best_epoch, stopped_early=epoch < settings.epochs,
     )

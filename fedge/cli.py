@@ -147,6 +147,7 @@ def simulate(
     backend: Annotated[str | None, _setting("backend")] = None,
     device: Annotated[str | None, _setting("device")] = None,
     workers: Annotated[int | None, _setting("workers")] = None,
+    vectorize: Annotated[bool | None, _setting("vectorize")] = None,
     offline_fraction: Annotated[float | None, _setting("offline_fraction")] = None,
     drop_fraction: Annotated[float | None, _setting("drop_fraction")] = None,
     slow_fraction: Annotated[float | None, _setting("slow_fraction")] = None,
@@ -177,7 +178,7 @@ def simulate(
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         dropout=dropout, patience=patience, min_delta=min_delta, local_patience=local_patience,
         proximal_mu=proximal_mu, server_lr=server_lr, seed=seed, backend=backend,
-        device=device, workers=workers,
+        device=device, workers=workers, vectorize=vectorize,
         trimmed_fraction=trimmed_fraction, krum_byzantine=krum_byzantine,
         multikrum_select=multikrum_select, max_norm_ratio=max_norm_ratio, byzantine=byzantine,
         attack=attack, attack_scale=attack_scale,
@@ -253,6 +254,9 @@ def _print_plan(plan: Any) -> None:
         console.print(f"[bold red]attack[/]: {staged}", highlight=False)
     if devices := describe_devices(settings):
         console.print(f"[bold]devices[/]: {devices}", highlight=False)
+    if settings.vectorize:
+        console.print("[bold]vectorized clients[/]: a round's clients train together, "
+                      "batched by torch.func.vmap", highlight=False)
     if settings.secagg:
         console.print(f"[bold]secure aggregation[/]: SecAgg+, secrets shared among "
                       f"{settings.secagg_num_shares} clients, {settings.secagg_threshold} "

@@ -116,6 +116,10 @@ class RunConfig(BaseModel):
                                 "that train a round's clients in parallel (default: the "
                                 "machine's cores, at most the clients per round; 1: train in "
                                 "this process); the Ray backend ignores it")
+    vectorize: bool = Field(False, description="in-process simulation: train a round's "
+                            "clients together as one batched computation (torch.func.vmap) "
+                            "in this process; a model vmap cannot batch (BatchNorm) trains "
+                            "in workers, with a warning")
     device: str = Field("auto", description="auto | cpu | cuda | mps (auto: CUDA, then MPS, "
                                             "then CPU)")
     dp_clip_norm: float | None = Field(None, gt=0.0, description="differential privacy: "

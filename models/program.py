@@ -206,6 +206,11 @@ class ProgramModel:
     def cpu(self) -> "ProgramModel":
         return self.to("cpu")
 
+    def module(self, training: bool) -> nn.Module:
+        """The train-mode or eval-mode graph as a module (for ``torch.func``); both hold
+        the same tensors by the model's own names."""
+        return self._modules["train" if training else "eval"]
+
     def inference_module(self) -> nn.Module:
         """The eval-mode graph as a module of its own, e.g. for the ONNX exporter."""
         return self._modules["eval"]

@@ -100,9 +100,14 @@ class InProcessGrid(Grid):
         if not 0 <= partition_id < self.num_nodes:
             return None
         if node_id not in self._contexts:
-            self._contexts[node_id] = Context(
-                run_id=self._run_id, node_id=node_id,
-                node_config={"partition-id": partition_id, "num-partitions": self.num_nodes},
-                state=RecordDict(), run_config={},
-            )
+            self._contexts[node_id] = node_context(node_id, self.num_nodes, self._run_id)
         return self._contexts[node_id]
+
+
+def node_context(node_id: int, num_nodes: int, run_id: int = 1) -> Context:
+    """A fresh Context for simulated node ``node_id`` of ``num_nodes``, whose node config
+    carries ``partition-id`` and ``num-partitions`` as in Flower's simulation engine."""
+    return Context(run_id=run_id, node_id=node_id,
+                   node_config={"partition-id": node_id - FIRST_CLIENT_NODE_ID,
+                                "num-partitions": num_nodes},
+                   state=RecordDict(), run_config={})

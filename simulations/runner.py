@@ -5,11 +5,13 @@ through :class:`~fedge.simulations.inprocess.InProcessGrid`; ``ray`` is Flower's
 simulation engine, for large runs and Ray clusters.
 """
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from flwr.serverapp import Grid
 from torch import nn
 
 from fedge.client.training import check_device
@@ -43,6 +45,7 @@ from fedge.simulations.userdata import (
     split_user_data,
     user_data_source,
 )
+from fedge.simulations.vectorized import VectorizedGrid, check_vectorize
 from fedge.simulations.workers import ClientRecipe, WorkerGrid, resolve_workers
 
 
@@ -88,6 +91,7 @@ def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPla
     check_server_settings(config)
     check_device(config.device)
     resolve_workers(config)
+    check_vectorize(config)
     PartitionSpec.parse(config.partition)
     if config.min_clients > config.clients:
         raise FedgeError(f"min_clients ({config.min_clients}) is larger than the number of "
@@ -136,6 +140,7 @@ def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
     ``on_start`` hears the starting model's validation metrics, ``on_round`` each round's
     record."""
     config = plan.config
+    check_vectorize(config, record_wire)
     wire = None if record_wire is None else check_wire_folder(record_wire)
     if resume:
         checkpoint = load_checkpoint(resumable_checkpoint(run_dir))
@@ -148,18 +153,28 @@ def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
     if config.backend == "inprocess":
         first_round = (federation.resume.round if federation.resume else 0) + 1
         workers = resolve_workers(config)
-        if workers == 1:
-            from fedge.simulations.inprocess import InProcessGrid
-
-            grid, clock = with_devices(InProcessGrid(recipe.client_app(), config.clients),
-                                       config, first_round)
-            return federation.run(grid, clock=clock)
         # A simulated clock keeps the round's deadline in simulated seconds; workers then
         # get the default deadline in real ones before they count as hung.
         hung_after = (RunConfig.model_fields["round_timeout"].default
                       if DeviceFleet.from_config(config).heterogeneous else config.round_timeout)
-        with WorkerGrid(recipe, config.clients, workers, timeout=hung_after) as pool:
-            grid, clock = with_devices(pool, config, first_round)
+
+        def clients_grid() -> Grid:
+            if workers == 1:
+                from fedge.simulations.inprocess import InProcessGrid
+
+                return InProcessGrid(recipe.client_app(), config.clients)
+            return WorkerGrid(recipe, config.clients, workers, timeout=hung_after)
+
+        with contextlib.ExitStack() as stack:
+            if config.vectorize:  # the clients' grid only for what cannot be batched
+                base = VectorizedGrid(clients_grid, config.clients, plan.clients.local_data,
+                                      config.device, "in workers" if workers > 1
+                                      else "one by one in this process")
+            else:
+                base = clients_grid()
+            if hasattr(base, "close"):
+                stack.callback(base.close)
+            grid, clock = with_devices(base, config, first_round)
             return federation.run(grid, clock=clock)
 
     from flwr.simulation import run_simulation

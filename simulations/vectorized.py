@@ -1,0 +1,546 @@
+"""Vectorized clients (``--vectorize``): a round's clients that train the same model are
+trained together, as one batched computation.
+
+:class:`VectorizedGrid` answers the train messages of one ``push_messages`` call itself
+and hands every other message (and the clients of a model it cannot batch) to a fallback
+grid, :class:`~fedge.simulations.workers.WorkerGrid` or
+:class:`~fedge.simulations.inprocess.InProcessGrid`, built only when first needed. Its
+replies are the ClientApp's (:func:`fedge.client.app.train_reply`): the same arrays, the
+same metrics.
+
+:func:`train_together` trains ``K`` clients as sequential training would
+(:func:`fedge.client.training.train_locally`), step for step:
+
+- **Stacked weights.** Every trainable parameter ``w`` becomes a tensor ``W`` of shape
+  ``(K, *w.shape)`` (what ``torch.func.stack_module_state`` builds from ``K`` copies);
+  ``vmap(functional_call)`` runs the model once for all clients, ``randomness="different"``
+  giving each client its own dropout masks. Frozen parameters and buffers stay shared.
+- **Same samples, same order.** Client ``k``'s samples, train/validation split and
+  mini-batch order are those of the sequential path (the same seeds, the same
+  :func:`~fedge.client.training.shuffled_batches`).
+- **Unequal sizes.** Step ``s`` of an epoch takes batch ``s`` of every client that still
+  has one; a shorter batch is padded to the batch size ``B`` with weights ``m_i = 0``, and
+  client ``k``'s loss is ``L_k = Σ_i m_i ℓ_i / Σ_i m_i``, exactly its mean over its real
+  samples. The clients optimize ``Σ_k (L_k + μ/2 ||W_k − w_global||²)``, whose gradient
+  with respect to ``W_k`` is client ``k``'s own (FedProx's term against the round's
+  global weights).
+- **Masked updates.** Only the clients with a batch in this step (and not stopped or
+  failed) are updated: their rows of ``W`` and of the optimizer state are gathered,
+  stepped and written back; every other client's parameters and optimizer state stay
+  unchanged, its Adam step count included.
+- **Optimizers** as torch.optim computes them (no weight decay), per client ``k`` with
+  its own step count ``t_k``::
+
+      Adam:  m ← lerp(m, g, 1 − β₁);  v ← β₂ v + (1 − β₂) g²
+             w ← w − (lr / (1 − β₁^t)) · m / (√v / √(1 − β₂^t) + ε)
+      SGD:   b ← g (first step), else b ← 0.9 b + g;  w ← w − lr · b
+
+- **Local early stopping** per client on its own validation loss: a client whose loss has
+  not improved for ``patience`` epochs stops and keeps its best weights, while the others
+  go on; a client whose training loss is no longer finite fails alone, as sequentially.
+
+On the CPU with one torch thread the results match sequential training within
+:data:`TOLERANCE` (relative) for a deterministic model: batched kernels sum in another
+order, so the last digits differ. With dropout the masks differ from sequential ones,
+so results agree statistically. A model whose training updates buffers in place
+(BatchNorm's running statistics), or that ``vmap`` cannot run, trains in the fallback
+grid, with one warning line that says why.
+"""
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import Error, Message
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from torch import nn
+from torch.func import functional_call, vmap
+
+from fedge.client.app import (
+    DataLoaderFn,
+    federation_model,
+    fit_to_model,
+    train_reply,
+    training_settings,
+)
+from fedge.client.data import LocalData
+from fedge.client.training import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    SGD_MOMENTUM,
+    EarlyStopping,
+    LocalTraining,
+    TrainReport,
+    diverged,
+    pick_device,
+    shuffled_batches,
+    training_inputs,
+)
+from fedge.config import RunConfig
+from fedge.errors import FedgeError
+from fedge.models.exchange import frozen_from_config
+from fedge.models.program import ProgramModel
+from fedge.models.registry import ModelSpec, as_input_tensor
+from fedge.simulations.inprocess import CLIENT_APP_ERROR, FIRST_CLIENT_NODE_ID, node_context
+
+log = logging.getLogger("fedge.simulations")
+
+# Relative difference from sequential training (CPU, one torch thread, dropout 0) within
+# which vectorized losses and weights agree; tests/test_vectorized.py holds it to this.
+TOLERANCE = 1e-5
+EVAL_SAMPLES = 1 << 16  # validation samples evaluated in one batched call, at most
+
+
+def check_vectorize(config: RunConfig, record_wire: Path | None = None) -> None:
+    """``vectorize`` trains plain clients in this process; the settings that change what a
+    client does beyond plain training are refused, by name, before anything starts."""
+    if not config.vectorize:
+        return
+    if config.backend != "inprocess":
+        raise FedgeError("vectorize needs backend inprocess: Ray's workers train each "
+                         "client on its own")
+    refused = [
+        (config.secagg, "secagg", "SecAgg+ masks each client's update in its own stages"),
+        (config.dp_clip_norm is not None, "dp_clip_norm",
+         "clients clip their own updates"),
+        (config.byzantine > 0 or config.attack is not None, "byzantine/attack",
+         "attackers change their own data or updates"),
+        (config.compress != "none", "compress", "clients quantize their own updates"),
+        (record_wire is not None, "record_wire", "it records each client's own messages"),
+    ]
+    for given, setting, why in refused:
+        if given:
+            raise FedgeError(f"vectorize does not work with {setting} ({why}); drop one "
+                             "of them")
+
+
+class VectorizedGrid(Grid):
+    """Nodes ``1001 … 1000 + num_nodes``, whose train messages are trained together (see
+    the module docstring) on samples from ``load_data``, on ``device``; every other
+    message goes to the grid ``fallback()`` builds when first needed (``fallback_name``:
+    how the log line names it)."""
+
+    def __init__(self, fallback: Callable[[], Grid], num_nodes: int, load_data: DataLoaderFn,
+                 device: str = "auto", fallback_name: str = "in workers",
+                 run_id: int = 1) -> None:
+        self._make_fallback, self._fallback = fallback, None
+        self.num_nodes, self.load_data, self.device = num_nodes, load_data, device
+        self.fallback_name, self._run_id = fallback_name, run_id
+        self._run = Run.create_empty(run_id)
+        self._replies: dict[str, Message] = {}
+        self._problems: dict[tuple, str | None] = {}  # model → why vmap cannot batch it
+
+    # --- Grid ---------------------------------------------------------------------------
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+        if self._fallback is not None:
+            self._fallback.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(range(FIRST_CLIENT_NODE_ID, FIRST_CLIENT_NODE_ID + self.num_nodes))
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Train the train messages of each model together, now; hand the others on."""
+        messages = list(messages)
+        groups: dict[tuple, list[int]] = {}
+        others = []
+        for position, message in enumerate(messages):
+            if message.metadata.message_type == MessageType.TRAIN and not message.has_error():
+                groups.setdefault(_model_key(message), []).append(position)
+            else:
+                others.append(position)
+        ids: list[str | None] = [None] * len(messages)
+        for positions in groups.values():
+            group = [messages[p] for p in positions]
+            if self._train_group(group):
+                for p, message in zip(positions, group, strict=True):
+                    ids[p] = message.metadata.message_id
+            else:
+                others.extend(positions)
+        others.sort()
+        if others:
+            handed = self._grid().push_messages([messages[p] for p in others])
+            for p, message_id in zip(others, handed, strict=True):
+                ids[p] = message_id
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        message_ids = list(message_ids)
+        mine = {i: self._replies.pop(i) for i in message_ids if i in self._replies}
+        rest = [i for i in message_ids if i not in mine]
+        if rest and self._fallback is not None:
+            for reply in self._fallback.pull_messages(rest):
+                mine[reply.metadata.reply_to_message_id] = reply
+        return [mine[i] for i in message_ids if i in mine]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        # Every reply is in when the push returns, as with InProcessGrid and WorkerGrid.
+        return self.pull_messages(self.push_messages(messages))
+
+    def close(self) -> None:
+        close = getattr(self._fallback, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "VectorizedGrid":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- training -----------------------------------------------------------------------
+
+    def _grid(self) -> Grid:
+        if self._fallback is None:
+            self._fallback = self._make_fallback()
+            self._fallback.set_run(self._run)
+        return self._fallback
+
+    def _train_group(self, group: list[Message]) -> bool:
+        """Answer ``group`` (train messages for one model, with the same weights and
+        settings) by training it together; False: the model cannot be batched."""
+        for message in group:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        content = group[0].content
+        config = content["config"]
+        try:
+            spec, model = federation_model(config)
+        except FedgeError as error:
+            for message in group:
+                self._fail(message, error)
+            return True
+        frozen = frozen_from_config(config)
+        model.load_state_dict(content["arrays"].to_torch_state_dict())
+        device = pick_device(self.device)
+        key = (spec.to_json(), tuple(sorted(frozen)))
+        if key not in self._problems:
+            self._problems[key] = problem = batching_problem(model, spec, frozen, device)
+            if problem:
+                log.warning("--vectorize: model cannot be batched by vmap (%s); training "
+                            "clients %s", problem, self.fallback_name)
+        if self._problems[key]:
+            return False
+        trained, datas, settings = [], [], []
+        for message in group:
+            node = message.metadata.dst_node_id
+            if not 0 <= node - FIRST_CLIENT_NODE_ID < self.num_nodes:
+                self._replies[message.metadata.message_id] = Message(
+                    Error(CLIENT_APP_ERROR, f"no node {node}"), reply_to=message)
+                continue
+            context = node_context(node, self.num_nodes, self._run_id)
+            try:
+                datas.append(fit_to_model(spec, self.load_data(context)))
+                settings.append(training_settings(config, context))
+            except Exception as error:  # a failing client must not end the round
+                self._fail(message, error)
+                continue
+            trained.append(message)
+        if not trained:
+            return True
+        started = time.perf_counter()
+        results = train_together(model, spec, datas, settings, frozen, device)
+        seconds = time.perf_counter() - started  # they trained at once: the round took this
+        for message, data, result in zip(trained, datas, results, strict=True):
+            if isinstance(result, Exception):
+                self._fail(message, result)
+                continue
+            report, state = result
+            self._replies[message.metadata.message_id] = Message(
+                train_reply(state, frozen, len(data.train_x), report, seconds),
+                reply_to=message)
+        return True
+
+    def _fail(self, message: Message, error: Exception) -> None:
+        self._replies[message.metadata.message_id] = Message(
+            Error(CLIENT_APP_ERROR, f"{type(error).__name__}: {error}"), reply_to=message)
+
+
+def _model_key(message: Message) -> tuple:
+    """Messages with equal keys train the same model from the same weights and settings
+    (a round's messages share them; bytes hash once per object)."""
+    config = tuple(sorted((name, tuple(value) if isinstance(value, list) else value)
+                          for name, value in message.content["config"].items()))
+    arrays = tuple((name, array.dtype, tuple(array.shape), array.data)
+                   for name, array in message.content["arrays"].items())
+    return config, arrays
+
+
+# --- the model as functions of its weights ------------------------------------------------
+
+def _module(model: nn.Module | ProgramModel, training: bool) -> nn.Module:
+    """The module that runs ``model`` in train or eval mode (a program has one of each)."""
+    if isinstance(model, ProgramModel):
+        return model.module(training)
+    return model.train(training)
+
+
+def _trainable(model: nn.Module | ProgramModel, frozen: set[str]) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in _module(model, True).named_parameters()
+            if name not in frozen}
+
+
+def batching_problem(model: nn.Module | ProgramModel, spec: ModelSpec, frozen: set[str],
+                     device: torch.device) -> str | None:
+    """Why ``vmap`` cannot train clients of ``model`` together, or None: a training step
+    that updates buffers in place (one set of buffers cannot follow K clients), or any
+    error of a batched training step and evaluation on a probe batch of zeros."""
+    model.to(device)
+    probe = torch.zeros((2, *spec.input_shape), dtype=as_input_tensor(spec, np.zeros(1)).dtype,
+                        device=device)
+    module = _module(model, True)
+    buffers = dict(module.named_buffers())
+    before = {name: value.clone() for name, value in buffers.items()}
+    try:
+        with torch.no_grad():
+            module(probe)
+    except Exception as error:
+        return _first_line(error)
+    finally:
+        changed = [n for n, value in buffers.items() if not torch.equal(value, before[n])]
+        with torch.no_grad():
+            for name, value in buffers.items():
+                value.copy_(before[name])
+    if changed:
+        if any(n.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+               for n in changed):
+            return "BatchNorm updates running statistics in place"
+        return f"training updates buffer {changed[0]} in place"
+    try:
+        stacked = {n: w.expand(2, *w.shape).clone().requires_grad_()
+                   for n, w in _trainable(model, frozen).items()}
+        batch = probe.expand(2, *probe.shape)
+        logits = vmap(lambda w, x: functional_call(module, w, (x,)),
+                      randomness="different")(stacked, batch)
+        torch.autograd.grad(logits.float().sum(), list(stacked.values()), allow_unused=True)
+        evaluation = _module(model, False)
+        with torch.no_grad():
+            vmap(lambda w, x: functional_call(evaluation, w, (x,)))(stacked, batch)
+    except Exception as error:  # vmap's refusals have no common type
+        return _first_line(error)
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# --- training K clients together ---------------------------------------------------------
+
+@dataclass
+class _Samples:
+    """K clients' samples in one tensor; client k's are rows ``offsets[k] + 0..n_k-1``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    offsets: list[int]
+    sizes: list[int]
+
+    @classmethod
+    def of(cls, spec: ModelSpec, parts: list[tuple[np.ndarray, np.ndarray]],
+           device: torch.device) -> "_Samples":
+        sizes = [len(x) for x, _ in parts]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+        x = torch.cat([training_inputs(spec, x) for x, _ in parts]).to(device)
+        y = torch.cat([torch.as_tensor(y, dtype=torch.int64) for _, y in parts]).to(device)
+        return cls(x, y, offsets, sizes)
+
+    def padded(self, clients: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices ``(len(clients), max n_k)`` of these clients' samples in order,
+        padded with each client's first row, and the mask of the real ones (0/1)."""
+        width = max(self.sizes[k] for k in clients)
+        columns = torch.arange(width)
+        sizes = torch.tensor([self.sizes[k] for k in clients])
+        mask = columns < sizes[:, None]
+        rows = torch.tensor([self.offsets[k] for k in clients])[:, None] + columns * mask
+        return rows.to(self.x.device), mask.to(self.x.device, torch.float32)
+
+
+class _Optimizer:
+    """Adam or SGD (momentum) as :func:`fedge.client.training._optimizer` configures them,
+    over stacked weights, stepping only the clients it is given (module docstring)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], settings: LocalTraining) -> None:
+        self.kind, self.lr = settings.optimizer, settings.lr
+        self.steps = [0] * next(iter(weights.values())).shape[0] if weights else []
+        self.first = {n: torch.zeros_like(w) for n, w in weights.items()}  # m, or b
+        self.second = ({n: torch.zeros_like(w) for n, w in weights.items()}
+                       if self.kind == "adam" else {})
+
+    def step(self, weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+             clients: list[int], rows: torch.Tensor) -> None:
+        device = rows.device
+        if self.kind == "adam":
+            beta1, beta2 = ADAM_BETAS
+            steps = [self.steps[k] + 1 for k in clients]
+            neg_size = torch.tensor([-(self.lr / (1 - beta1 ** t)) for t in steps],
+                                    device=device)
+            bc2_sqrt = torch.tensor([(1 - beta2 ** t) ** 0.5 for t in steps], device=device)
+        for name, g in grads.items():
+            shape = (-1,) + (1,) * (g.dim() - 1)
+            w = weights[name][rows]
+            if self.kind == "adam":
+                m = torch.lerp(self.first[name][rows], g, 1 - beta1)
+                v = torch.addcmul(self.second[name][rows] * beta2, g, g, value=1 - beta2)
+                w = w + neg_size.view(shape) * m / (v.sqrt() / bc2_sqrt.view(shape) + ADAM_EPS)
+                self.second[name][rows] = v
+            else:
+                # b starts at 0, so the first step's 0.9 · 0 + g is exactly torch's b ← g.
+                m = torch.add(self.first[name][rows] * SGD_MOMENTUM, g)
+                w = torch.add(w, m, alpha=-self.lr)
+            self.first[name][rows] = m
+            weights[name][rows] = w
+        for k in clients:
+            self.steps[k] += 1
+
+
+def _joint_seed(settings: list[LocalTraining]) -> int:
+    """One seed for the batched dropout masks, from every client's seed."""
+    return int(np.random.SeedSequence([s.seed for s in settings]).generate_state(1)[0])
+
+
+def train_together(model: nn.Module | ProgramModel, spec: ModelSpec, data: list[LocalData],
+                   settings: list[LocalTraining], frozen: set[str], device: torch.device
+                   ) -> list[tuple[TrainReport, dict[str, torch.Tensor]] | FedgeError]:
+    """Train ``len(data)`` clients of ``model`` (holding the global weights; its frozen
+    entries ``frozen``) together, as :func:`~fedge.client.training.train_locally` trains
+    each (module docstring); ``settings`` differ only in their seeds. Per client: its
+    report and its best weights (the model's state dict, on the CPU), or its error."""
+    common, clients = settings[0], len(data)
+    torch.manual_seed(_joint_seed(settings))
+    model.to(device)
+    anchor = _trainable(model, frozen)
+    weights = {n: w.expand(clients, *w.shape).clone() for n, w in anchor.items()}
+    best = {n: w.clone() for n, w in weights.items()}
+    optimizer = _Optimizer(weights, common)
+    train = _Samples.of(spec, [(d.train_x, d.train_y) for d in data], device)
+    val = _Samples.of(spec, [(d.val_x, d.val_y) for d in data], device)
+    forward = vmap(lambda w, x: functional_call(_module(model, True), w, (x,)),
+                   randomness="different")
+    batches = [shuffled_batches(n, s) for n, s in zip(train.sizes, settings, strict=True)]
+
+    everyone = list(range(clients))
+    initial = _evaluate(model, weights, val, everyone)
+    stopping = [EarlyStopping(loss, accuracy, common.patience) for loss, accuracy in initial]
+    errors: dict[int, FedgeError] = {}
+    epochs, train_loss = [0] * clients, [float("nan")] * clients
+    running = everyone
+    size = common.batch_size
+    for epoch in range(1, common.epochs + 1):
+        if not running:
+            break
+        order, mask = _epoch_order(train, running, [batches[k] for k in running], size)
+        loss_sum = torch.zeros(len(running), dtype=torch.float64, device=device)
+        for step in range(order.shape[1] // size):
+            columns = slice(step * size, (step + 1) * size)
+            active = [r for r, k in enumerate(running) if train.sizes[k] > step * size]
+            picked = torch.tensor(active, device=device)
+            rows = torch.tensor([running[r] for r in active], device=device)
+            index, real = order[picked, columns], mask[picked, columns]
+            leaves = {n: w[rows].requires_grad_() for n, w in weights.items()}
+            logits = forward(leaves, train.x[index])
+            per_sample = F.cross_entropy(logits.flatten(0, 1), train.y[index].flatten(),
+                                         reduction="none").view(real.shape)
+            count = real.sum(dim=1)
+            losses = (per_sample * real).sum(dim=1) / count
+            objective = losses.sum()
+            if common.proximal_mu > 0:
+                objective = objective + common.proximal_mu / 2 * sum(
+                    ((leaves[n] - anchor[n]) ** 2).sum() for n in leaves)
+            grads = torch.autograd.grad(objective, list(leaves.values()))
+            optimizer.step(weights, dict(zip(leaves, grads, strict=True)),
+                           [running[r] for r in active], rows)
+            loss_sum[picked] += losses.detach().double() * count.double()
+        for r, k in enumerate(running):
+            epochs[k] = epoch
+            train_loss[k] = float(loss_sum[r]) / train.sizes[k]
+            if error := diverged(train_loss[k], epoch):
+                errors[k] = error
+        running = [k for k in running if k not in errors]
+        improved, still = [], []
+        for k, (loss, accuracy) in zip(running, _evaluate(model, weights, val, running),
+                                       strict=True):
+            better, stop = stopping[k].update(epoch, loss, accuracy)
+            if better:
+                improved.append(k)
+            if not stop:
+                still.append(k)
+        if improved:
+            rows = torch.tensor(improved, device=device)
+            for n, w in weights.items():
+                best[n][rows] = w[rows]
+        running = still
+
+    state = {n: v.detach().cpu() for n, v in model.state_dict().items()}
+    best = {n: w.cpu() for n, w in best.items()}
+    results: list = []
+    for k in everyone:
+        if k in errors:
+            results.append(errors[k])
+            continue
+        s = stopping[k]
+        report = TrainReport(train_loss=train_loss[k], val_loss=s.best_val_loss,
+                             val_accuracy=s.best_val_accuracy, epochs=epochs[k],
+                             best_epoch=s.best_epoch, stopped_early=epochs[k] < common.epochs)
+        results.append((report, {n: best[n][k] if n in best else v for n, v in state.items()}))
+    return results
+
+
+def _epoch_order(train: _Samples, running: list[int], loaders: list, size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This epoch's sample rows of each running client in its mini-batch order, padded to
+    whole batches of ``size`` (``(len(running), steps · size)``), and their 0/1 mask."""
+    steps = max(math.ceil(train.sizes[k] / size) for k in running)
+    order = torch.zeros((len(running), steps * size), dtype=torch.int64)
+    mask = torch.zeros((len(running), steps * size))
+    for r, (k, loader) in enumerate(zip(running, loaders, strict=True)):
+        n = train.sizes[k]
+        order[r, :n] = torch.cat(list(loader)) + train.offsets[k]
+        order[r, n:] = train.offsets[k]
+        mask[r, :n] = 1.0
+    return order.to(train.x.device), mask.to(train.x.device)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module | ProgramModel, weights: dict[str, torch.Tensor],
+              val: _Samples, clients: list[int]) -> list[tuple[float, float]]:
+    """Each client's mean cross-entropy and accuracy on its validation samples, in eval
+    mode, with its own weights (as :func:`fedge.models.metrics.evaluate_classifier`)."""
+    if not clients:
+        return []
+    module = _module(model, False)
+    forward = vmap(lambda w, x: functional_call(module, w, (x,)))
+    chunk = max(1, EVAL_SAMPLES // max(val.sizes[k] for k in clients))
+    results = []
+    for start in range(0, len(clients), chunk):
+        part = clients[start:start + chunk]
+        rows, mask = val.padded(part)
+        picked = torch.tensor(part, device=rows.device)
+        logits = forward({n: w[picked] for n, w in weights.items()}, val.x[rows])
+        labels = val.y[rows]
+        per_sample = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                     reduction="none").view(mask.shape)
+        loss_sum = (per_sample * mask).sum(dim=1).double().tolist()
+        correct = ((logits.argmax(dim=-1) == labels).float() * mask).sum(dim=1).tolist()
+        results += [(loss / val.sizes[k], hits / val.sizes[k])
+                    for k, loss, hits in zip(part, loss_sum, correct, strict=True)]
+    return results
