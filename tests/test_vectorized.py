@@ -1,0 +1,147 @@
+"""Vectorized clients (``--vectorize``): a round's clients trained together as one batched
+computation give what training them one by one gives; a model vmap cannot batch trains
+one by one, and says so once; settings that change what a client does are refused."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fedge
+from fedge.api import SimulationResult
+from fedge.models.registry import ModelSpec
+from fedge.server.checkpoint import load_checkpoint
+from fedge.simulations.vectorized import ADAM_WEIGHT_TOLERANCE, TOLERANCE, batching_problem
+from tests.conftest import assert_simulation_refused, run_fedge, write_user_model
+
+# Unequal clients (Dirichlet: 168 to 311 training samples, so 6 to 10 mini-batches an
+# epoch), FedProx's term, a local patience of 1 that stops some clients early.
+EXACT = {"dataset": "digits", "clients": 4, "min_clients": 4, "rounds": 2, "local_epochs": 5,
+         "local_patience": 1, "seed": 3, "partition": "dirichlet:0.5", "patience": 5,
+         "dropout": 0.0, "strategy": "fedprox", "proximal_mu": 0.5, "workers": 1}
+ROUND_METRICS = ("train_loss", "val_loss", "val_accuracy", "client_val_loss",
+                 "client_val_accuracy", "client_epochs", "clients_stopped_early")
+
+
+def single_threaded(**settings) -> SimulationResult:
+    """One torch thread: the sequential reference is then reproducible to the bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fedge.simulate(**settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+@pytest.mark.parametrize(("optimizer", "lr"), [("adam", 0.01), ("sgd", 0.05)])
+def test_a_deterministic_model_trains_as_it_does_sequentially(tmp_path, optimizer, lr):
+    settings = {**EXACT, "optimizer": optimizer, "lr": lr}
+    one_by_one = single_threaded(out=tmp_path / "sequential", **settings)
+    together = single_threaded(out=tmp_path / "vectorized", vectorize=True, **settings)
+
+    assert len(one_by_one.rounds) == len(together.rounds) == 2
+    assert sum(r["clients_stopped_early"] for r in one_by_one.rounds) > 0
+    for seq, vec in zip(one_by_one.rounds, together.rounds, strict=True):
+        assert (vec["num_clients"], vec["failures"]) == (seq["num_clients"], 0)
+        for name in ROUND_METRICS:
+            assert relative(seq[name], vec[name]) <= TOLERANCE, (name, seq[name], vec[name])
+    # Adam turns gradients that are rounding noise into whole steps (see the constant),
+    # so its weights agree less closely than its losses; SGD's agree as closely.
+    weights_tolerance = ADAM_WEIGHT_TOLERANCE if optimizer == "adam" else TOLERANCE
+    seq_state = load_checkpoint(tmp_path / "sequential" / "checkpoint.pt").state_dict
+    vec_state = load_checkpoint(tmp_path / "vectorized" / "checkpoint.pt").state_dict
+    for name, value in seq_state.items():
+        scale = value.abs().max().clamp(min=1e-12)
+        assert ((vec_state[name] - value).abs().max() / scale) <= weights_tolerance, name
+
+
+def test_with_dropout_the_accuracy_is_statistically_the_same(tmp_path):
+    # Dropout masks differ between the paths, so the runs differ. The server's validation
+    # set has 270 digits: an accuracy near 0.85 has a standard error of ~0.022 there, and
+    # local training adds its own spread; 0.1 is about four standard errors.
+    settings = {**EXACT, "dropout": 0.3, "local_patience": 2, "local_epochs": 2}
+    one_by_one = fedge.simulate(out=tmp_path / "sequential", **settings)
+    together = fedge.simulate(out=tmp_path / "vectorized", vectorize=True, **settings)
+    seq, vec = one_by_one.rounds[-1], together.rounds[-1]
+    assert vec["val_accuracy"] > 0.6
+    assert abs(seq["val_accuracy"] - vec["val_accuracy"]) <= 0.1
+    assert abs(one_by_one.test_accuracy - together.test_accuracy) <= 0.1
+
+
+def test_a_model_with_batchnorm_trains_one_by_one_and_says_why_once(tmp_path, caplog):
+    path = write_user_model(tmp_path / "model")  # BatchNorm, dropout
+    with caplog.at_level(logging.WARNING, logger="fedge.simulations"):
+        result = fedge.simulate(f"{path}:Net", out=tmp_path / "run", dataset="digits",
+                                clients=3, rounds=2, local_epochs=1, partition="iid",
+                                patience=5, workers=1, vectorize=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedge.simulations"]
+    assert lines == ["--vectorize: model cannot be batched by vmap (BatchNorm updates running "
+                     "statistics in place); training clients one by one in this process"]
+    assert [(r["num_clients"], r["failures"]) for r in result.rounds] == [(3, 0), (3, 0)]
+    assert result.test_accuracy > 0.3
+
+
+class Branchy(nn.Module):
+    """Python control flow on the values of the data: vmap cannot take one branch for
+    some clients and the other for others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.layer(x)
+        return -self.layer(x)
+
+
+def test_a_model_with_data_dependent_control_flow_cannot_be_batched():
+    spec = ModelSpec(name="branchy", input_shape=(4,), num_classes=2, dropout=0.0)
+    problem = batching_problem(Branchy(), spec, set(), torch.device("cpu"))
+    assert problem is not None and "data-dependent control flow" in problem
+
+
+def test_plain_models_can_be_batched():
+    from fedge.models.registry import build_model
+
+    for name, shape in (("cnn", (1, 8, 8)), ("mlp", (5,)), ("sensor1d", (3, 16))):
+        spec = ModelSpec(name=name, input_shape=shape, num_classes=3, dropout=0.2)
+        assert batching_problem(build_model(spec), spec, set(), torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--secagg"], "vectorize does not work with secagg"),
+    (["--dp-clip-norm", "1.0"], "vectorize does not work with dp_clip_norm"),
+    (["--byzantine", "0.25", "--attack", "nan"], "vectorize does not work with byzantine"),
+    (["--compress", "int8"], "vectorize does not work with compress"),
+    (["--record-wire", "wire"], "vectorize does not work with record_wire"),
+    (["--backend", "ray"], "vectorize needs backend inprocess"),
+])
+def test_settings_that_change_what_a_client_does_are_refused(tmp_path, options, message):
+    options = [str(tmp_path / o) if o == "wire" else o for o in options]
+    assert_simulation_refused(tmp_path, ["--vectorize", "--clients", "4", *options], message)
+    assert not (tmp_path / "wire").exists()
+
+
+def test_the_cli_runs_vectorized_clients_on_a_simulated_clock(tmp_path):
+    # Slow devices miss a deadline of 10⁶ simulated seconds: the clock still works.
+    out = tmp_path / "run"
+    result = run_fedge("simulate", "--vectorize", "--clients", "4", "--rounds", "2",
+                       "--local-epochs", "1", "--partition", "iid", "--slow-fraction", "0.5",
+                       "--slowdown", "1e7", "--samples-per-second", "1",
+                       "--round-timeout", "1e6", "--out", str(out), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "vectorized clients" in result.stdout
+    assert "--vectorize:" not in result.stderr  # the CNN is batched: no fallback
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["config"]["vectorize"] is True
+    rounds = [(r["num_clients"], r["timeouts"], r["failures"]) for r in metrics["rounds"]]
+    assert rounds == [(2, 2, 0), (2, 0, 0)]
+    assert np.isfinite(metrics["test"]["accuracy"])
