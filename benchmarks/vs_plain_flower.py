@@ -15,10 +15,11 @@ are timed. Every configuration runs as a fresh process, one after the other, in 
 invocation (compare ratios: the machine is noisy). Goal: fedge ≤ 0.5× plain Flower.
 
     python benchmarks/vs_plain_flower.py [--clients 10] [--rounds 10] [--local-epochs 2]
-        [--workers 1 2]
+        [--workers 1 2] [--vectorize]
 
 ``--workers``: time the in-process backend once per worker count given (default: once,
-with fedge's default, the machine's cores).
+with fedge's default, the machine's cores). ``--vectorize``: also time the in-process
+backend with vectorized clients (``fedge simulate --vectorize``), side by side.
 """
 
 import argparse
@@ -116,8 +117,10 @@ def plain_flower(clients: int, rounds: int, local_epochs: int, result: Path) -> 
 
 
 def fedge_command(backend: str, clients: int, rounds: int, local_epochs: int,
-                  out: Path, workers: int | None = None) -> list[str]:
-    chosen = [] if workers is None else ["--workers", str(workers)]
+                  out: Path, workers: int | None = None, vectorize: bool = False
+                  ) -> list[str]:
+    chosen = ([] if workers is None else ["--workers", str(workers)]) + (
+        ["--vectorize"] if vectorize else [])
     return [sys.executable, "-m", "fedge", "simulate", "--backend", backend, *chosen,
             "--dataset", SETTINGS["dataset"], "--partition", SETTINGS["partition"],
             "--clients", str(clients), "--min-clients", str(clients),
@@ -145,6 +148,8 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[None],
                         help="in-process worker counts to time (default: fedge's default)")
+    parser.add_argument("--vectorize", action="store_true",
+                        help="also time the in-process backend with --vectorize")
     parser.add_argument("--plain-flower-result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_flower_result:  # the child process that runs plain Flower
@@ -159,13 +164,15 @@ def main() -> None:
                    str(args.rounds), "--local-epochs", str(args.local_epochs),
                    "--plain-flower-result", str(plain_result)]),
             json.loads(plain_result.read_text())["test_accuracy"])}
-        runs = [("inprocess", workers) for workers in args.workers] + [("ray", None)]
-        for backend, workers in runs:
-            out = folder / f"{backend}-{workers}"
-            seconds = timed(fedge_command(backend, *workload, out, workers))
+        runs = [("inprocess", workers, False) for workers in args.workers]
+        runs += [("inprocess", None, True)] * args.vectorize + [("ray", None, False)]
+        for backend, workers, vectorize in runs:
+            out = folder / f"{backend}-{workers}-{vectorize}"
+            seconds = timed(fedge_command(backend, *workload, out, workers, vectorize))
             metrics = json.loads((out / "metrics.json").read_text())
             name = f"fedge simulate --backend {backend}" + (
-                "" if workers is None else f" --workers {workers}")
+                "" if workers is None else f" --workers {workers}") + (
+                " --vectorize" if vectorize else "")
             rows[name] = (seconds, metrics["test"]["accuracy"])
     baseline = rows["plain Flower (Ray)"][0]
     print(f"\ndigits, {args.clients} iid clients, {args.rounds} rounds × "
