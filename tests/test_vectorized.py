@@ -18,7 +18,10 @@ from fedge.simulations.vectorized import ADAM_WEIGHT_TOLERANCE, TOLERANCE, batch
 from tests.conftest import assert_simulation_refused, run_fedge, write_user_model
 
 # Unequal clients (Dirichlet: 168 to 311 training samples, so 6 to 10 mini-batches an
-# epoch), FedProx's term, a local patience of 1 that stops some clients early.
+# epoch), FedProx's term, a local patience of 1 that stops some clients early. Under Adam
+# some seeds (2, for one) drift by about 1e-2 within two rounds, vectorized or not: the
+# same drift sequential training shows between one and two torch threads (see
+# ADAM_WEIGHT_TOLERANCE); seed 3 is one where sequential training itself is stable.
 EXACT = {"dataset": "digits", "clients": 4, "min_clients": 4, "rounds": 2, "local_epochs": 5,
          "local_patience": 1, "seed": 3, "partition": "dirichlet:0.5", "patience": 5,
          "dropout": 0.0, "strategy": "fedprox", "proximal_mu": 0.5, "workers": 1}
