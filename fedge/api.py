@@ -91,7 +91,8 @@ def simulate(model: str | Callable[..., Any] | None = None, data: Data | None = 
         on_plan(plan)
     outcome = run(plan, Path(out) if out is not None else new_run_dir(), overwrite=overwrite,
                   on_round=on_round, resume=resume, on_start=on_start,
-                  record_wire=None if record_wire is None else Path(record_wire))
+                  record_wire=None if record_wire is None else Path(record_wire),
+                  verbose=verbose)
     metrics = _read_metrics(outcome.run_dir)
     return SimulationResult(outcome.run_dir, outcome.test_accuracy, outcome.test_loss,
                             outcome.best_round, outcome.rounds_run, outcome.stopped_early,

@@ -120,6 +120,15 @@ class RunConfig(BaseModel):
                             "clients together as one batched computation (torch.func.vmap) "
                             "in this process; a model vmap cannot batch (BatchNorm) trains "
                             "in workers, with a warning")
+    ray_address: str | None = Field(None, description="backend ray: HOST:PORT of a running "
+                                    "Ray cluster's head (`ray start --head`) to run the "
+                                    "clients on (default: a local Ray of this machine's "
+                                    "cores, started for the run)")
+    client_cpus: float = Field(1.0, gt=0.0, description="backend ray: CPUs each simulated "
+                               "client reserves while it trains (fractions, e.g. 0.5, on a "
+                               "local Ray; whole CPUs on a cluster)")
+    client_gpus: float = Field(0.0, ge=0.0, description="backend ray: GPUs each simulated "
+                               "client reserves (fractions share one, e.g. 0.25; needs CUDA)")
     device: str = Field("auto", description="auto | cpu | cuda | mps (auto: CUDA, then MPS, "
                                             "then CPU)")
     dp_clip_norm: float | None = Field(None, gt=0.0, description="differential privacy: "

@@ -128,10 +128,11 @@ class TracebackFilter:
 
 
 def relay_output(stream: IO[bytes], observe: Callable[[str], None], who: str,
-                 verbose: bool = False, sink: IO[str] | None = None) -> threading.Thread:
+                 verbose: bool = False, sink: IO[str] | None = None,
+                 hide: Callable[[str], bool] | None = None) -> threading.Thread:
     """Read ``stream`` to its end on a background thread: every line goes to ``observe``
     (without colour codes), and to ``sink`` (stderr) as it is — without tracebacks
-    unless ``verbose``."""
+    unless ``verbose``, and without the lines (without colour codes) ``hide`` picks."""
     show = (lambda line: line) if verbose else TracebackFilter(who)
 
     def pump() -> None:
@@ -139,6 +140,8 @@ def relay_output(stream: IO[bytes], observe: Callable[[str], None], who: str,
         for raw in stream:
             line = raw.decode(errors="replace")
             observe(plain(line))
+            if hide is not None and hide(plain(line)):
+                continue
             if (shown := show(line)) is not None:
                 out.write(shown)
                 out.flush()

@@ -28,21 +28,15 @@ from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
 from fedge.logs import LogFormat, show_fedge_logs
 from fedge.models.source import with_file_path
-from fedge.processes import (
-    Children,
-    check_port_free,
-    plain,
-    relay_output,
-    wait_for_port,
-)
+from fedge.processes import Children, check_port_free
 from fedge.server.certs import check_authorized_key, check_server_certificates
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, ServerData, check_server_settings
 from fedge.server.run_folder import run_finished, server_checkpoint
+from fedge.server.superlink import CONNECTION, start_superlink, stream_run, write_app
 
 log = logging.getLogger("fedge.server")
 
-CONNECTION = "fedge"
 # Why the ServerApp stopped a run early, for `fedge server` to report (JSON).
 STOPPED_FILE = Path(".flower") / "stopped.json"
 # The last message to every client (fedge.client.relay answers it): a query whose config
@@ -50,29 +44,7 @@ STOPPED_FILE = Path(".flower") / "stopped.json"
 RUN_FINISHED = "query.run_finished"
 SUMMARY_KEY = "summary"
 FAREWELL_TIMEOUT = 10.0  # seconds the finished server waits for clients to acknowledge
-APP_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedge-app"
-version = "1.0.0"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "fedge"
-
-[tool.flwr.app.components]
-serverapp = "fedge.server.deployment:app"
-clientapp = "fedge.client.relay:app"
-
-[tool.flwr.app.config]
-settings = ""
-"""
+SERVERAPP, CLIENTAPP = "fedge.server.deployment:app", "fedge.client.relay:app"
 
 
 class ServerSettings(BaseModel):
@@ -168,7 +140,7 @@ def announce_run_finished(grid: Grid, summary: str, timeout: float = FAREWELL_TI
 
 
 def superlink_args(listener: Listener) -> list[str]:
-    args = ["flower-superlink", "--host", listener.host,
+    args = ["--host", listener.host,
             "--port", str(listener.port), "--disable-runtime-dependency-installation"]
     if listener.certs is None:
         args.append("--insecure")
@@ -180,13 +152,6 @@ def superlink_args(listener: Listener) -> list[str]:
     if listener.health_port:
         args += ["--health-server-address", f"{listener.host}:{listener.health_port}"]
     return args
-
-
-def _connection_toml(listener: Listener) -> str:
-    security = ('insecure = true' if listener.certs is None
-                else f'root-certificates = "{(listener.certs / "ca.pem").resolve()}"')
-    return (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{listener.port}"\n{security}\n')
 
 
 def _absolute_paths(config: RunConfig) -> RunConfig:
@@ -231,40 +196,27 @@ def serve(settings: ServerSettings, listener: Listener, startup_timeout: float =
                                            "config": _absolute_paths(settings.config)})
     federation_for(settings)
     flower_home = run_dir / ".flower"
-    app_dir = flower_home / "app"
     try:
-        app_dir.mkdir(parents=True, exist_ok=True)
+        app_dir = write_app(flower_home, SERVERAPP, CLIENTAPP, listener.port,
+                            None if listener.certs is None else listener.certs / "ca.pem")
     except OSError as error:
         raise FedgeError(f"cannot make the run folder {run_dir}: {error.strerror}") from None
     (run_dir / STOPPED_FILE).unlink(missing_ok=True)
-    write_atomic(app_dir / "pyproject.toml", APP_PYPROJECT.encode())
-    write_atomic(flower_home / "config.toml", _connection_toml(listener).encode())
     settings_file = flower_home / "server-settings.json"
     write_atomic(settings_file, settings.model_dump_json(indent=2).encode())
 
     superlink_log = run_dir / "superlink.log"
     children = Children(env={"FLWR_HOME": str(flower_home)})
     with children.running():
-        superlink = children.start(superlink_args(listener), log=superlink_log)
-        try:
-            wait_for_port("127.0.0.1", listener.port, superlink, startup_timeout,
-                          "the SuperLink")
-        except FedgeError as error:
-            raise FedgeError(f"{error}: {_last_error(superlink_log)}") from None
+        superlink = start_superlink(children, superlink_args(listener), listener.port,
+                                    superlink_log, startup_timeout)
         log.info("SuperLink listening on %s:%d (%s)", listener.host, listener.port,
                  "INSECURE" if listener.certs is None else "TLS, node authentication")
         for key in listener.authorized_keys:
             _register(key, children.env)
-        run = children.start(["flwr", "run", str(app_dir), CONNECTION, "--stream",
-                              "--run-config", f'settings="{settings_file}"'], capture=True)
-        output = relay_output(run.stdout, lambda line: None, "Flower", verbose)
-        while run.poll() is None:
-            if superlink.poll() is not None:
-                raise FedgeError(f"the SuperLink stopped during the run: "
-                                 f"{_last_error(superlink_log)}; {resume_advice(run_dir)}")
-            time.sleep(0.5)
-        output.join(timeout=5)
-    _check_outcome(run_dir, run.returncode, superlink_log)
+        status = stream_run(children, app_dir, superlink, superlink_log, settings_file,
+                            verbose=verbose, advice=lambda: resume_advice(run_dir))
+    _check_outcome(run_dir, status, superlink_log)
 
 
 def _check_outcome(run_dir: Path, status: int, superlink_log: Path) -> None:
@@ -285,15 +237,6 @@ def resume_advice(run_dir: Path) -> str:
     rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds") or [{}]
     return (f"the run folder keeps round {rounds[-1].get('round', '?')}: starting the server "
             f"again on {run_dir} resumes the run")
-
-
-def _last_error(log_file: Path) -> str:
-    """The SuperLink's last error line in its log, or where to look."""
-    lines = [plain(line) for line in log_file.read_text(errors="replace").splitlines()]
-    errors = [line for line in lines if "ERROR" in line or "Errno" in line]
-    if not errors:
-        return f"see {log_file}"
-    return errors[-1].split(":", 1)[-1].strip() if "ERROR" in errors[-1] else errors[-1]
 
 
 def _register(key: Path, env: dict[str, str]) -> None:

@@ -58,7 +58,7 @@ REFERENCE_SAMPLES = 64  # held-out inputs kept in checkpoints to verify later ex
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_CHANGES = {"rounds", "round_timeout", "join_timeout", "min_results", "backend",
                      "device", "poll_interval", "quarantine", "max_norm_ratio",
-                     "workers", "vectorize"}
+                     "workers", "vectorize", "ray_address", "client_cpus", "client_gpus"}
 
 
 @dataclass(frozen=True)

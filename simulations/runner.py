@@ -6,7 +6,6 @@ simulation engine, for large runs and Ray clusters.
 """
 
 import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from fedge.simulations.clients import SimulatedClients
 from fedge.simulations.datasets import load_dataset, split_federated
 from fedge.simulations.heterogeneity import DeviceFleet, check_heterogeneity, with_devices
 from fedge.simulations.partition import PartitionSpec
+from fedge.simulations.ray import check_ray_settings
 from fedge.simulations.userdata import (
     describe_holdouts,
     describe_partition,
@@ -92,6 +92,7 @@ def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPla
     check_device(config.device)
     resolve_workers(config)
     check_vectorize(config)
+    check_ray_settings(config)
     PartitionSpec.parse(config.partition)
     if config.min_clients > config.clients:
         raise FedgeError(f"min_clients ({config.min_clients}) is larger than the number of "
@@ -133,22 +134,27 @@ def _check_dataset_settings(config: RunConfig, sample_shape: tuple[int, ...],
 def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
              on_round: Callable[[RoundRecord, bool], None] | None = None,
              resume: bool = False, record_wire: Path | None = None,
-             on_start: Callable[[dict], None] | None = None) -> RunOutcome:
+             on_start: Callable[[dict], None] | None = None,
+             verbose: bool = False) -> RunOutcome:
     """Run the planned federation and write its run folder ``run_dir``; with ``resume``,
     continue the interrupted run in ``run_dir`` after its last checkpointed round; with
     ``record_wire``, record every client reply in that folder (:mod:`fedge.client.wire`).
     ``on_start`` hears the starting model's validation metrics, ``on_round`` each round's
-    record."""
+    record; ``verbose``: the Ray backend shows Flower's and Ray's logs."""
     config = plan.config
     check_vectorize(config, record_wire)
     wire = None if record_wire is None else check_wire_folder(record_wire)
+    if config.backend == "ray":  # the ServerApp runs in Flower's process: it reports
+        on_round_here = on_start_here = None
+    else:
+        on_round_here, on_start_here = on_round, on_start
     if resume:
         checkpoint = load_checkpoint(resumable_checkpoint(run_dir))
-        federation = Federation(config, plan.server_data, run_dir, on_round, checkpoint,
-                                start=plan.start, on_start=on_start)
+        federation = Federation(config, plan.server_data, run_dir, on_round_here, checkpoint,
+                                start=plan.start, on_start=on_start_here)
     else:
         federation = Federation(config, plan.server_data, prepare_run_dir(run_dir, overwrite),
-                                on_round, start=plan.start, on_start=on_start)
+                                on_round_here, start=plan.start, on_start=on_start_here)
     recipe = ClientRecipe(config, plan.clients, plan.server_data.num_classes, wire)
     if config.backend == "inprocess":
         first_round = (federation.resume.round if federation.resume else 0) + 1
@@ -177,15 +183,7 @@ def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
             grid, clock = with_devices(base, config, first_round)
             return federation.run(grid, clock=clock)
 
-    from flwr.simulation import run_simulation
+    from fedge.simulations.ray import run_on_ray
 
-    # Ray warns at start-up unless told how to treat CUDA_VISIBLE_DEVICES with 0 GPUs.
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    run_simulation(
-        server_app=federation.server_app(), client_app=recipe.client_app(),
-        num_supernodes=config.clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
-    if federation.outcome is None:
-        raise FedgeError("the Ray simulation ended before the run finished; see its log above")
-    return federation.outcome
+    return run_on_ray(federation, recipe, resume, on_round=on_round, on_start=on_start,
+                      verbose=verbose)

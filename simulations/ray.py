@@ -1,0 +1,287 @@
+"""The ``ray`` backend: Flower's simulation engine on Ray, through Flower's supported entry
+point (``flwr.simulation.run_simulation`` is deprecated).
+
+:func:`run_on_ray` starts a simulation SuperLink (``flower-superlink --simulation``,
+loopback, insecure, a free port) and submits an app folder with ``flwr run APP
+CONNECTION --stream`` and the federation's simulation options (``--federation-config``:
+the number of SuperNodes, each client's CPUs and GPUs, Ray's init arguments). Flower
+then runs ``flwr-simulation``, which starts Ray, or joins the cluster ``RAY_ADDRESS``
+names (the variable reaches it through the SuperLink and its SuperExec, which pass on
+their environment), and runs this module's components:
+
+- :data:`server_app` runs the :class:`~fedge.server.federation.Federation` that
+  :func:`run_on_ray` describes in the run folder's hidden ``.flower/`` (a pickle fedge
+  writes and reads itself): it writes the run folder exactly as the in-process backend
+  does and prints one ``fedge-progress`` line per round, which the streamed log brings
+  back for the command line's progress lines;
+- :data:`client_app` builds the simulation's ClientApp from its
+  :class:`~fedge.simulations.workers.ClientRecipe` once per Ray worker.
+
+Every process (SuperLink, ``flwr run``, ``flwr-simulation``, a local Ray) runs under
+:class:`~fedge.processes.Children` and ends with the run, its failure or Ctrl-C. A
+cluster's own processes stay; the run's actors end with its driver.
+"""
+
+import contextlib
+import functools
+import json
+import logging
+import pickle
+import queue
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedge.config import RunConfig
+from fedge.errors import FedgeError
+from fedge.files import write_atomic, write_json
+from fedge.processes import Children, free_port
+from fedge.server.checkpoint import load_checkpoint
+from fedge.server.federation import Federation, RunOutcome, ServerData
+from fedge.server.rounds import RoundRecord
+from fedge.server.run_folder import resumable_checkpoint, run_finished
+from fedge.server.starting_model import StartingModel
+from fedge.server.superlink import last_error, start_superlink, stream_run, write_app
+from fedge.simulations.workers import ClientRecipe, available_cores
+
+SERVERAPP, CLIENTAPP = "fedge.simulations.ray:server_app", "fedge.simulations.ray:client_app"
+FLOWER_FOLDER = ".flower"  # in the run folder while the run lasts
+SERVER_FILE, CLIENT_FILE, STOPPED_FILE = "ray-server.pkl", "ray-clients.pkl", "stopped.json"
+PROGRESS = "fedge-progress "  # the ServerApp's progress lines: this, then JSON
+STARTUP_TIMEOUT = 60.0  # seconds for the SuperLink to listen
+PROBE_TIMEOUT = 3.0  # seconds to reach a Ray cluster's head before anything starts
+CPU_DENOMINATOR = 100  # finest CPU share: 1/100 of a CPU
+RAY_SETTINGS = {"ray_address": None, "client_cpus": 1.0, "client_gpus": 0.0}  # off-Ray values
+# Flower's and Ray's chatter in the streamed log, shown only with --verbose.
+CHATTER = ("INFO ", "DEBUG ", "WARNING ", "Successfully started run", "Loading project",
+           "Started a local Ray instance", "\tflwr federation", "Using SuperLink",
+           "Successfully installed", "Flower App configuration warnings",
+           "- Recommended property")
+
+
+@dataclass(frozen=True)
+class ServerSide:
+    """What the ServerApp process needs to run the federation (pickled by fedge)."""
+
+    config: RunConfig
+    server_data: ServerData
+    start: StartingModel
+    run_dir: Path
+    resume: bool
+    verbose: bool
+
+
+def check_ray_settings(config: RunConfig) -> None:
+    """The Ray settings, checked before any file is written or process started: off the
+    Ray backend they are refused, CPU shares must be representable, GPUs need CUDA, and
+    a cluster's head must answer."""
+    if config.backend != "ray":
+        given = [f"{k}={getattr(config, k)!r}" for k, off in RAY_SETTINGS.items()
+                 if getattr(config, k) != off]
+        if given:
+            raise FedgeError(f"{', '.join(given)}: settings of the Ray backend; give backend "
+                             "ray (--backend ray) or leave them out (the in-process backend "
+                             "runs on this machine's cores, see --workers)")
+        return
+    if config.ray_address is not None:
+        if config.client_cpus != int(config.client_cpus):
+            raise FedgeError(
+                f"client_cpus {config.client_cpus:g} with a Ray cluster (--ray-address): "
+                "Flower hands Ray whole CPUs per client, and a running cluster's CPU count "
+                "is fixed; give whole CPUs, or start the cluster with more logical CPUs "
+                "(e.g. `ray start --num-cpus` twice its cores, then --client-cpus 1 for "
+                "half a core)")
+        _probe(config.ray_address)
+        return
+    cpu_scale(config.client_cpus)
+    cores = available_cores()
+    if config.client_cpus > cores:
+        raise FedgeError(f"client_cpus {config.client_cpus:g} is more than this machine's "
+                         f"{cores} cores: no client could ever run")
+    if config.client_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FedgeError(f"client_gpus {config.client_gpus:g} needs a CUDA GPU, and "
+                             "torch finds none on this machine; leave --client-gpus at 0")
+        if config.client_gpus > torch.cuda.device_count():
+            raise FedgeError(f"client_gpus {config.client_gpus:g} is more than this "
+                             f"machine's {torch.cuda.device_count()} GPUs")
+
+
+def cpu_scale(cpus: float) -> int:
+    """How many logical CPUs a local Ray counts per core, so that ``cpus`` is whole."""
+    share = Fraction(cpus).limit_denominator(CPU_DENOMINATOR)
+    if abs(float(share) - cpus) > 1e-9:
+        raise FedgeError(f"client_cpus {cpus:g} is not a whole number of hundredths of a "
+                         "CPU; give e.g. 0.5, 0.25 or 1.5")
+    return share.denominator
+
+
+def _probe(address: str) -> None:
+    """A short TCP connect to the head's GCS port: a clear error before anything starts."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FedgeError(f"ray_address {address!r} is not HOST:PORT (the head's address "
+                         "`ray start --head` prints, e.g. 127.0.0.1:6379)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise FedgeError(f"cannot reach the Ray cluster at {address} ({reason}); start its "
+                         "head with `ray start --head --port PORT` or correct "
+                         "--ray-address") from None
+
+
+def federation_config(config: RunConfig) -> dict[str, object]:
+    """The simulation options of ``flwr run --federation-config``.
+
+    Flower 1.42's ``SimulationConfig`` holds whole CPUs per client (uint32) but a float
+    of GPUs. A local Ray gets fractions of a CPU nonetheless: it is started with ``k``
+    logical CPUs per core and each client reserves ``cpus·k`` of them (0.5 on 2 cores:
+    Ray counts 4 CPUs, a client takes 1), so as many clients train at once as the
+    fraction promises. A cluster's CPU count is fixed, and ``ray.init`` refuses CPU
+    counts when it connects: there, no init arguments, and only whole CPUs
+    (:func:`check_ray_settings`)."""
+    options: dict[str, object] = {"num-supernodes": config.clients,
+                                  "client-resources-num-gpus": float(config.client_gpus),
+                                  "init-args-log-to-driver": True}
+    if config.ray_address is None:
+        scale = cpu_scale(config.client_cpus)
+        options["client-resources-num-cpus"] = round(config.client_cpus * scale)
+        options["init-args-num-cpus"] = available_cores() * scale
+    else:
+        options["client-resources-num-cpus"] = int(config.client_cpus)
+    return options
+
+
+def run_on_ray(federation: Federation, recipe: ClientRecipe, resume: bool,
+               on_round: Callable[[RoundRecord, bool], None] | None = None,
+               on_start: Callable[[dict], None] | None = None,
+               verbose: bool = False) -> RunOutcome:
+    """Run ``federation`` on Flower's simulation engine, on a local Ray or the cluster at
+    ``config.ray_address``; ``on_start`` and ``on_round`` hear the ServerApp's progress."""
+    config, run_dir = federation.config, federation.run_dir.resolve()
+    flower_home = run_dir / FLOWER_FOLDER
+    port = free_port()
+    env = {"FLWR_HOME": str(flower_home),
+           # Ray warns at start-up unless told how to treat CUDA_VISIBLE_DEVICES with 0 GPUs.
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    if config.ray_address is not None:
+        env["RAY_ADDRESS"] = config.ray_address  # ray.init() joins it (no init args)
+    events: queue.Queue[tuple[str, object]] = queue.Queue()
+    seen: list[str] = []
+
+    def observe(line: str) -> None:
+        if line.startswith(PROGRESS):
+            with contextlib.suppress(ValueError):  # a line cut short: no progress line
+                events.put(json.loads(line[len(PROGRESS):]))
+        elif "ActorPool is empty" in line:
+            seen.append(line)
+
+    def dispatch() -> None:
+        while True:
+            try:
+                event = events.get_nowait()
+            except queue.Empty:
+                return
+            if event["kind"] == "start" and on_start:
+                on_start(event["initial"])
+            elif event["kind"] == "round" and on_round:
+                on_round(RoundRecord(**event["record"]), event["best"])
+
+    def hide(line: str) -> bool:
+        return line.startswith(PROGRESS) or (not verbose and (
+            not line.strip() or line.startswith(CHATTER) or "ClientAppActor" in line))
+
+    try:
+        app_dir = write_app(flower_home, SERVERAPP, CLIENTAPP, port)
+        server_file = flower_home / SERVER_FILE
+        write_atomic(server_file, pickle.dumps(ServerSide(
+            config, federation.data, federation.start, run_dir, resume, verbose)))
+        write_atomic(flower_home / CLIENT_FILE, pickle.dumps(recipe))
+        superlink_log = flower_home / "superlink.log"
+        children = Children(env=env)
+        with children.running():
+            superlink = start_superlink(
+                children, ["--simulation", "--insecure", "--host", "127.0.0.1", "--port",
+                           str(port), "--disable-runtime-dependency-installation"],
+                port, superlink_log, STARTUP_TIMEOUT)
+            status = stream_run(children, app_dir, superlink, superlink_log, server_file,
+                                federation_config=federation_config(config),
+                                observe=observe, hide=hide, verbose=verbose,
+                                tick=dispatch)
+            dispatch()
+        return _outcome(run_dir, status, seen, last_error(superlink_log))
+    finally:
+        shutil.rmtree(flower_home, ignore_errors=True)
+
+
+def _outcome(run_dir: Path, status: int, seen: list[str], superlink_error: str) -> RunOutcome:
+    """The finished run, read back from its run folder; or a clear error."""
+    stopped = run_dir / FLOWER_FOLDER / STOPPED_FILE
+    if stopped.exists():
+        raise FedgeError(json.loads(stopped.read_text())["error"])
+    if seen:
+        raise FedgeError("Ray has no room for one client with these resources "
+                         "(client_cpus, client_gpus): " + seen[-1].split(":", 1)[-1].strip())
+    if not run_finished(run_dir):
+        raise FedgeError(f"the Ray simulation ended before the run finished (`flwr run` "
+                         f"exited with status {status}; SuperLink: {superlink_error}); see "
+                         "its log above")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    report = json.loads((run_dir / "onnx_report.json").read_text())
+    return RunOutcome(run_dir, len(metrics["rounds"]), metrics["best_round"],
+                      metrics["stopped_early"], metrics["test"]["loss"],
+                      metrics["test"]["accuracy"], report, metrics["privacy"])
+
+
+def _progress(kind: str, **payload: object) -> None:
+    print(PROGRESS + json.dumps({"kind": kind, **payload}), flush=True)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _serve(grid: Grid, context: Context) -> None:
+    settings_file = Path(str(context.run_config["settings"]))
+    side: ServerSide = pickle.loads(settings_file.read_bytes())
+    # Flower logs every round at INFO; the command line prints its own lines instead.
+    logging.getLogger("flwr").setLevel(logging.INFO if side.verbose else logging.ERROR)
+    try:
+        checkpoint = (load_checkpoint(resumable_checkpoint(side.run_dir)) if side.resume
+                      else None)
+        federation = Federation(
+            side.config, side.server_data, side.run_dir, resume=checkpoint, start=side.start,
+            on_round=lambda record, best: _progress("round", record=record.as_dict(),
+                                                    best=best),
+            on_start=lambda initial: _progress("start", initial=initial))
+        federation.run(grid)
+    except FedgeError as error:  # the command line reports it, as its own error
+        write_json(settings_file.with_name(STOPPED_FILE), {"error": str(error)})
+
+
+class _RecipeClientApp(ClientApp):
+    """The simulation's ClientApp, built from the run's recipe once per process (a Ray
+    worker) on its first message; Flower pickles this empty shell to the workers."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        return _client_app(str(context.run_config["settings"]))(message, context)
+
+
+@functools.cache
+def _client_app(settings: str) -> ClientApp:
+    recipe: ClientRecipe = pickle.loads(Path(settings).with_name(CLIENT_FILE).read_bytes())
+    return recipe.client_app()
+
+
+client_app = _RecipeClientApp()
