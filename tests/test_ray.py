@@ -1,0 +1,235 @@
+"""The Ray backend through Flower's simulation SuperLink: a Ray cluster joined with
+--ray-address, fractional CPUs on a local Ray, Ctrl-C and resume, and bad input refused
+before anything starts (pytest -m ray)."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedge.config import RunConfig
+from fedge.processes import free_port
+from fedge.simulations.ray import federation_config
+from fedge.simulations.workers import available_cores
+
+from conftest import assert_simulation_refused, run_fedge
+from test_deployment import MARKER, marked_processes
+
+pytestmark = pytest.mark.ray
+
+RUN_FILES = ["best.pt", "checkpoint.pt", "curves.png", "metrics.json", "model.onnx",
+             "onnx_report.json"]  # what the in-process backend writes, and nothing else
+SMALL = ["--clients", "3", "--local-epochs", "1", "--partition", "iid", "--patience", "10"]
+GONE_WITHIN = 20.0  # seconds: fedge's guards end their children within ~8 s
+
+
+def wait_until_gone(marker: str, seconds: float = GONE_WITHIN) -> list[int]:
+    """The processes carrying ``marker`` that are still there after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (left := marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+class RayHead:
+    """A one-node Ray cluster of 2 CPUs, as `ray start --head` makes it, that this test
+    module owns: every process of it carries a marker, and only those are stopped (a
+    plain `ray stop` would stop every Ray on the machine)."""
+
+    def __init__(self) -> None:
+        # Ray's socket paths must stay short (AF_UNIX): not under pytest's tmp_path.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="fr-", dir="/tmp"))
+        self.port, self.marker = free_port(), f"fedge-ray-head-{uuid.uuid4().hex}"
+        self.address = f"127.0.0.1:{self.port}"
+        ray = Path(sys.executable).with_name("ray")
+        self.log = self.temp_dir / "head.log"
+        with self.log.open("wb") as log:
+            # --block keeps `ray start` in the foreground; fedge's guard ends it and
+            # everything it started (Ray's daemons, their workers) when told to stop.
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fedge.guard", str(ray), "start", "--head",
+                 "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+                 "--num-cpus", "2", "--include-dashboard", "false",
+                 "--disable-usage-stats", "--temp-dir", str(self.temp_dir / "ray"),
+                 "--block"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, MARKER: self.marker})
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in self.log.read_text(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"ray start --head failed:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def actor_logs(self) -> list[str]:
+        """The cluster's logs of the ClientApp actors it ran."""
+        logs = self.temp_dir / "ray" / "session_latest" / "logs"
+        return [p.name for p in logs.glob("worker-*.out")
+                if ":actor_name:ClientAppActor" in p.read_text(errors="replace")]
+
+    def actors_alive(self) -> list[int]:
+        return [pid for pid in marked_processes(self.marker)
+                if b"ClientAppActor" in _cmdline(pid)]
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        left = wait_until_gone(self.marker)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        assert not left, f"processes of the Ray head outlived it: {left}"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = RayHead()
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+def fedge_marked(marker: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_fedge(*args, timeout=timeout, env={MARKER: marker})
+
+
+@pytest.mark.timeout(400)
+def test_a_run_joins_a_ray_cluster_and_leaves_nothing_behind(ray_head, tmp_path):
+    marker = f"fedge-run-{uuid.uuid4().hex}"
+    out = tmp_path / "run"
+    started = time.monotonic()
+    result = fedge_marked(marker, "simulate", "--backend", "ray", "--ray-address",
+                          ray_head.address, "--client-cpus", "1", "--rounds", "2", *SMALL,
+                          "--out", str(out))
+    seconds = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "round   1/2" in result.stdout and "round   2/2" in result.stdout
+    assert "done: 2 rounds" in result.stdout
+    assert "deprecat" not in output.lower()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert metrics["config"]["ray_address"] == ray_head.address
+    assert [r["num_clients"] for r in metrics["rounds"]] == [3, 3]
+    assert metrics["rounds"][-1]["val_accuracy"] > 0.5
+    assert sorted(p.name for p in out.iterdir()) == RUN_FILES
+    # The clients trained on that cluster: its logs hold the run's ClientApp actors
+    # (2 CPUs, 1 per client: 2 of them), and they ended with the run.
+    assert len(ray_head.actor_logs()) == 2, ray_head.actor_logs()
+    assert not wait_until_gone(marker)
+    deadline = time.monotonic() + GONE_WITHIN
+    while ray_head.actors_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_head.actors_alive()
+    print(f"cluster run: {seconds:.1f} s")
+
+
+def _fedge_process(marker: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedge", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", MARKER: marker})
+
+
+@pytest.mark.timeout(500)
+def test_half_cpus_on_a_local_ray_survive_ctrl_c_and_the_run_resumes(tmp_path):
+    """--client-cpus 0.5: a local Ray of 2 logical CPUs per core. Ctrl-C (SIGINT to
+    the terminal's process group) after round 1 ends every process (SuperLink, flwr run,
+    flwr-simulation, Ray); --resume on the Ray backend finishes the run."""
+    marker = f"fedge-run-{uuid.uuid4().hex}"
+    out = tmp_path / "run"
+    args = ["simulate", "--backend", "ray", "--client-cpus", "0.5", "--rounds", "3", *SMALL,
+            "--out", str(out)]
+    process = _fedge_process(marker, *args)
+    try:
+        for line in process.stdout:
+            if line.startswith("round   1/3"):
+                os.killpg(process.pid, signal.SIGINT)
+                break
+        assert process.wait(timeout=60) == 130, process.stderr.read()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert "interrupted" in process.stderr.read()
+    assert not wait_until_gone(marker)
+    before = json.loads((out / "metrics.json").read_text())
+    assert before["status"] == "running" and len(before["rounds"]) >= 1
+    assert before["config"]["client_cpus"] == 0.5
+    assert not (out / ".flower").exists()
+
+    result = fedge_marked(marker, *args, "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round   1/3" not in result.stdout and "round   3/3" in result.stdout
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["status"] == "finished"
+    assert [r["round"] for r in after["rounds"]] == [1, 2, 3]
+    assert after["rounds"][:len(before["rounds"])] == before["rounds"]
+    assert sorted(p.name for p in out.iterdir()) == RUN_FILES
+    assert not wait_until_gone(marker)
+
+
+def test_fractions_of_a_cpu_scale_a_local_rays_logical_cpus():
+    cores = available_cores()
+    half = federation_config(RunConfig(backend="ray", clients=5, client_cpus=0.5,
+                                       client_gpus=0.25))
+    assert half["num-supernodes"] == 5
+    assert (half["client-resources-num-cpus"], half["init-args-num-cpus"]) == (1, 2 * cores)
+    assert half["client-resources-num-gpus"] == 0.25
+    whole = federation_config(RunConfig(backend="ray", client_cpus=2))
+    assert (whole["client-resources-num-cpus"], whole["init-args-num-cpus"]) == (2, cores)
+    # A cluster's resources are its own: no init arguments (ray.init refuses them).
+    joined = federation_config(RunConfig(backend="ray", ray_address="10.0.0.1:6379"))
+    assert joined["client-resources-num-cpus"] == 1 and "init-args-num-cpus" not in joined
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--backend", "ray", "--client-cpus", "0"],
+     "client_cpus: Input should be greater than 0"),
+    (["--backend", "ray", "--client-gpus", "-1"],
+     "client_gpus: Input should be greater than or equal to 0"),
+    (["--backend", "ray", "--client-cpus", "0.333"], "not a whole number of hundredths"),
+    (["--backend", "ray", "--client-cpus", "4096"], "more than this machine's"),
+    (["--client-cpus", "0.5"], "client_cpus=0.5: settings of the Ray backend"),
+    (["--ray-address", "127.0.0.1:6379"], "settings of the Ray backend; give backend ray"),
+    (["--backend", "ray", "--ray-address", "head-node"], "is not HOST:PORT"),
+    (["--backend", "ray", "--ray-address", "127.0.0.1:6379", "--client-cpus", "0.5"],
+     "give whole CPUs"),
+])
+def test_bad_ray_settings_are_refused_before_anything_starts(tmp_path, options, message):
+    assert_simulation_refused(tmp_path, options, message)
+
+
+def test_an_unreachable_cluster_is_refused_before_anything_starts(tmp_path):
+    port = free_port()  # nothing listens there
+    assert_simulation_refused(tmp_path, ["--backend", "ray", "--ray-address",
+                                         f"127.0.0.1:{port}"],
+                              f"cannot reach the Ray cluster at 127.0.0.1:{port}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpus_without_cuda_are_refused(tmp_path):
+    assert_simulation_refused(tmp_path, ["--backend", "ray", "--client-gpus", "0.5"],
+                              "needs a CUDA GPU")
