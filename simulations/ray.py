@@ -59,11 +59,43 @@ STARTUP_TIMEOUT = 60.0  # seconds for the SuperLink to listen
 PROBE_TIMEOUT = 3.0  # seconds to reach a Ray cluster's head before anything starts
 CPU_DENOMINATOR = 100  # finest CPU share: 1/100 of a CPU
 RAY_SETTINGS = {"ray_address": None, "client_cpus": 1.0, "client_gpus": 0.0}  # off-Ray values
-# Flower's and Ray's chatter in the streamed log, shown only with --verbose.
-CHATTER = ("INFO ", "DEBUG ", "WARNING ", "Successfully started run", "Loading project",
-           "Started a local Ray instance", "\tflwr federation", "Using SuperLink",
+# Flower's and Ray's own lines in the streamed log, shown only with --verbose: their
+# log records, `flwr run`'s notes, Ray's start-up line, the ClientApp actors' output.
+CHATTER = ("INFO ", "DEBUG ", "WARNING ", "ERROR ", "Successfully started run",
+           "Loading project", "Started a local Ray instance", "Using SuperLink",
            "Successfully installed", "Flower App configuration warnings",
-           "- Recommended property")
+           "- Recommended property", "An unhandled exception occurred",
+           "For more information, visit", "(ClientAppActor", "The above exception",
+           "During handling of")
+NO_ROOM = "ActorPool is empty"  # Flower: Ray cannot place one client's resources
+
+
+class FlowerLog:
+    """What the streamed log shows without --verbose: neither Flower's and Ray's
+    chatter nor tracebacks (also those Flower logs as errors), but fedge's own lines;
+    it keeps Flower's error messages for fedge's one-line error."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose, self.errors = verbose, []
+        self._in_traceback = False
+
+    def hide(self, line: str) -> bool:
+        if line.startswith(PROGRESS):
+            return True
+        if line.startswith("ERROR ") and "Traceback" not in line:
+            self.errors.append(line.split(":", 1)[-1].strip())
+        if self.verbose:
+            return False
+        if "Traceback (most recent call last)" in line:
+            self._in_traceback = True
+        elif self._in_traceback and not line[:1].isspace():
+            self._in_traceback = False  # its last line, the exception, is hidden too
+            return True
+        return self._in_traceback or not line.strip() or line.startswith(CHATTER)
+
+    def failure(self) -> str | None:
+        """The first error Flower logged (the cause; later ones follow from it)."""
+        return self.errors[0] if self.errors else None
 
 
 @dataclass(frozen=True)
@@ -177,15 +209,13 @@ def run_on_ray(federation: Federation, recipe: ClientRecipe, resume: bool,
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     if config.ray_address is not None:
         env["RAY_ADDRESS"] = config.ray_address  # ray.init() joins it (no init args)
-    events: queue.Queue[tuple[str, object]] = queue.Queue()
-    seen: list[str] = []
+    events: queue.Queue[dict] = queue.Queue()
+    shown = FlowerLog(verbose)
 
     def observe(line: str) -> None:
         if line.startswith(PROGRESS):
             with contextlib.suppress(ValueError):  # a line cut short: no progress line
                 events.put(json.loads(line[len(PROGRESS):]))
-        elif "ActorPool is empty" in line:
-            seen.append(line)
 
     def dispatch() -> None:
         while True:
@@ -197,10 +227,6 @@ def run_on_ray(federation: Federation, recipe: ClientRecipe, resume: bool,
                 on_start(event["initial"])
             elif event["kind"] == "round" and on_round:
                 on_round(RoundRecord(**event["record"]), event["best"])
-
-    def hide(line: str) -> bool:
-        return line.startswith(PROGRESS) or (not verbose and (
-            not line.strip() or line.startswith(CHATTER) or "ClientAppActor" in line))
 
     try:
         app_dir = write_app(flower_home, SERVERAPP, CLIENTAPP, port)
@@ -217,26 +243,28 @@ def run_on_ray(federation: Federation, recipe: ClientRecipe, resume: bool,
                 port, superlink_log, STARTUP_TIMEOUT)
             status = stream_run(children, app_dir, superlink, superlink_log, server_file,
                                 federation_config=federation_config(config),
-                                observe=observe, hide=hide, verbose=verbose,
+                                observe=observe, hide=shown.hide, verbose=True,
                                 tick=dispatch)
             dispatch()
-        return _outcome(run_dir, status, seen, last_error(superlink_log))
+        return _outcome(run_dir, status, shown.failure(), last_error(superlink_log))
     finally:
         shutil.rmtree(flower_home, ignore_errors=True)
 
 
-def _outcome(run_dir: Path, status: int, seen: list[str], superlink_error: str) -> RunOutcome:
+def _outcome(run_dir: Path, status: int, failure: str | None,
+             superlink_error: str) -> RunOutcome:
     """The finished run, read back from its run folder; or a clear error."""
     stopped = run_dir / FLOWER_FOLDER / STOPPED_FILE
     if stopped.exists():
         raise FedgeError(json.loads(stopped.read_text())["error"])
-    if seen:
-        raise FedgeError("Ray has no room for one client with these resources "
-                         "(client_cpus, client_gpus): " + seen[-1].split(":", 1)[-1].strip())
+    if failure and NO_ROOM in failure:
+        raise FedgeError("Ray has no room for one client with these resources (client_cpus, "
+                         "client_gpus); lower them or give the cluster more (Flower: "
+                         f"{failure.split('!!')[-1].strip()})")
     if not run_finished(run_dir):
-        raise FedgeError(f"the Ray simulation ended before the run finished (`flwr run` "
-                         f"exited with status {status}; SuperLink: {superlink_error}); see "
-                         "its log above")
+        cause = failure or f"`flwr run` exited with status {status}; SuperLink: {superlink_error}"
+        raise FedgeError(f"the Ray simulation ended before the run finished: {cause} "
+                         "(--verbose shows Flower's log)")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     report = json.loads((run_dir / "onnx_report.json").read_text())
     return RunOutcome(run_dir, len(metrics["rounds"]), metrics["best_round"],

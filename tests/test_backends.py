@@ -114,9 +114,10 @@ def test_a_failing_client_becomes_an_error_reply_and_the_round_goes_on():
     assert FedAvg().aggregate_train(1, replies) == (None, None)
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("model", ["cnn", "your own"])
-def test_ray_backend_runs_the_same_federation_as_the_in_process_backend(tmp_path, model):
+def test_ray_backend_runs_the_same_federation_as_the_in_process_backend(tmp_path, model, capfd):
     if model == "your own":  # Ray's workers get it as a program, as devices do
         model = f"{write_user_model(tmp_path / 'src')}:Net"
     config = RunConfig(model=model, clients=3, rounds=2, local_epochs=1, partition="iid",
@@ -127,6 +128,8 @@ def test_ray_backend_runs_the_same_federation_as_the_in_process_backend(tmp_path
         simulate(plan_simulation(config.model_copy(update={"backend": backend})), run_dir)
         results[backend] = json.loads((run_dir / "metrics.json").read_text())
 
+    # Flower's supported entry point (a simulation SuperLink), not run_simulation.
+    assert "deprecat" not in "".join(capfd.readouterr()).lower()
     inprocess, ray = results["inprocess"], results["ray"]
     assert ray["status"] == "finished" and ray["config"]["backend"] == "ray"
     assert [r["num_clients"] for r in ray["rounds"]] == [3, 3]

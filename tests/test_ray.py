@@ -19,7 +19,7 @@ import torch
 
 from fedge.config import RunConfig
 from fedge.processes import free_port
-from fedge.simulations.ray import federation_config
+from fedge.simulations.ray import FlowerLog, federation_config
 from fedge.simulations.workers import available_cores
 
 from conftest import assert_simulation_refused, run_fedge
@@ -145,6 +145,36 @@ def test_a_run_joins_a_ray_cluster_and_leaves_nothing_behind(ray_head, tmp_path)
         time.sleep(0.5)
     assert not ray_head.actors_alive()
     print(f"cluster run: {seconds:.1f} s")
+
+
+@pytest.mark.timeout(300)
+def test_a_cluster_without_room_for_a_client_is_one_clear_error(ray_head, tmp_path):
+    """The head has no GPU: no client fits, which Flower finds only once Ray runs."""
+    result = fedge_marked(f"fedge-run-{uuid.uuid4().hex}", "simulate", "--backend", "ray",
+                          "--ray-address", ray_head.address, "--client-gpus", "0.5",
+                          "--rounds", "1", *SMALL, "--out", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: Ray has no room for one "
+                                                     "client"), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_flowers_chatter_and_tracebacks_stay_out_of_the_output_without_verbose():
+    log = FlowerLog(verbose=False)
+    lines = ["INFO :      Starting Flower Simulation", "fedge-progress {}",
+             "ERROR :     An exception occured!! ActorPool is empty. Stopping Simulation.",
+             "ERROR :     Traceback (most recent call last):",
+             '  File "vce_api.py", line 217, in run_api', "    backend.build(app_fn)",
+             "ValueError: ActorPool is empty.", "",
+             "The above exception was the direct cause of the following exception:",
+             "Traceback (most recent call last):", '  File "app.py", line 3, in main',
+             "RuntimeError: Simulation Runtime crashed.",
+             "(ClientAppActor pid=12) a client's print", "WARNING :   slow",
+             "a warning of fedge's own"]
+    assert [line for line in lines if not log.hide(line)] == ["a warning of fedge's own"]
+    assert log.failure() == "An exception occured!! ActorPool is empty. Stopping Simulation."
+    assert not FlowerLog(verbose=True).hide("ERROR :     Traceback (most recent call last):")
 
 
 def _fedge_process(marker: str, *args: str) -> subprocess.Popen:
