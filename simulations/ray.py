@@ -159,6 +159,9 @@ def cpu_scale(cpus: float) -> int:
 
 def _probe(address: str) -> None:
     """A short TCP connect to the head's GCS port: a clear error before anything starts."""
+    if "://" in address:
+        raise FedgeError(f"ray_address {address!r}: give the head's own address HOST:PORT "
+                         "(`ray start --head` prints it), not a Ray Client (ray://) one")
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise FedgeError(f"ray_address {address!r} is not HOST:PORT (the head's address "
@@ -236,6 +239,8 @@ def run_on_ray(federation: Federation, recipe: ClientRecipe, resume: bool,
         write_atomic(flower_home / CLIENT_FILE, pickle.dumps(recipe))
         superlink_log = flower_home / "superlink.log"
         children = Children(env=env)
+        if config.ray_address is None:  # --ray-address decides, not the environment
+            children.env.pop("RAY_ADDRESS", None)
         with children.running():
             superlink = start_superlink(
                 children, ["--simulation", "--insecure", "--host", "127.0.0.1", "--port",

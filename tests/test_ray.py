@@ -245,6 +245,7 @@ def test_fractions_of_a_cpu_scale_a_local_rays_logical_cpus():
     (["--client-cpus", "0.5"], "client_cpus=0.5: settings of the Ray backend"),
     (["--ray-address", "127.0.0.1:6379"], "settings of the Ray backend; give backend ray"),
     (["--backend", "ray", "--ray-address", "head-node"], "is not HOST:PORT"),
+    (["--backend", "ray", "--ray-address", "ray://head:10001"], "not a Ray Client"),
     (["--backend", "ray", "--ray-address", "127.0.0.1:6379", "--client-cpus", "0.5"],
      "give whole CPUs"),
 ])
