@@ -31,7 +31,7 @@ import queue
 import shutil
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -205,6 +205,8 @@ def run_on_ray(federation: Federation, recipe: ClientRecipe, resume: bool,
     """Run ``federation`` on Flower's simulation engine, on a local Ray or the cluster at
     ``config.ray_address``; ``on_start`` and ``on_round`` hear the ServerApp's progress."""
     config, run_dir = federation.config, federation.run_dir.resolve()
+    if recipe.record_wire is not None:  # Ray's workers run in folders of their own
+        recipe = replace(recipe, record_wire=recipe.record_wire.resolve())
     flower_home = run_dir / FLOWER_FOLDER
     port = free_port()
     env = {"FLWR_HOME": str(flower_home),

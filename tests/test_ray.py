@@ -150,7 +150,8 @@ def test_a_run_joins_a_ray_cluster_and_leaves_nothing_behind(ray_head, tmp_path)
 @pytest.mark.timeout(300)
 def test_a_cluster_without_room_for_a_client_is_one_clear_error(ray_head, tmp_path):
     """The head has no GPU: no client fits, which Flower finds only once Ray runs."""
-    result = fedge_marked(f"fedge-run-{uuid.uuid4().hex}", "simulate", "--backend", "ray",
+    marker = f"fedge-run-{uuid.uuid4().hex}"
+    result = fedge_marked(marker, "simulate", "--backend", "ray",
                           "--ray-address", ray_head.address, "--client-gpus", "0.5",
                           "--rounds", "1", *SMALL, "--out", str(tmp_path / "run"))
     assert result.returncode == 2, result.stdout + result.stderr
@@ -158,6 +159,7 @@ def test_a_cluster_without_room_for_a_client_is_one_clear_error(ray_head, tmp_pa
     assert len(errors) == 1 and errors[0].startswith("error: Ray has no room for one "
                                                      "client"), result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+    assert not wait_until_gone(marker)
 
 
 def test_flowers_chatter_and_tracebacks_stay_out_of_the_output_without_verbose():
