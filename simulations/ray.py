@@ -212,8 +212,9 @@ def run_on_ray(federation: Federation, recipe: ClientRecipe, resume: bool,
     env = {"FLWR_HOME": str(flower_home),
            # Ray warns at start-up unless told how to treat CUDA_VISIBLE_DEVICES with 0 GPUs.
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    if config.ray_address is not None:
-        env["RAY_ADDRESS"] = config.ray_address  # ray.init() joins it (no init args)
+    # ray.init() joins the cluster RAY_ADDRESS names (no init args then); "local" starts
+    # a Ray of our own even when `ray start` left a cluster's address in /tmp/ray.
+    env["RAY_ADDRESS"] = config.ray_address or "local"
     events: queue.Queue[dict] = queue.Queue()
     shown = FlowerLog(verbose)
 
@@ -241,8 +242,6 @@ def run_on_ray(federation: Federation, recipe: ClientRecipe, resume: bool,
         write_atomic(flower_home / CLIENT_FILE, pickle.dumps(recipe))
         superlink_log = flower_home / "superlink.log"
         children = Children(env=env)
-        if config.ray_address is None:  # --ray-address decides, not the environment
-            children.env.pop("RAY_ADDRESS", None)
         with children.running():
             superlink = start_superlink(
                 children, ["--simulation", "--insecure", "--host", "127.0.0.1", "--port",
