@@ -291,6 +291,9 @@ def _serve(grid: Grid, context: Context) -> None:
     side: ServerSide = pickle.loads(settings_file.read_bytes())
     # Flower logs every round at INFO; the command line prints its own lines instead.
     logging.getLogger("flwr").setLevel(logging.INFO if side.verbose else logging.ERROR)
+    if side.verbose:  # fedge's own log too, as `fedge simulate -v` shows it in-process
+        logging.basicConfig(level=logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
     try:
         checkpoint = (load_checkpoint(resumable_checkpoint(side.run_dir)) if side.resume
                       else None)
