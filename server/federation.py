@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedge.config import RunConfig
@@ -128,15 +128,6 @@ class Federation:
         if has_fixed_entries(arrays, self.start.frozen):
             return PartialUpdates(strategy, self.start.frozen)
         return strategy
-
-    def server_app(self) -> ServerApp:
-        app = ServerApp()
-
-        @app.main()
-        def main(grid: Grid, context: Context) -> None:
-            self.run(grid)
-
-        return app
 
     def run(self, flower_grid: Grid, clock: Callable[[], float] | None = None) -> RunOutcome:
         """The whole run on ``flower_grid``; a simulation passes its simulated ``clock``."""
