@@ -11,7 +11,9 @@ overstates what the machine holds. ``1`` worker trains in the simulation's own p
 one torch thread, as every worker does.
 
     python benchmarks/workers_scaling.py [--workers 1 2 4] [--clients 20] [--rounds 5]
-        [--local-epochs 2]
+        [--local-epochs 2] [--device cpu]
+
+``--device cuda``: the workers share the GPU (each with its own CUDA context).
 """
 
 import argparse
@@ -29,7 +31,7 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
-def measure(workers: int, clients: int, rounds: int, local_epochs: int) -> dict:
+def measure(workers: int, clients: int, rounds: int, local_epochs: int, device: str) -> dict:
     """One configuration in this process: round wall times and peak RSS."""
     import torch
 
@@ -39,7 +41,7 @@ def measure(workers: int, clients: int, rounds: int, local_epochs: int) -> dict:
     torch.set_num_threads(1)
     config = RunConfig(dataset="digits", clients=clients, min_clients=clients,
                        partition="iid", rounds=rounds, local_epochs=local_epochs,
-                       patience=rounds + 1, local_patience=local_epochs + 1, device="cpu",
+                       patience=rounds + 1, local_patience=local_epochs + 1, device=device,
                        workers=workers, seed=0)
     plan = plan_simulation(config)
     ends: list[float] = []
@@ -59,7 +61,8 @@ def measure(workers: int, clients: int, rounds: int, local_epochs: int) -> dict:
 
 def measure_in_subprocess(workers: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--one", str(workers), "--clients", str(args.clients),
-               "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs)]
+               "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs),
+               "--device", args.device]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800,
                             env={**os.environ, **FLOWER_ENV}, check=False)
     if result.returncode != 0:
@@ -75,13 +78,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one configuration
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(measure(args.one, args.clients, args.rounds, args.local_epochs)))
+        print(json.dumps(measure(args.one, args.clients, args.rounds, args.local_epochs,
+                                args.device)))
         return
     print(f"digits, {args.clients} iid clients per round, {args.rounds} rounds × "
-          f"{args.local_epochs} local epochs, {cores} cores\n")
+          f"{args.local_epochs} local epochs, {cores} cores, device {args.device}\n")
     print("| workers | rounds per second | speed-up | first round s | peak RSS MiB "
           "| largest worker RSS MiB |")
     print("|---:|---:|---:|---:|---:|---:|")

@@ -15,7 +15,8 @@ from fedge.api import SimulationResult
 from fedge.models.registry import ModelSpec
 from fedge.server.checkpoint import load_checkpoint
 from fedge.simulations.vectorized import ADAM_WEIGHT_TOLERANCE, TOLERANCE, batching_problem
-from tests.conftest import assert_simulation_refused, run_fedge, write_user_model
+
+from conftest import assert_simulation_refused, run_fedge, write_user_model
 
 # Unequal clients (Dirichlet: 168 to 311 training samples, so 6 to 10 mini-batches an
 # epoch), FedProx's term, a local patience of 1 that stops some clients early. Under Adam
