@@ -14,13 +14,19 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 # Flower builds every Message from a process-wide task identity that its runtimes set;
-# this private module is the only Flower internal fedge touches (flwr 1.42, see
-# tests/test_flower_contract.py).
+# fedge's grids set it through act_as_server, here only (flwr 1.42; pinned by
+# tests/test_backends.py).
 from flwr.supercore.task_identity import TaskIdentity
 
 SERVER_NODE_ID = 1  # Flower's SuperLink node id
 FIRST_CLIENT_NODE_ID = 1001
 CLIENT_APP_ERROR = 2  # reply error code for an exception inside the ClientApp
+
+
+def act_as_server(run_id: int) -> None:
+    """Let this process build Flower messages as the server of run ``run_id`` (what
+    Flower's runtimes do before they run a ServerApp)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE_ID, 1
 
 
 class InProcessGrid(Grid):
@@ -38,7 +44,7 @@ class InProcessGrid(Grid):
         self._run_id = run_id
         self._contexts: dict[int, Context] = {}
         self._replies: dict[str, Message] = {}
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE_ID, 1
+        act_as_server(run_id)
 
     def set_run(self, run: Run) -> None:
         self._run = run

@@ -62,7 +62,6 @@ from flwr.app import Error, Message
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 from torch.func import functional_call, vmap
 
@@ -94,7 +93,7 @@ from fedge.models.registry import ModelSpec, as_input_tensor
 from fedge.simulations.inprocess import (
     CLIENT_APP_ERROR,
     FIRST_CLIENT_NODE_ID,
-    SERVER_NODE_ID,
+    act_as_server,
     node_context,
 )
 
@@ -153,7 +152,7 @@ class VectorizedGrid(Grid):
         self._run = Run.create_empty(run_id)
         self._replies: dict[str, Message] = {}
         self._problems: dict[tuple, str | None] = {}  # model → why vmap cannot batch it
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE_ID, 1
+        act_as_server(run_id)
 
     # --- Grid ---------------------------------------------------------------------------
 

@@ -44,12 +44,11 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.simulations.clients import SimulatedClients
-from fedge.simulations.inprocess import CLIENT_APP_ERROR, FIRST_CLIENT_NODE_ID, SERVER_NODE_ID
+from fedge.simulations.inprocess import CLIENT_APP_ERROR, FIRST_CLIENT_NODE_ID, act_as_server
 
 log = logging.getLogger("fedge.server")
 
@@ -243,7 +242,7 @@ class WorkerGrid(Grid):
         self._context = multiprocessing.get_context(start_method(recipe.config.device))
         self._replies: dict[str, Message] = {}
         self._closed = False
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE_ID, 1
+        act_as_server(run_id)
         atexit.register(self.close)
         self._workers: list[_Worker] = []
         try:
