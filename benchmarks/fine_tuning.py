@@ -46,13 +46,13 @@ class Net(nn.Module):
 
 
 def pretrain(model_file: Path, out: Path, classes: int = 5, epochs: int = 5) -> None:
+    torch.manual_seed(0)  # the same pretrained weights in every run, initialization too
     origin, factory = resolve_factory(f"{model_file}:Net")
     model = instantiate(origin, factory, (1, 8, 8), classes, 0.1)
     x, y = split_federated(load_dataset("digits"), seed=0).clients
     keep = y < classes
     inputs, labels = torch.as_tensor(x[keep]), torch.as_tensor(y[keep])
     optimizer = torch.optim.Adam(model.parameters(), lr=0.003)
-    torch.manual_seed(0)
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(labels)).split(32):
