@@ -119,6 +119,15 @@ def start_method(device: str) -> str:
     return "fork" if pick_device(device).type == "cpu" else "spawn"
 
 
+def _import_what_training_imports() -> None:
+    """Build a throwaway optimizer: torch imports ``torch._dynamo`` (about a second) on
+    the first one. Done here, before forking, every worker inherits it instead of
+    importing it again, and this process has it for the final ONNX export."""
+    import torch
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
 def _encode(message: Message) -> bytes:
     return message_to_proto(message).SerializeToString()
 
@@ -240,6 +249,8 @@ class WorkerGrid(Grid):
         self._run = Run.create_empty(run_id)
         self._args = (recipe, num_nodes, run_id)
         self._context = multiprocessing.get_context(start_method(recipe.config.device))
+        if self._context.get_start_method() == "fork":
+            _import_what_training_imports()
         self._replies: dict[str, Message] = {}
         self._closed = False
         act_as_server(run_id)
