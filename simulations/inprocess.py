@@ -29,21 +29,14 @@ def act_as_server(run_id: int) -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE_ID, 1
 
 
-class InProcessGrid(Grid):
-    """Nodes ``1001, 1002, ...``, each with a persistent Context whose node config
-    carries ``partition-id`` and ``num-partitions`` as in Flower's simulation engine.
+class SimulatedNodes(Grid):
+    """What every simulation grid shares: nodes ``1001 … 1000 + num_nodes`` of run
+    ``run_id``, whose replies are all in when ``push_messages`` returns (so
+    ``send_and_receive`` needs no timeout); subclasses push and pull."""
 
-    A node's Context is made when a message arrives and kept only while its ``state``
-    holds something (SecAgg+'s keys between stages): registering 10,000 nodes costs
-    nothing, and memory follows the nodes sampled, not the nodes registered."""
-
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
-        self.client_app = client_app
+    def __init__(self, num_nodes: int, run_id: int = 1) -> None:
+        self.num_nodes, self._run_id = num_nodes, run_id
         self._run = Run.create_empty(run_id)
-        self.num_nodes = num_nodes
-        self._run_id = run_id
-        self._contexts: dict[int, Context] = {}
-        self._replies: dict[str, Message] = {}
         act_as_server(run_id)
 
     def set_run(self, run: Run) -> None:
@@ -60,6 +53,25 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(range(FIRST_CLIENT_NODE_ID, FIRST_CLIENT_NODE_ID + self.num_nodes))
 
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+class InProcessGrid(SimulatedNodes):
+    """Nodes ``1001, 1002, ...``, each with a persistent Context whose node config
+    carries ``partition-id`` and ``num-partitions`` as in Flower's simulation engine.
+
+    A node's Context is made when a message arrives and kept only while its ``state``
+    holds something (SecAgg+'s keys between stages): registering 10,000 nodes costs
+    nothing, and memory follows the nodes sampled, not the nodes registered."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+        super().__init__(num_nodes, run_id)
+        self.client_app = client_app
+        self._contexts: dict[int, Context] = {}
+        self._replies: dict[str, Message] = {}
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Run each message through the ClientApp now; replies wait for ``pull_messages``."""
         ids = []
@@ -71,11 +83,6 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        # Clients run synchronously here, so every reply is in before any timeout.
-        return self.pull_messages(self.push_messages(messages))
 
     def reply_to(self, message: Message) -> Message:
         """The ClientApp's reply to ``message``, now (an error reply if it raised)."""

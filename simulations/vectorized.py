@@ -93,7 +93,7 @@ from fedge.models.registry import ModelSpec, as_input_tensor
 from fedge.simulations.inprocess import (
     CLIENT_APP_ERROR,
     FIRST_CLIENT_NODE_ID,
-    act_as_server,
+    SimulatedNodes,
     node_context,
 )
 
@@ -137,7 +137,7 @@ def check_vectorize(config: RunConfig, record_wire: Path | None = None) -> None:
                              "of them")
 
 
-class VectorizedGrid(Grid):
+class VectorizedGrid(SimulatedNodes):
     """Nodes ``1001 … 1000 + num_nodes``, whose train messages are trained together (see
     the module docstring) on samples from ``load_data``, on ``device``; every other
     message goes to the grid ``fallback()`` builds when first needed (``fallback_name``:
@@ -146,31 +146,18 @@ class VectorizedGrid(Grid):
     def __init__(self, fallback: Callable[[], Grid], num_nodes: int, load_data: DataLoaderFn,
                  device: str = "auto", fallback_name: str = "in workers",
                  run_id: int = 1) -> None:
+        super().__init__(num_nodes, run_id)
         self._make_fallback, self._fallback = fallback, None
-        self.num_nodes, self.load_data, self.device = num_nodes, load_data, device
-        self.fallback_name, self._run_id = fallback_name, run_id
-        self._run = Run.create_empty(run_id)
+        self.load_data, self.device, self.fallback_name = load_data, device, fallback_name
         self._replies: dict[str, Message] = {}
         self._problems: dict[tuple, str | None] = {}  # model → why vmap cannot batch it
-        act_as_server(run_id)
 
     # --- Grid ---------------------------------------------------------------------------
 
     def set_run(self, run: Run) -> None:
-        self._run = run
+        super().set_run(run)
         if self._fallback is not None:
             self._fallback.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(range(FIRST_CLIENT_NODE_ID, FIRST_CLIENT_NODE_ID + self.num_nodes))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Train the train messages of each model together, now; hand the others on."""
@@ -205,11 +192,6 @@ class VectorizedGrid(Grid):
             for reply in self._fallback.pull_messages(rest):
                 mine[reply.metadata.reply_to_message_id] = reply
         return [mine[i] for i in message_ids if i in mine]
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        # Every reply is in when the push returns, as with InProcessGrid and WorkerGrid.
-        return self.pull_messages(self.push_messages(messages))
 
     def close(self) -> None:
         close = getattr(self._fallback, "close", None)

@@ -42,13 +42,11 @@ from flwr.app import Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.simulations.clients import SimulatedClients
-from fedge.simulations.inprocess import CLIENT_APP_ERROR, FIRST_CLIENT_NODE_ID, act_as_server
+from fedge.simulations.inprocess import CLIENT_APP_ERROR, FIRST_CLIENT_NODE_ID, SimulatedNodes
 
 log = logging.getLogger("fedge.server")
 
@@ -233,7 +231,7 @@ class _Worker:
         self.replies.close()
 
 
-class WorkerGrid(Grid):
+class WorkerGrid(SimulatedNodes):
     """Nodes ``1001, 1002, ...`` as in :class:`InProcessGrid`, their ClientApp run by
     ``workers`` processes built from ``recipe``. ``push_messages`` returns once every
     reply is in; a worker that answers nothing for ``timeout`` seconds (real time: the
@@ -245,15 +243,14 @@ class WorkerGrid(Grid):
                  start_timeout: float = START_TIMEOUT) -> None:
         if workers < 1:
             raise FedgeError(f"workers must be at least 1, not {workers}")
-        self.num_nodes, self.timeout = num_nodes, timeout
-        self._run = Run.create_empty(run_id)
+        super().__init__(num_nodes, run_id)
+        self.timeout = timeout
         self._args = (recipe, num_nodes, run_id)
         self._context = multiprocessing.get_context(start_method(recipe.config.device))
         if self._context.get_start_method() == "fork":
             _import_what_training_imports()
         self._replies: dict[str, Message] = {}
         self._closed = False
-        act_as_server(run_id)
         atexit.register(self.close)
         self._workers: list[_Worker] = []
         try:
@@ -264,20 +261,6 @@ class WorkerGrid(Grid):
             raise
 
     # --- Grid ---------------------------------------------------------------------------
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: Any, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(range(FIRST_CLIENT_NODE_ID, FIRST_CLIENT_NODE_ID + self.num_nodes))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Hand each message to its node's worker; replies wait for ``pull_messages``."""
@@ -307,11 +290,6 @@ class WorkerGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """The replies to ``message_ids``, in that order."""
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        # Workers answer within the push, so every reply is in before any timeout.
-        return self.pull_messages(self.push_messages(messages))
 
     # --- workers ------------------------------------------------------------------------
 
