@@ -51,7 +51,9 @@ def privacy_enabled(config: RunConfig) -> bool:
 
 
 def clients_per_round(config: RunConfig) -> int:
-    """``m``: the clients a DP round takes, all of whom must reply."""
+    """``K = max(⌊fraction · clients⌋, min_clients)``: the clients a round samples, as
+    FedAvg counts them; a DP round takes exactly these (its ``m``), all of whom must
+    reply."""
     return max(int(config.fraction * config.clients), config.min_clients)
 
 

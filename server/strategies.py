@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import (
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
-from fedge.server.privacy import private_sampling, with_privacy
+from fedge.server.privacy import clients_per_round, private_sampling, with_privacy
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -71,16 +71,11 @@ STRATEGIES: dict[str, Callable[[RunConfig], dict]] = {
 }
 
 
-def _clients_per_round(config: RunConfig) -> int:
-    """K, the clients a round samples, as FedAvg counts them."""
-    return max(int(config.clients * config.fraction), config.min_clients)
-
-
 def _multikrum_select(config: RunConfig) -> int:
     """m, by default K less f."""
     if config.multikrum_select is not None:
         return config.multikrum_select
-    return max(1, _clients_per_round(config) - config.krum_byzantine)
+    return max(1, clients_per_round(config) - config.krum_byzantine)
 
 
 def check_strategy_name(name: str) -> None:
@@ -93,7 +88,7 @@ def check_strategy(config: RunConfig) -> None:
     check_strategy_name(config.strategy)
     if config.strategy not in ("krum", "multikrum"):
         return
-    per_round, byzantine = _clients_per_round(config), config.krum_byzantine
+    per_round, byzantine = clients_per_round(config), config.krum_byzantine
     if per_round < 2 * byzantine + 3:
         raise FedgeError(f"{config.strategy} with krum_byzantine {byzantine} needs at least "
                          f"{2 * byzantine + 3} clients a round, but a round samples "

@@ -45,6 +45,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
+from fedge.server.privacy import clients_per_round
 from fedge.simulations.clients import SimulatedClients
 from fedge.simulations.inprocess import CLIENT_APP_ERROR, FIRST_CLIENT_NODE_ID, SimulatedNodes
 
@@ -97,8 +98,7 @@ def resolve_workers(config: RunConfig) -> int:
     if config.workers is not None and config.workers < 1:
         raise FedgeError(f"workers must be at least 1 (1: train in this process), not "
                          f"{config.workers}")
-    per_round = min(config.clients, max(int(config.fraction * config.clients),
-                                        config.min_clients))
+    per_round = min(config.clients, clients_per_round(config))
     if config.workers is not None:
         return max(1, min(config.workers, config.clients))
     return max(1, min(available_cores(), per_round))
