@@ -48,7 +48,7 @@ def _show_logs(verbose: bool) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _round_line(record: Any, total: int, best: bool) -> str:
+def _round_line(record: Any, total: int, best: bool, unit: str = "round") -> str:
     train = "   n/a" if record.train_loss is None else f"{record.train_loss:6.3f}"
     star = " [green]★ best[/]" if best else ""
     faults = (f"  failed {record.failures:>2}  timed out {record.timeouts:>2}"
@@ -56,7 +56,7 @@ def _round_line(record: Any, total: int, best: bool) -> str:
     simulated = ("" if record.simulated_seconds is None
                  else f"  simulated {record.simulated_seconds:6.1f}s")
     epsilon = "" if record.epsilon is None else f"  ε {record.epsilon:6.2f}"
-    return (f"round {record.round:>3}/{total}  train_loss {train}  "
+    return (f"{unit} {record.round:>3}/{total}  train_loss {train}  "
             f"val_loss {record.val_loss:6.3f}  val_acc {record.val_accuracy:6.3f}  "
             f"clients {record.num_clients:>3}{faults}{simulated}{epsilon}  "
             f"{record.seconds:5.2f}s{star}")
@@ -136,6 +136,10 @@ def simulate(
     local_patience: Annotated[int | None, _setting("local_patience")] = None,
     proximal_mu: Annotated[float | None, _setting("proximal_mu")] = None,
     server_lr: Annotated[float | None, _setting("server_lr")] = None,
+    concurrency: Annotated[int | None, _setting("concurrency")] = None,
+    buffer: Annotated[int | None, _setting("buffer")] = None,
+    max_staleness: Annotated[int | None, _setting("max_staleness")] = None,
+    eval_every: Annotated[int | None, _setting("eval_every")] = None,
     trimmed_fraction: Annotated[float | None, _setting("trimmed_fraction")] = None,
     krum_byzantine: Annotated[int | None, _setting("krum_byzantine")] = None,
     multikrum_select: Annotated[int | None, _setting("multikrum_select")] = None,
@@ -180,7 +184,9 @@ def simulate(
         fraction=fraction, min_clients=min_clients, strategy=strategy, partition=partition,
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         dropout=dropout, patience=patience, min_delta=min_delta, local_patience=local_patience,
-        proximal_mu=proximal_mu, server_lr=server_lr, seed=seed, backend=backend,
+        proximal_mu=proximal_mu, server_lr=server_lr, concurrency=concurrency,
+        buffer=buffer, max_staleness=max_staleness, eval_every=eval_every,
+        seed=seed, backend=backend,
         device=device, workers=workers, vectorize=vectorize, ray_address=ray_address,
         client_cpus=client_cpus, client_gpus=client_gpus,
         trimmed_fraction=trimmed_fraction, krum_byzantine=krum_byzantine,
@@ -203,20 +209,21 @@ def simulate(
     from fedge.api import simulate as run_simulation
 
     _show_logs(verbose)
-    total = [0]
+    total, unit = [0], ["round"]
 
     def show_plan(plan: Any) -> None:
         status.stop()
         total[0] = plan.config.rounds
+        unit[0] = "version" if plan.config.strategy == "fedbuff" else "round"
         _print_plan(plan)
 
     def show_start(initial: dict) -> None:
-        console.print(f"round {0:>3}/{total[0]}  {'starting model':<17}  val_loss "
+        console.print(f"{unit[0]} {0:>3}/{total[0]}  {'starting model':<17}  val_loss "
                       f"{initial['val_loss']:6.3f}  val_acc {initial['val_accuracy']:6.3f}",
                       highlight=False)
 
     def show(record: Any, best: bool) -> None:
-        console.print(_round_line(record, total[0], best), highlight=False)
+        console.print(_round_line(record, total[0], best, unit[0]), highlight=False)
 
     try:
         result = run_simulation(model, config=config, out=out,
@@ -226,9 +233,11 @@ def simulate(
                                 **{k: v for k, v in overrides.items() if v is not None})
     finally:
         status.stop()
-    stop = "stopped early (validation loss plateaued)" if result.stopped_early else "all rounds"
+    stop = ("stopped early (validation loss plateaued)" if result.stopped_early
+            else f"all {unit[0]}s")
+    ran = f"{result.rounds_run} {'rounds' if unit[0] == 'round' else 'evaluations'}"
     console.print(
-        f"[bold green]done[/]: {result.rounds_run} rounds, {stop}; best round "
+        f"[bold green]done[/]: {ran}, {stop}; best {unit[0]} "
         f"{result.best_round}: test accuracy {result.test_accuracy:.3f} "
         f"(loss {result.test_loss:.3f}); ONNX parity {result.onnx_report['max_abs_diff']:.1e}",
         highlight=False)
@@ -246,7 +255,8 @@ def _print_plan(plan: Any) -> None:
     console.print(
         f"[bold]fedge simulate[/]: {escape(plan.source)}, model {escape(settings.model)}, "
         f"{settings.clients} clients ({escape(plan.partition)}, {min(sizes)}–{max(sizes)} "
-        f"samples each), {settings.strategy}, ≤{settings.rounds} rounds, backend "
+        f"samples each), {settings.strategy}, ≤{settings.rounds} "
+        f"{'versions' if settings.strategy == 'fedbuff' else 'rounds'}, backend "
         f"{settings.backend}", highlight=False)
     if settings.init:
         frozen = f", {len(plan.start.frozen)} entries frozen" if plan.start.frozen else ""
@@ -426,6 +436,12 @@ def server(
     reset: ResetOption = None,
     freeze: FreezeOption = None,
     scale_inputs: ScaleInputsOption = None,
+    strategy: Annotated[str | None, _setting("strategy")] = None,
+    concurrency: Annotated[int | None, _setting("concurrency")] = None,
+    buffer: Annotated[int | None, _setting("buffer")] = None,
+    server_lr: Annotated[float | None, _setting("server_lr")] = None,
+    max_staleness: Annotated[int | None, _setting("max_staleness")] = None,
+    eval_every: Annotated[int | None, _setting("eval_every")] = None,
     certs: Annotated[Path | None, Opt(help="folder made by `fedge certs`")] = None,
     authorized_keys: Annotated[list[Path] | None, Opt(
         "--authorized-key", help="a client's public key (repeatable)")] = None,
@@ -453,7 +469,10 @@ def server(
     _check_transport(insecure, certs, "--certs", "traffic is unencrypted and any client "
                                                  "may join")
     run_config = load_config(config, model=model, init=init, reset=reset, freeze=freeze,
-                             scale_inputs=scale_inputs, edge_programs=edge_programs or None)
+                             scale_inputs=scale_inputs, edge_programs=edge_programs or None,
+                             strategy=strategy, concurrency=concurrency, buffer=buffer,
+                             server_lr=server_lr, max_staleness=max_staleness,
+                             eval_every=eval_every)
     settings = ServerSettings(config=run_config, val_data=val_data,
                               test_data=test_data, run_dir=out or new_run_dir(),
                               log_format=log_format)

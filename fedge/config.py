@@ -53,7 +53,8 @@ class RunConfig(BaseModel):
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients per round")
     min_clients: int = Field(2, ge=1, description="minimum clients per round")
     strategy: str = Field("fedavg", description="fedavg | fedprox | fedadam | fedmedian | "
-                                                "fedtrimmedavg | krum | multikrum")
+                                                "fedtrimmedavg | krum | multikrum | fedbuff "
+                                                "(asynchronous, no round barrier)")
     partition: str = Field("dirichlet:0.5", description="iid | dirichlet:ALPHA | shards:K | "
                                                     "column:NAME (one client per value of a "
                                                     "CSV column, e.g. a device id)")
@@ -71,7 +72,19 @@ class RunConfig(BaseModel):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of a client's samples "
                                                                  "held out for early stopping")
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight μ")
-    server_lr: float = Field(0.1, gt=0.0, description="FedAdam server learning rate η")
+    server_lr: float | None = Field(None, gt=0.0, description="server learning rate: "
+                                    "fedadam's η (default 0.1), fedbuff's η_g (default 1.0)")
+    concurrency: int | None = Field(None, ge=1, description="fedbuff: clients kept training "
+                                    "at once (default: the clients a fedavg round samples)")
+    buffer: int | None = Field(None, ge=1, description="fedbuff: client updates per server "
+                               "step K (default: half the concurrency, rounded up)")
+    max_staleness: int | None = Field(None, ge=0, description="fedbuff: drop (and count) an "
+                                      "update trained on a model more than this many "
+                                      "versions old (default: keep every update)")
+    eval_every: int | None = Field(None, ge=1, description="fedbuff: evaluate, checkpoint and "
+                                   "check early stopping every this many versions (default: "
+                                   "concurrency / buffer, rounded up: about a round's "
+                                   "updates); patience counts evaluations")
     trimmed_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="fedtrimmedavg: share β "
                                     "of the largest and of the smallest values cut per weight")
     krum_byzantine: int = Field(2, ge=0, description="krum | multikrum: Byzantine clients f "
@@ -175,6 +188,16 @@ class RunConfig(BaseModel):
                         and bool not in (field.annotation, *get_args(field.annotation))):
                     raise ValueError(f"{key}: expected a number, not {str(value).lower()}")
         return values
+
+
+SERVER_LR_DEFAULTS = {"fedbuff": 1.0}  # every other strategy that has one: FedAdam's 0.1
+
+
+def server_learning_rate(config: RunConfig) -> float:
+    """``server_lr``, or the strategy's default when it is not set."""
+    if config.server_lr is not None:
+        return config.server_lr
+    return SERVER_LR_DEFAULTS.get(config.strategy, 0.1)
 
 
 def load_config(path: Path | None = None, **overrides: object) -> RunConfig:

@@ -98,21 +98,23 @@ class DecodeUpdates(StrategyWrapper):
         self.on_bytes(float(np.mean([sent_bytes(r) for r in answered])) if answered else None)
         for reply in answered:
             if RECORD in reply.content:
-                reply.content = self._decoded(reply)
+                reply.content = decoded_content(reply, self.sent)
         return self.strategy.aggregate_train(server_round, replies)
 
-    def _decoded(self, reply: Message) -> RecordDict:
-        content = reply.content
-        records = {name: record for name, record in content.items() if name != RECORD}
-        how = content[RECORD]
-        arrays = [name for name in records if isinstance(records[name], ArrayRecord)]
-        try:
-            if not isinstance(how, ConfigRecord) or len(arrays) != 1:
-                raise ValueError("expected one ArrayRecord and a compression ConfigRecord")
-            records[arrays[0]] = decompress_arrays(records[arrays[0]], how, self.sent)
-        except Exception as error:  # whatever a client sent, the round goes on
-            log.warning("cannot decode the compressed update of client node %d: %s",
-                        reply.metadata.src_node_id, error)
-            records = {n: r for n, r in records.items() if not isinstance(r, ArrayRecord)}
-        return RecordDict(records)
 
+def decoded_content(reply: Message, sent: dict[str, np.ndarray]) -> RecordDict:
+    """A compressed reply's records with its update decoded to weights w + Δ̂ (``sent``:
+    the arrays w it was sent); without arrays if it cannot be decoded."""
+    content = reply.content
+    records = {name: record for name, record in content.items() if name != RECORD}
+    how = content[RECORD]
+    arrays = [name for name in records if isinstance(records[name], ArrayRecord)]
+    try:
+        if not isinstance(how, ConfigRecord) or len(arrays) != 1:
+            raise ValueError("expected one ArrayRecord and a compression ConfigRecord")
+        records[arrays[0]] = decompress_arrays(records[arrays[0]], how, sent)
+    except Exception as error:  # whatever a client sent, the round goes on
+        log.warning("cannot decode the compressed update of client node %d: %s",
+                    reply.metadata.src_node_id, error)
+        records = {n: r for n, r in records.items() if not isinstance(r, ArrayRecord)}
+    return RecordDict(records)

@@ -30,6 +30,7 @@ from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import build_model
 from fedge.server.checkpoint import Checkpoint, load_checkpoint
 from fedge.server.compression import DecodeUpdates, check_compression, compression_config
+from fedge.server.fedbuff import BufferSettings, FedBuff, check_fedbuff
 from fedge.server.grid import RoundGrid, RoundStats
 from fedge.server.partial import PartialUpdates, has_fixed_entries
 from fedge.server.privacy import (
@@ -92,6 +93,7 @@ def check_server_settings(config: RunConfig) -> None:
     check_privacy(config)
     check_secagg(config)
     check_compression(config)
+    check_fedbuff(config)
     check_strategy(config)  # last: a strategy that cannot be used at all is said first
 
 
@@ -141,23 +143,23 @@ class Federation:
                          min_replies=config.min_results, join_timeout=config.join_timeout,
                          poll_interval=config.poll_interval, clock=clock,
                          quarantine=config.quarantine)
+        asynchronous = config.strategy == "fedbuff"
         self._tracker = RoundTracker(
-            self.spec, self.data.val_x, self.data.val_y, config.patience, config.min_delta,
-            on_round=self._save_round,
-            round_stats=(secure_round_stats(grid) if config.secagg
-                         else lambda: grid.stats[-1] if grid.stats else RoundStats()),
-            epsilon=lambda: epsilon_spent(self._strategy),
+            self.spec, self.data.val_x, self.data.val_y,
+            # FedBuff's patience counts evaluations, one every eval_every versions.
+            config.patience * (BufferSettings.from_config(config).eval_every
+                               if asynchronous else 1),
+            config.min_delta, on_round=self._save_round,
+            round_stats=self._round_stats(grid), epsilon=lambda: epsilon_spent(self._strategy),
             on_initial=self._started)
-        self._strategy = build_strategy(config, self._tracker.aggregate_train_metrics)
+        self._strategy = (self._buffered(clock) if asynchronous else
+                          build_strategy(config, self._tracker.aggregate_train_metrics))
         started = time.perf_counter()
         if self.start.edge is not None:
             write_edge_folder(self.start.edge, self.run_dir / EDGE_FOLDER)
         strategy, arrays = self._starting_point()
-        strategy = UpdateScreen(strategy, config.max_norm_ratio, self._tracker.count_rejected,
-                                round_offset=self._tracker.completed_rounds)
-        # Decoding comes first: the screen and the strategy see weights, not updates.
-        strategy = DecodeUpdates(strategy, self._tracker.count_bytes)
-        strategy = self._with_partial_updates(strategy, arrays)
+        if not asynchronous:
+            strategy = self._screened(strategy, arrays)
         remaining = config.rounds - self._tracker.completed_rounds
         if remaining > 0 and not self._tracker.plateaued():
             self._rounds(strategy, grid, arrays, remaining)
@@ -169,6 +171,32 @@ class Federation:
                              "loss (every update diverged?); nothing to export")
         self.outcome = self._finish(time.perf_counter() - started)
         return self.outcome
+
+    def _round_stats(self, grid: RoundGrid) -> Callable[[], RoundStats]:
+        """What the tracker records of each round's (or FedBuff interval's) messages."""
+        if self.config.secagg:
+            return secure_round_stats(grid)
+        if self.config.strategy == "fedbuff":
+            return lambda: self._strategy.interval_stats()
+        return lambda: grid.stats[-1] if grid.stats else RoundStats()
+
+    def _buffered(self, clock: Callable[[], float] | None) -> FedBuff:
+        config, tracker = self.config, self._tracker
+        return FedBuff(BufferSettings.from_config(config),
+                       train_metrics_aggr_fn=tracker.aggregate_train_metrics,
+                       max_norm_ratio=config.max_norm_ratio, frozen=self.start.frozen,
+                       on_screened=tracker.count_rejected, on_bytes=tracker.count_bytes,
+                       clock=clock, min_nodes=config.min_clients,
+                       poll_interval=config.poll_interval, seed=config.seed)
+
+    def _screened(self, strategy: Strategy, arrays: ArrayRecord) -> Strategy:
+        """``strategy`` behind the update screen, after decoding, on the exchanged entries."""
+        strategy = UpdateScreen(strategy, self.config.max_norm_ratio,
+                                self._tracker.count_rejected,
+                                round_offset=self._tracker.completed_rounds)
+        # Decoding comes first: the screen and the strategy see weights, not updates.
+        strategy = DecodeUpdates(strategy, self._tracker.count_bytes)
+        return self._with_partial_updates(strategy, arrays)
 
     def _starting_point(self) -> tuple[Strategy, ArrayRecord]:
         """A fresh model, or the resumed checkpoint's weights, strategy state and history."""
@@ -182,11 +210,15 @@ class Federation:
             self._best_state = load_checkpoint(self.run_dir / "best.pt").state_dict
         log.info("resuming after round %d (best round %s)", checkpoint.round,
                  self._tracker.best_round)
-        return (ContinuedRounds(self._strategy, checkpoint.round),
-                ArrayRecord(checkpoint.state_dict))
+        arrays = ArrayRecord(checkpoint.state_dict)
+        if isinstance(self._strategy, FedBuff):  # it counts its versions itself
+            return self._strategy, arrays
+        return ContinuedRounds(self._strategy, checkpoint.round), arrays
 
-    def _rounds(self, strategy: Strategy, grid: Grid, arrays: ArrayRecord, rounds: int) -> None:
-        offset = self._tracker.completed_rounds
+    def _rounds(self, strategy: Strategy | FedBuff, grid: Grid, arrays: ArrayRecord,
+                rounds: int) -> None:
+        # Flower's strategies count a resumed run's rounds from 1; FedBuff its versions on.
+        offset = 0 if isinstance(strategy, FedBuff) else self._tracker.completed_rounds
         try:
             if self.config.secagg:
                 run_secure_rounds(self.config, grid, arrays, rounds, self._tracker,
@@ -245,9 +277,10 @@ class Federation:
             checkpoint.save(self.run_dir / "best.pt")
         checkpoint.save(self.run_dir / "checkpoint.pt")
         write_json(self.run_dir / "metrics.json", self._metrics(status="running"))
-        log.info("round %d: val_loss %.4f val_accuracy %.4f (%d clients, %d failed, "
-                 "%d timed out, %.2fs)", record.round, record.val_loss, record.val_accuracy,
-                 record.num_clients, record.failures, record.timeouts, record.seconds)
+        log.info("%s %d: val_loss %.4f val_accuracy %.4f (%d clients, %d failed, "
+                 "%d timed out, %.2fs)", self._unit, record.round, record.val_loss,
+                 record.val_accuracy, record.num_clients, record.failures, record.timeouts,
+                 record.seconds)
         if self.on_round:
             self.on_round(record, improved)
 
@@ -264,8 +297,20 @@ class Federation:
             "best_round": tracker.best_round,
             "stopped_early": tracker.stopped_early,
             "privacy": privacy_report(self._strategy, self.config),
+            **self._asynchronous_report(),
             **extra,
         }
+
+    @property
+    def _unit(self) -> str:
+        """What a record counts: rounds, or FedBuff's model versions."""
+        return "version" if self.config.strategy == "fedbuff" else "round"
+
+    def _asynchronous_report(self) -> dict:
+        if not isinstance(self._strategy, FedBuff):
+            return {}
+        return {"asynchronous": self._strategy.report(),
+                "versions": [r.as_dict() for r in self._strategy.versions]}
 
     def _finish(self, seconds: float) -> RunOutcome:
         tracker, data = self._tracker, self.data
@@ -276,7 +321,7 @@ class Federation:
         report["best_round"] = tracker.best_round
         write_json(self.run_dir / "onnx_report.json", report)
         plot_curves(self.run_dir / "curves.png", [r.as_dict() for r in tracker.history],
-                    tracker.best_round)
+                    tracker.best_round, self._unit)
         write_json(self.run_dir / "metrics.json", self._metrics(
             status="finished",
             test={"loss": test_loss, "accuracy": test_accuracy, "samples": len(data.test_y),

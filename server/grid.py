@@ -156,23 +156,27 @@ class RoundGrid(GridWrapper):
             stats.simulated_seconds = self.clock() - simulated_start
         return self._settle(replies, silent, destination, stats, timeout)
 
+    def suspend(self, node: int) -> None:
+        """Do not sample ``node`` for ``quarantine`` seconds: it failed or missed its
+        deadline."""
+        self._suspended_until[node] = self._quarantine_now() + self.quarantine
+
     def _quarantine_now(self) -> float:
         return self.clock() if self.clock else time.monotonic()
 
     def _settle(self, replies: list[Message], silent: list[int], destination: dict[str, int],
                 stats: RoundStats, timeout: float | None) -> list[Message]:
-        suspend_until = self._quarantine_now() + self.quarantine
         for node in silent:
             log.warning("client node %d did not answer within %.0f s; not sampled for "
                         "%.0f s", node, timeout or 0, self.quarantine)
-            self._suspended_until[node] = suspend_until
+            self.suspend(node)
         failed = [r for r in replies if r.has_error()]
         for reply in failed:
             # The node the message went to: the SuperLink answers for an unavailable node
             # itself, from its own node id.
             node = destination[reply.metadata.reply_to_message_id]
             log.warning("client node %d failed: %s", node, reply.error.reason)
-            self._suspended_until[node] = suspend_until
+            self.suspend(node)
         stats.replies = len(replies) - len(failed)
         stats.failures += len(failed)
         stats.timeouts = len(silent)

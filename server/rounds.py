@@ -44,6 +44,9 @@ class RoundRecord:
     # Which kind of client contributed what: Python clients (`fedge client`, or any Flower
     # client) and ExecuTorch devices behind gateways (:func:`contributions`).
     contributions: dict | None = None
+    # Since the run started, at this round's end: simulated seconds if the run has a
+    # simulated clock, else wall-clock seconds (None in older runs).
+    elapsed_seconds: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -169,6 +172,9 @@ class RoundTracker:
         def client(key: str) -> float | None:
             return float(metrics[key]) if key in metrics else None
 
+        before = self.history[-1].elapsed_seconds if self.history else 0.0
+        duration = (stats.simulated_seconds if stats.simulated_seconds is not None
+                    else now - started)
         return RoundRecord(
             round=server_round, train_loss=client("train_loss"), val_loss=val_loss,
             val_accuracy=val_accuracy, num_clients=num_clients,
@@ -178,4 +184,5 @@ class RoundTracker:
             slowest_client_seconds=slowest, seconds=now - started, rejected=self._rejected,
             simulated_seconds=stats.simulated_seconds, epsilon=self.epsilon(),
             bytes_per_client=self._bytes_per_client, contributions=shares,
+            elapsed_seconds=(before or 0.0) + duration,
         )

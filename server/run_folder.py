@@ -84,25 +84,34 @@ def save_torch(path: Path, payload: dict) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def plot_curves(path: Path, rounds: Sequence[dict], best_round: int | None) -> None:
-    """Loss and accuracy per round: clients' training loss, server validation."""
+def plot_curves(path: Path, rounds: Sequence[dict], best_round: int | None,
+                unit: str = "round") -> None:
+    """Loss and accuracy per round (or FedBuff's model ``version``): clients' training
+    loss, server validation; and validation accuracy against time."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     numbers = [r["round"] for r in rounds]
-    figure = Figure(figsize=(9, 3.5), layout="constrained")
-    loss_axes, acc_axes = figure.subplots(1, 2)
+    figure = Figure(figsize=(13, 3.5), layout="constrained")
+    loss_axes, acc_axes, time_axes = figure.subplots(1, 3)
     loss_axes.plot(numbers, [r["train_loss"] for r in rounds], "o-", label="train (clients)")
     loss_axes.plot(numbers, [r["val_loss"] for r in rounds], "o-", label="validation (server)")
     acc_axes.plot(numbers, [r["val_accuracy"] for r in rounds], "o-", color="tab:orange",
                   label="validation (server)")
     for axes, title in ((loss_axes, "loss"), (acc_axes, "accuracy")):
         if best_round is not None:
-            axes.axvline(best_round, color="grey", linestyle="--", label="best round")
-        axes.set(xlabel="round", title=title)
+            axes.axvline(best_round, color="grey", linestyle="--", label=f"best {unit}")
+        axes.set(xlabel=unit, title=title)
         axes.legend()
+    timed = [r for r in rounds if r.get("elapsed_seconds") is not None]
+    simulated = any(r.get("simulated_seconds") is not None for r in timed)
+    time_axes.plot([r["elapsed_seconds"] for r in timed], [r["val_accuracy"] for r in timed],
+                   "o-", color="tab:orange", label="validation (server)")
+    time_axes.set(xlabel="simulated seconds" if simulated else "seconds",
+                  title="accuracy over time")
+    time_axes.legend()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     write_atomic(path, buffer.getvalue())

@@ -84,7 +84,7 @@ def screen_replies(global_arrays: dict[str, np.ndarray], replies: list[Message],
             norms[position] = _update_norm(reply.content, global_arrays, weight_keys)
         except Unfit as problem:
             rejections.append(Rejection(reply.metadata.src_node_id, str(problem)))
-    too_large = _norm_outliers(norms, max_norm_ratio)
+    too_large = norm_outliers(norms, max_norm_ratio)
     rejections += [Rejection(replies[p].metadata.src_node_id, reason)
                    for p, reason in too_large.items()]
     kept = [reply for position, reply in enumerate(replies)
@@ -143,7 +143,7 @@ def _fitting(name: str, array: Array, sent: np.ndarray) -> np.ndarray:
     return value
 
 
-def _norm_outliers(norms: dict[int, float], max_norm_ratio: float) -> dict[int, str]:
+def norm_outliers(norms: dict[int, float], max_norm_ratio: float) -> dict[int, str]:
     """Positions whose update norm exceeds ``max_norm_ratio`` × the median, with reasons."""
     if max_norm_ratio == 0 or not norms:
         return {}

@@ -43,7 +43,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedge.config import RunConfig
+from fedge.config import RunConfig, server_learning_rate
 from fedge.errors import FedgeError
 from fedge.server.privacy import clients_per_round, private_sampling, with_privacy
 
@@ -62,7 +62,7 @@ def _sampling(config: RunConfig) -> dict:
 STRATEGIES: dict[str, Callable[[RunConfig], dict]] = {
     "fedavg": lambda c: {"cls": FedAvg},
     "fedprox": lambda c: {"cls": FedProx, "proximal_mu": c.proximal_mu},
-    "fedadam": lambda c: {"cls": FedAdam, "eta": c.server_lr, "eta_l": c.lr},
+    "fedadam": lambda c: {"cls": FedAdam, "eta": server_learning_rate(c), "eta_l": c.lr},
     "fedmedian": lambda c: {"cls": FedMedian},
     "fedtrimmedavg": lambda c: {"cls": FedTrimmedAvg, "beta": c.trimmed_fraction},
     "krum": lambda c: {"cls": Krum, "num_malicious_nodes": c.krum_byzantine},
@@ -78,9 +78,14 @@ def _multikrum_select(config: RunConfig) -> int:
     return max(1, clients_per_round(config) - config.krum_byzantine)
 
 
+# Asynchronous, without rounds: fedge.server.fedbuff, not a Flower strategy.
+STRATEGY_NAMES = (*STRATEGIES, "fedbuff")
+
+
 def check_strategy_name(name: str) -> None:
-    if name not in STRATEGIES:
-        raise FedgeError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    if name not in STRATEGY_NAMES:
+        raise FedgeError(f"unknown strategy {name!r}; choose one of: "
+                         f"{', '.join(STRATEGY_NAMES)}")
 
 
 def check_strategy(config: RunConfig) -> None:
@@ -109,8 +114,11 @@ def build_strategy(config: RunConfig, train_metrics_aggr_fn: MetricsAggregator) 
 
 def strategy_state(strategy: Strategy) -> dict:
     """The strategy's attributes (FedAdam's moments included) in checkpointable form; a
-    wrapped strategy's too, and a privacy accountant's ledger (its own ``state_dict``)."""
+    wrapped strategy's too, and a privacy accountant's ledger (its own ``state_dict``).
+    A strategy with a ``state_dict`` of its own (FedBuff) gives that."""
     state: dict = {"class": type(strategy).__name__}
+    if hasattr(strategy, "state_dict"):
+        return {**state, **strategy.state_dict()}
     for name, value in vars(strategy).items():
         if isinstance(value, Strategy):
             state[name] = strategy_state(value)
@@ -128,6 +136,9 @@ def restore_strategy_state(strategy: Strategy, state: dict) -> None:
     if state.get("class") != type(strategy).__name__:
         raise FedgeError(f"the checkpoint was written by {state.get('class')}, but this run "
                          f"uses {type(strategy).__name__}")
+    if hasattr(strategy, "load_state_dict"):
+        strategy.load_state_dict({k: v for k, v in state.items() if k != "class"})
+        return
     for name, value in state.items():
         if name == "class":
             continue

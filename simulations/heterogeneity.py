@@ -137,38 +137,76 @@ class HeterogeneousGrid(GridWrapper):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = []
         for reply in self.grid.pull_messages(message_ids):
-            message, server_round, sent = self._sent.pop(reply.metadata.reply_to_message_id)
-            replies.append(self._as_device(reply, message, server_round, sent))
+            reply, arrives = self._as_device(reply)
+            self._now = max(self._now, arrives)
+            replies.append(reply)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
-    def _as_device(self, reply: Message, message: Message, server_round: int,
-                   sent: float) -> Message:
-        """The reply the server would get from this device: an error if it dropped out or
-        missed the deadline; the clock moves on to when the reply arrives."""
+    def _as_device(self, reply: Message) -> tuple[Message, float]:
+        """The reply the server would get from this device, and when it arrives: an error
+        if the device dropped out (at once: a drop does not lengthen a round) or missed
+        the deadline (at the deadline)."""
+        message, server_round, sent = self._sent.pop(reply.metadata.reply_to_message_id)
         client = self._nodes.index(message.metadata.dst_node_id)
         if self.fleet.drops(server_round, client):
             return Message(Error(NODE_UNAVAILABLE, f"simulated: client {client} dropped out "
-                                                   "mid-round"), reply_to=message)
+                                                   "mid-round"), reply_to=message), sent
         if reply.has_error():
-            return reply
+            return reply, sent
         metrics = reply.content["metrics"]
         seconds = self.fleet.training_seconds(client, float(metrics["epochs"]),
                                               float(metrics["num-examples"]))
-        self._now = max(self._now, sent + min(seconds, self.round_timeout))
         if seconds > self.round_timeout:
             return Message(Error(MISSED_DEADLINE, f"simulated: client {client} needed "
-                                                  f"{seconds:.1f} s, the round "
-                                                  f"{self.round_timeout:g} s"), reply_to=message)
-        return reply
+                                                  f"{seconds:.1f} s, the deadline is "
+                                                  f"{self.round_timeout:g} s"),
+                           reply_to=message), sent + self.round_timeout
+        return reply, sent + seconds
+
+
+class AsynchronousDevices(HeterogeneousGrid):
+    """:class:`HeterogeneousGrid` for a server without rounds (FedBuff): every push is a
+    dispatch, with its own draws of who is online and who drops out, and each reply
+    arrives at its own simulated time. A pull returns the earliest of the asked-for
+    replies still to come (all of those that arrive then), moving the clock to that time:
+    the server's wait for its next result takes no real time."""
+
+    def __init__(self, grid: Grid, fleet: DeviceFleet, round_timeout: float,
+                 first_round: int = 1) -> None:
+        super().__init__(grid, fleet, round_timeout, first_round)
+        self._arrivals: dict[str, tuple[float, int, Message]] = {}  # id → (time, order, reply)
+        self._pushed = 0
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = list(super().push_messages(messages))
+        for reply in self.grid.pull_messages([i for i in ids if i is not None]):
+            message_id = reply.metadata.reply_to_message_id
+            reply, arrives = self._as_device(reply)
+            self._arrivals[message_id] = (arrives, self._pushed, reply)
+            self._pushed += 1
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        asked = [self._arrivals[i] + (i,) for i in message_ids if i in self._arrivals]
+        if not asked:
+            return []
+        self._now = max(self._now, min(arrives for arrives, *_ in asked))
+        due = sorted(entry for entry in asked if entry[0] <= self._now)
+        for *_, message_id in due:
+            del self._arrivals[message_id]
+        return [reply for _, _, reply, _ in due]
 
 
 def check_heterogeneity(config: RunConfig) -> None:
-    """Device heterogeneity needs the in-process backend, where the simulated clock runs,
-    and one message per client per round (SecAgg+ exchanges several)."""
+    """Device heterogeneity, and FedBuff, need the in-process backend, where the simulated
+    clock runs, and one message per client per round (SecAgg+ exchanges several)."""
+    if config.strategy == "fedbuff" and config.backend == "ray":
+        raise FedgeError("--strategy fedbuff needs backend inprocess: its simulation runs "
+                         "on the simulated clock, which the Ray backend has not")
     if not DeviceFleet.from_config(config).heterogeneous:
         return
     if config.backend == "ray":
@@ -194,8 +232,13 @@ def describe_devices(config: RunConfig) -> str | None:
 def with_devices(grid: Grid, config: RunConfig,
                  first_round: int = 1) -> tuple[Grid, Callable[[], float] | None]:
     """``grid`` with the configured device heterogeneity, and its simulated clock; or
-    ``grid`` itself and no clock when every device is alike."""
+    ``grid`` itself and no clock when every device is alike and rounds are synchronous.
+    FedBuff always runs on the simulated clock: without rounds, the order in which
+    results arrive is the run."""
     fleet = DeviceFleet.from_config(config)
+    if config.strategy == "fedbuff":
+        devices = AsynchronousDevices(grid, fleet, config.round_timeout, first_round)
+        return devices, devices.clock
     if not fleet.heterogeneous:
         return grid, None
     devices = HeterogeneousGrid(grid, fleet, config.round_timeout, first_round)

@@ -20,6 +20,7 @@ from fedge.datafiles import LabelledSamples
 from fedge.errors import FedgeError
 from fedge.models.registry import check_sample_shape
 from fedge.server.checkpoint import load_checkpoint
+from fedge.server.fedbuff import BufferSettings
 from fedge.server.federation import (
     Federation,
     RunOutcome,
@@ -94,6 +95,10 @@ def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPla
     check_vectorize(config)
     check_ray_settings(config)
     PartitionSpec.parse(config.partition)
+    if (config.strategy == "fedbuff"
+            and (concurrency := BufferSettings.from_config(config).concurrency) > config.clients):
+        raise FedgeError(f"--concurrency {concurrency} is more than the {config.clients} "
+                         "clients: FedBuff gives a client one task at a time")
     if config.min_clients > config.clients:
         raise FedgeError(f"min_clients ({config.min_clients}) is larger than the number of "
                          f"clients ({config.clients}): no round could ever start")
