@@ -10,8 +10,10 @@ FedBuff has no round barrier:
   is decoded, and the update screen's checks 1–3 apply (:mod:`fedge.server.screening`).
   Its staleness τ_i = v − v_i counts the server steps since its copy; a result with
   τ_i > ``max_staleness`` is dropped and counted;
-- once K = ``buffer`` results are in, the screen's norm check compares them with each
-  other, and the server takes one step to model version v + 1:
+- once K = ``buffer`` results are in, the screen's norm check compares each with the
+  median norm of these K and of the last C updates accepted before them (a buffer of a
+  few could otherwise be mostly attackers, whose median protects nothing), and the
+  server takes one step to model version v + 1:
 
       w_{v+1} = w_v + η_g · (1/K') · Σ_i s(τ_i) · Δ_i,    Δ_i = w_i − w_{v_i},
       s(τ) = 1/√(1 + τ)
@@ -34,6 +36,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -213,6 +216,7 @@ class FedBuff:
         self._tasks: dict[str, _Task] = {}  # message id → task
         self._bases: dict[int, dict[str, np.ndarray]] = {}  # version → its exchanged arrays
         self._buffer: list[_Update] = []
+        self._accepted_norms: deque[float] = deque(maxlen=settings.concurrency)
         self._since_version, self._since_evaluation = _Counts(), _Counts()
         self._elapsed_before = 0.0  # elapsed seconds of the run before this start
         self._started = self._evaluated_at = 0.0
@@ -334,10 +338,12 @@ class FedBuff:
         updates, self._buffer = self._buffer, []
         norms = {i: math.sqrt(sum(float(np.sum(d * d)) for d in u.delta.values()))
                  for i, u in enumerate(updates)}
-        refused = norm_outliers(norms, self.max_norm_ratio)
+        refused = norm_outliers(norms, self.max_norm_ratio, self._accepted_norms,
+                                over="the recent updates'")
         for position, reason in refused.items():
             self._reject(updates[position].node, reason)
         kept = [u for i, u in enumerate(updates) if i not in refused]
+        self._accepted_norms.extend(norms[i] for i in range(len(updates)) if i not in refused)
         if not kept:
             return False
         self._arrays = buffered_step(self._arrays, [(u.delta, u.staleness) for u in kept],

@@ -90,10 +90,10 @@ class RunOutcome:
 def check_server_settings(config: RunConfig) -> None:
     """Strategy, privacy, secure-aggregation and compression settings the server cannot
     run with: one clear error, found before any file is written."""
+    check_fedbuff(config)  # first: it names what FedBuff cannot be combined with
     check_privacy(config)
     check_secagg(config)
     check_compression(config)
-    check_fedbuff(config)
     check_strategy(config)  # last: a strategy that cannot be used at all is said first
 
 

@@ -143,15 +143,17 @@ def _fitting(name: str, array: Array, sent: np.ndarray) -> np.ndarray:
     return value
 
 
-def norm_outliers(norms: dict[int, float], max_norm_ratio: float) -> dict[int, str]:
-    """Positions whose update norm exceeds ``max_norm_ratio`` × the median, with reasons."""
+def norm_outliers(norms: dict[int, float], max_norm_ratio: float,
+                  reference: Sequence[float] = (), over: str = "the round's") -> dict[int, str]:
+    """Positions whose update norm exceeds ``max_norm_ratio`` × the median of ``norms``
+    and the ``reference`` norms of earlier accepted updates, with reasons naming ``over``."""
     if max_norm_ratio == 0 or not norms:
         return {}
-    median = float(np.median(list(norms.values())))
+    median = float(np.median([*norms.values(), *reference]))
     if median == 0:
         return {}
     limit = max_norm_ratio * median
-    return {position: f"update norm {norm:.3g} is {norm / median:.1f}× the round's median "
+    return {position: f"update norm {norm:.3g} is {norm / median:.1f}× {over} median "
                       f"{median:.3g} (limit {max_norm_ratio:g}×)"
             for position, norm in norms.items() if norm > limit}
 

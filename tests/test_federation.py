@@ -84,7 +84,7 @@ def test_client_fraction_and_minimum_set_the_clients_per_round(tmp_path):
 
 
 def _without_timings(metrics: dict) -> list[dict]:
-    timings = {"seconds", "slowest_client_seconds"}
+    timings = {"seconds", "slowest_client_seconds", "elapsed_seconds"}
     return [{k: v for k, v in r.items() if k not in timings} for r in metrics["rounds"]]
 
 
