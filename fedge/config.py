@@ -49,7 +49,7 @@ class RunConfig(BaseModel):
                                                 "[1, 8, 8] for flat CSV rows of 8×8 images")
     num_classes: int | None = Field(None, ge=2, description="default: largest label + 1")
     clients: int = Field(10, ge=1, description="simulated clients")
-    rounds: int = Field(20, ge=1, description="maximum rounds")
+    rounds: int = Field(20, ge=1, description="maximum rounds (fedbuff: model versions)")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients per round")
     min_clients: int = Field(2, ge=1, description="minimum clients per round")
     strategy: str = Field("fedavg", description="fedavg | fedprox | fedadam | fedmedian | "

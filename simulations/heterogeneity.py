@@ -24,6 +24,10 @@ with ``t_k > round_timeout`` missed the round and counts as a timeout, and the r
 lengthen it). Nothing waits in real time: late results are turned into error replies at
 once, and the server's quarantine of failed and late clients (``quarantine`` seconds) runs
 on the simulated clock.
+
+Without rounds (FedBuff, :class:`AsynchronousDevices`) every dispatch of tasks takes the
+place of a round in these draws, and each result arrives at ``sent + t_k`` (a late one
+at ``sent + round_timeout``, as an error; a drop at once).
 """
 
 from collections.abc import Callable, Iterable

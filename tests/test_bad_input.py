@@ -235,6 +235,13 @@ def _interrupted_run(folder, default_run):
      "--authorized-key needs TLS (--certs)"),
     (lambda f, r: (f / "run.toml").write_text('model = "cnn"\nrounds = 0\n'), [],
      "rounds: Input should be greater than or equal to 1"),
+    (lambda f, r: None, ["--strategy", "fedbuff", "--concurrency", "2", "--buffer", "4"],
+     "--buffer 4 is larger than --concurrency 2"),
+    (lambda f, r: None, ["--strategy", "fedbuff", "--server-lr", "0"],
+     "server_lr: Input should be greater than 0"),
+    (lambda f, r: (f / "run.toml").write_text('model = "cnn"\nstrategy = "fedbuff"\n'
+                                               'secagg = true\n'), [],
+     "--strategy fedbuff cannot be combined with --secagg"),
 ])
 def test_a_server_with_bad_input_refuses_before_anything_starts_or_is_written(
         server_folder, default_run, make, options, message):
