@@ -368,6 +368,122 @@ def test_a_killed_server_leaves_nothing_running_and_resumes_with_its_clients(dep
         assert FINISHED in log and "Traceback" not in log
 
 
+FEDBUFF = {"strategy": '"fedbuff"', "concurrency": 3, "buffer": 2}
+
+
+def _versions(d: Deployment) -> list[dict]:
+    return d.metrics().get("versions", [])
+
+
+def _training(d: Deployment, name: str) -> bool:
+    """``name`` has received a task it has not answered yet (its SuperNode's log)."""
+    log = d.log(name)
+    return log.count("Receiving: train message") > log.count("Sending: train message")
+
+
+def test_a_loopback_fedbuff_deployment_completes_and_survives_a_killed_client(deployment):
+    # 12 versions of about 6 s each on 2 cores: the run outlasts the killed client's 30 s
+    # timeout by a few of them.
+    d = deployment(rounds=12, **FEDBUFF, **{"eval-every": 1, "min-clients": 2,
+                                            "round-timeout": 30, "local-epochs": 1})
+    server = d.server()
+    d.client("device0", "device0.npz")
+    d.client("device1", "device1.npz")
+    d.wait_for(lambda: len(_versions(d)) >= 1, 300, "a first version from two clients")
+    # A client that joins late is given a task as soon as it is idle: a slot is free.
+    versions_before_join = len(_versions(d))
+    d.client("device2", "device2.npz")
+    d.wait_for(lambda: "joined the federation" in d.log("device2"), 120, "device2 to join")
+    late = d.node_id("device2")
+    d.wait_for(lambda: _training(d, "device2"), 60, "a task for the late client")
+
+    # device0 dies while it trains: its task gets no answer.
+    d.wait_for(lambda: _training(d, "device0"), 120, "device0 to be training")
+    killed = d.node_id("device0")
+    d.kill("device0")
+    server_log_at_kill = len(d.log("server"))
+    versions_at_kill = len(_versions(d))
+    # metrics.json may lag the server by the version being evaluated, and a result
+    # device0 sent just before it died may still go into one of the next two versions.
+    settled = versions_at_kill + 3
+
+    assert server.wait(timeout=400) == 0, d.logs()
+    metrics = d.metrics()
+    versions, rounds = metrics["versions"], metrics["rounds"]
+    assert metrics["status"] == "finished"
+    assert metrics["asynchronous"]["strategy"] == "fedbuff"
+    assert metrics["asynchronous"]["clock"] == "wall"
+    assert [v["version"] for v in versions] == list(range(1, 13))
+    assert [r["round"] for r in rounds] == list(range(1, 13))  # eval-every 1
+    for v in versions:
+        assert v["updates"] == len(v["staleness"]) == len(v["nodes"]) == 2, v
+        assert all(tau >= 0 for tau in v["staleness"]), v
+    assert any(tau > 0 for v in versions for tau in v["staleness"])  # no round barrier
+    # The late client's updates count from the versions after it joined.
+    assert min(v["version"] for v in versions if late in v["nodes"]) > versions_before_join
+    survivors = {d.node_id("device1"), late}
+    assert {n for v in versions for n in v["nodes"]} == survivors | {killed}
+    after_kill = [v for v in versions if v["version"] > settled]
+    assert after_kill, f"the run ended before version {settled}: versions too fast?"
+    assert all(set(v["nodes"]) <= survivors for v in after_kill), after_kill
+    # The task device0 died with is counted, under its own node id.
+    assert sum(v["failures"] + v["timeouts"] for v in versions[versions_at_kill:]) >= 1
+    assert sum(r["failures"] + r["timeouts"] for r in rounds[versions_at_kill:]) >= 1
+    assert re.search(rf"client node {killed} (failed|did not answer)",
+                     d.log("server")[server_log_at_kill:]), d.log("server")
+    assert "client node 1 " not in d.log("server")
+    assert "run finished: run" in d.log("server")
+    for name in ("device1", "device2"):
+        assert d.processes[name].wait(timeout=60) == 0, d.logs()
+        assert FINISHED in d.log(name) and "Traceback" not in d.log(name)
+        assert_gone_within(d, name, CHILDREN_GONE)
+    assert_gone_within(d, "server", CHILDREN_GONE)
+    assert "Traceback" not in d.log("server")
+
+
+def test_a_killed_fedbuff_server_resumes_after_its_last_checkpointed_version(deployment):
+    d = deployment(rounds=6, **FEDBUFF, **{"eval-every": 2, "local-epochs": 1})
+    server = d.server()
+    for i in range(3):
+        d.client(f"device{i}", f"device{i}.npz")
+    d.wait_for(lambda: len(d.metrics()["rounds"]) >= 2, 300, "the second evaluated version")
+    os.kill(server.pid, signal.SIGKILL)  # the command alone: its guards end the rest
+    server.wait(timeout=30)
+    assert_gone_within(d, "server", CHILDREN_GONE)
+    before = d.metrics()
+    checkpointed = before["rounds"][-1]["round"]
+    assert checkpointed >= 4 and before["status"] == "running"
+    # metrics.json holds every version up to the checkpointed one, and none after it.
+    assert [v["version"] for v in before["versions"]] == list(range(1, checkpointed + 1))
+
+    restarted = d.server("restarted")
+    assert restarted.wait(timeout=500) == 0, d.logs()
+    metrics = d.metrics()
+    assert metrics["status"] == "finished"
+    assert [r["round"] for r in metrics["rounds"]] == [2, 4, 6]
+    assert metrics["rounds"][: len(before["rounds"])] == before["rounds"]
+    # Versions go on after the checkpointed one: none missing, none twice, the earlier
+    # ones unchanged.
+    versions = metrics["versions"]
+    assert [v["version"] for v in versions] == [1, 2, 3, 4, 5, 6]
+    assert versions[:checkpointed] == before["versions"]
+    elapsed = [v["elapsed_seconds"] for v in versions]
+    assert elapsed == sorted(elapsed)  # the resumed run's clock continues the first's
+    # The tasks in flight at the checkpoint were lost with the server, and are counted.
+    assert metrics["asynchronous"]["discarded_at_resume"] >= 1
+    assert "resuming after round" in d.log("restarted")
+    assert re.search(rf"resuming after version {checkpointed}: the [1-9]\d* results in "
+                     "flight at its checkpoint are discarded", d.log("restarted"))
+    # The clients noticed the server was gone, rejoined the new one, and left at the end.
+    for i in range(3):
+        assert d.processes[f"device{i}"].wait(timeout=60) == 0, d.logs()
+        log = d.log(f"device{i}")
+        assert "lost the server at" in log and log.count("joined the federation at") >= 2
+        assert FINISHED in log and "Traceback" not in log
+    assert_gone_within(d, "restarted", CHILDREN_GONE)
+    assert "Traceback" not in d.log("restarted")
+
+
 def test_a_device_whose_labels_do_not_fit_leaves_and_too_few_clients_stop_the_server(
         deployment):
     d = deployment(rounds=3, **{"min-clients": 2, "join-timeout": 20})
