@@ -213,6 +213,7 @@ class FedBuff:
         self.version = 0
         self.versions: list[VersionRecord] = []
         self.discarded_at_resume = 0  # results in flight when the run was interrupted
+        self._tasks_sent = 0
         self._tasks: dict[str, _Task] = {}  # message id → task
         self._bases: dict[int, dict[str, np.ndarray]] = {}  # version → its exchanged arrays
         self._buffer: list[_Update] = []
@@ -280,11 +281,20 @@ class FedBuff:
         free = self.settings.concurrency - len(busy)
         if len(nodes) < self.min_nodes or free <= 0 or not idle:
             return []
-        content = RecordDict({ARRAYS: arrays,
-                              "config": ConfigRecord({**config, "server-round": server_round})})
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node,
+        return [Message(content=RecordDict({ARRAYS: arrays, "config": ConfigRecord({
+                            **config, "server-round": server_round,
+                            "seed": self._task_seed()})}),
+                        message_type=MessageType.TRAIN, dst_node_id=node,
                         group_id=str(server_round))
                 for node in rng.sample(idle, min(free, len(idle)))]
+
+    def _task_seed(self) -> int:
+        """Clients seed their batches and dropout from the config's seed, round and node:
+        a seed of its own for every task keeps a client that gets the same version twice
+        from training the same way twice (and sending the same update)."""
+        self._tasks_sent += 1
+        state = np.random.SeedSequence([self.seed, self._tasks_sent]).generate_state(1)
+        return int(state[0])
 
     def _dispatch(self, grid: Grid, config: ConfigRecord, rng: random.Random) -> None:
         messages = self.configure_train(self.version, self._record, config, grid, rng)
@@ -422,13 +432,14 @@ class FedBuff:
         """What a checkpoint keeps: the version, every version's record, the results in
         flight now (lost if the run is interrupted)."""
         return {"version": self.version, "versions": [r.as_dict() for r in self.versions],
-                "in_flight": len(self._tasks),
+                "in_flight": len(self._tasks), "tasks_sent": self._tasks_sent,
                 "discarded_at_resume": self.discarded_at_resume}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after a checkpoint: the results in flight then are lost, and counted."""
         self.version = state["version"]
         self.versions = [VersionRecord(**r) for r in state["versions"]]
+        self._tasks_sent = state["tasks_sent"]
         self.discarded_at_resume = state["discarded_at_resume"] + state["in_flight"]
         log.info("resuming after version %d: the %d results in flight at its checkpoint "
                  "are discarded", self.version, state["in_flight"])

@@ -29,12 +29,15 @@ UPDATES = [np.array([1.0, 0.0], np.float32), np.array([0.0, 4.0], np.float32),
 SIZES = [3, 10, 5]
 
 
-def known_update_app() -> ClientApp:
+def known_update_app(configs: list[dict] | None = None) -> ClientApp:
+    """Client k adds UPDATES[k]; ``configs`` collects the train config of every task."""
     app = ClientApp()
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
         k = int(context.node_config["partition-id"])
+        if configs is not None:
+            configs.append({"client": k, **message.content["config"]})
         sent = message.content["arrays"]["w"].numpy()
         return Message(RecordDict({
             "arrays": ArrayRecord(array_dict={"w": Array(sent + UPDATES[k])}),
@@ -44,11 +47,11 @@ def known_update_app() -> ClientApp:
     return app
 
 
-def run_fedbuff(settings: BufferSettings, versions: int, clients: int = 2
-                ) -> tuple[dict[int, np.ndarray], FedBuff]:
+def run_fedbuff(settings: BufferSettings, versions: int, clients: int = 2,
+                configs: list[dict] | None = None) -> tuple[dict[int, np.ndarray], FedBuff]:
     """The global ``w`` after each version, evaluated every version."""
     grid = AsynchronousDevices(
-        InProcessGrid(known_update_app(), clients),
+        InProcessGrid(known_update_app(configs), clients),
         DeviceFleet(clients=clients, seed=0, samples_per_second=SAMPLES_PER_SECOND),
         round_timeout=100.0)
     seen: dict[int, np.ndarray] = {}
@@ -93,13 +96,19 @@ def test_a_slow_clients_stale_update_counts_less_than_a_fresh_one():
 
 
 def test_a_buffer_of_two_divides_the_weighted_sum_by_two():
-    seen, fedbuff = run_fedbuff(BufferSettings(concurrency=2, buffer=2), versions=2)
+    configs: list[dict] = []
+    seen, fedbuff = run_fedbuff(BufferSettings(concurrency=2, buffer=2), versions=2,
+                                configs=configs)
     a, b = UPDATES[0], UPDATES[1]
     # 0.03 and 0.06 s: client 0 twice on version 0; then client 0 (version 1, 0.09 s)
     # and client 1 (version 0, 0.1 s, one version late).
     np.testing.assert_allclose(seen[1], (a + a) / 2)
     np.testing.assert_allclose(seen[2], seen[1] + (a + b / math.sqrt(2)) / 2, rtol=1e-6)
     assert [r.staleness for r in fedbuff.versions] == [[0, 0], [0, 1]]
+    # Client 0 got version 0 twice, each time with a seed of its own: a real client
+    # draws other batches and dropout, instead of sending the same update again.
+    twice = [c for c in configs if c["client"] == 0 and c["server-round"] == 0]
+    assert len(twice) == 2 and twice[0]["seed"] != twice[1]["seed"]
 
 
 def test_an_update_staler_than_max_staleness_is_dropped_and_counted():
