@@ -2,6 +2,7 @@
 with three `fedge-device`s (C++, ExecuTorch, no Python) and one device that lies."""
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -148,3 +149,33 @@ def test_a_device_with_a_wrong_token_and_a_gateway_without_its_server_say_so(fle
     assert "Traceback" not in d.log("gateway")
     assert_gone_within(d, "gateway", CHILDREN_GONE)
 
+
+
+def test_fedbuff_uses_a_gateways_devices_as_one_client_among_others(fleet):
+    d = fleet
+    two_nodes = {**d.settings, "min-clients": 2}  # a fedge client and the gateway
+    (d.root / "run.toml").write_text("".join(f"{k} = {v}\n" for k, v in two_nodes.items()))
+    server = d.server("server", "--strategy", "fedbuff", "--concurrency", "2", "--buffer",
+                      "1", "--eval-every", "1")
+    client = d.client("device0", "device0.npz")
+    gateway = start_gateway(d, "--round-deadline", str(DEADLINE))
+    devices = {name: start_device(d, name) for name in DEVICES[:2]}
+    assert server.wait(timeout=400) == 0, d.logs()
+
+    metrics = d.metrics()
+    assert metrics["status"] == "finished" and metrics["asynchronous"]["clock"] == "wall"
+    versions = metrics["versions"]
+    assert [v["version"] for v in versions] == [1, 2, 3]
+    # Each version is one result: the Python client's, or the gateway's average of its
+    # two devices'.
+    assert {len(v["nodes"]) for v in versions} == {1}
+    assert len({v["nodes"][0] for v in versions}) == 2, versions
+    shares = [r["contributions"] for r in metrics["rounds"]]
+    assert any(s["executorch"]["devices"] == 2 for s in shares), shares
+    assert any(s["python"]["clients"] == 1 for s in shares), shares
+    assert re.search(r"round \d+: 2 of 2 devices", d.log("gateway")), d.log("gateway")
+    for process in (gateway, client, *devices.values()):
+        assert process.wait(timeout=60) == 0, d.logs()
+    for name in ("server", "gateway", "device0"):
+        assert_gone_within(d, name, CHILDREN_GONE)
+        assert "Traceback" not in d.log(name), d.log(name)
