@@ -1,0 +1,196 @@
+"""Asynchronous (FedBuff) vs synchronous (FedAvg) rounds on the simulated clock: digits,
+100 clients, 30 % of them 10× slower, 20 % offline per round; simulated time, server steps
+and client updates until the global model is within 2 points of centralized training.
+Goal: FedBuff on target in ≤ 1/3 of FedAvg's simulated time, at ≤ 1 point lower final
+accuracy; with no slow clients (offline ones stay), FedBuff no worse.
+
+Both strategies run with the same settings except what only one of them has: C clients
+train at once (FedAvg samples exactly C a round: ``fraction`` C/100 and ``min_clients``
+C; FedBuff keeps C busy, ``--concurrency C``), the same deadline (``round_timeout``,
+simulated seconds), quarantine, local training, seed and ``samples_per_second``. FedBuff
+takes a server step every K results (``--buffer``) with server learning rate η_g and
+evaluates after every step (``eval_every`` 1), FedAvg after every round.
+
+Each run gets the same budget of client updates (``--updates``: FedAvg ``updates / C``
+rounds, FedBuff ``updates / K`` versions) and runs all of it: global early stopping is out
+of reach for both (patience larger than the run), so neither stops before the target. The
+target is read from metrics.json afterwards: the first evaluated round (version) whose
+``val_accuracy`` on the server's validation split is ≥ centralized − 2 points; its
+``elapsed_seconds`` is the simulated time to target, and the updates to target are the
+results aggregated in the rounds (versions) up to it. Final accuracy is the **test
+accuracy of the run's best model** (lowest validation loss, fedge's own choice of model to
+export) at the end of the budget; the best validation accuracy is shown beside it.
+
+The reference is ``centralized`` of benchmarks/accuracy_vs_centralized.py: fedge's
+``train_locally`` on the union of the 100 clients' samples, to convergence, with fedge's
+default learning rate and batch size. The simulated clock makes every number independent
+of the machine and its load; one torch thread.
+
+    python benchmarks/async_vs_sync.py [--concurrency 10] [--buffer 5] [--server-lr 1.0]
+        [--updates 2000] [--round-timeout 600] [--local-epochs 5] [--samples-per-second 100]
+        [--scenarios slow,noslow] [--strategies fedavg,fedbuff] [--seed 0] [--keep DIR]
+"""
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_vs_centralized import centralized
+
+from fedge.config import RunConfig
+from fedge.simulations.runner import plan_simulation, simulate
+
+POINTS = 0.02
+# scenario → (description, slow_fraction); 20 % offline in both.
+SCENARIOS = {"slow": ("30 % slow (×10), 20 % offline", 0.3),
+             "noslow": ("no slow clients, 20 % offline", 0.0)}
+STRATEGIES = ("fedavg", "fedbuff")
+
+
+def base_config(args: argparse.Namespace, slow_fraction: float) -> RunConfig:
+    return RunConfig(dataset="digits", clients=100, fraction=args.concurrency / 100,
+                     min_clients=args.concurrency, local_epochs=args.local_epochs,
+                     slow_fraction=slow_fraction, slowdown=10.0, offline_fraction=0.2,
+                     round_timeout=args.round_timeout,
+                     samples_per_second=args.samples_per_second, device="cpu", workers=1,
+                     seed=args.seed)
+
+
+def run_config(base: RunConfig, strategy: str, args: argparse.Namespace) -> RunConfig:
+    if strategy == "fedavg":
+        steps = args.updates // args.concurrency
+        return base.model_copy(update={"strategy": "fedavg", "rounds": steps,
+                                       "patience": steps + 1})
+    steps = args.updates // args.buffer
+    return base.model_copy(update={"strategy": "fedbuff", "rounds": steps,
+                                   "patience": steps + 1, "concurrency": args.concurrency,
+                                   "buffer": args.buffer, "server_lr": args.server_lr,
+                                   "eval_every": 1})
+
+
+def measure(config: RunConfig, target: float, folder: Path) -> dict:
+    started = time.perf_counter()
+    outcome = simulate(plan_simulation(config), folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    if config.strategy == "fedbuff":  # results aggregated in each version
+        used = {v["version"]: v["updates"] for v in metrics["versions"]}
+    else:
+        used = {r["round"]: r["num_clients"] for r in rounds}
+    updates = 0
+    reached = None
+    for record in rounds:
+        updates = sum(n for step, n in used.items() if step <= record["round"])
+        if record["val_accuracy"] >= target:
+            reached = {"step": record["round"], "seconds": record["elapsed_seconds"],
+                       "updates": updates}
+            break
+    return {"reached": reached, "steps": len(rounds),
+            "updates": sum(used.values()),
+            "seconds": rounds[-1]["elapsed_seconds"],
+            "timeouts": sum(r["timeouts"] for r in rounds),
+            "best_val": max(r["val_accuracy"] for r in rounds),
+            "test": outcome.test_accuracy, "best_step": outcome.best_round,
+            "wall": time.perf_counter() - started}
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--buffer", type=int, default=5)
+    parser.add_argument("--server-lr", type=float, default=1.0)
+    parser.add_argument("--updates", type=int, default=2000,
+                        help="client updates per run (FedAvg updates/C rounds, FedBuff "
+                             "updates/K versions)")
+    parser.add_argument("--round-timeout", type=float, default=600.0,
+                        help="deadline in simulated seconds, the same for both")
+    parser.add_argument("--local-epochs", type=int, default=RunConfig().local_epochs)
+    parser.add_argument("--samples-per-second", type=float,
+                        default=RunConfig().samples_per_second)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", type=Path, help="keep the run folders in this folder")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for name in ("flwr", "fedge"):  # thousands of per-round lines; the table is the result
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    # The reference does not depend on the devices: the same samples, fedge's defaults.
+    central = centralized(base_config(args, 0.0).model_copy(
+        update={"lr": RunConfig().lr, "batch_size": RunConfig().batch_size}))
+    target = central["val"] - POINTS
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.keep or Path(scratch)
+        for scenario in args.scenarios.split(","):
+            base = base_config(args, SCENARIOS[scenario][1])
+            for strategy in args.strategies.split(","):
+                config = run_config(base, strategy, args)
+                row = measure(config, target, Path(folder) / f"{scenario}-{strategy}")
+                results.setdefault(scenario, {})[strategy] = row
+                print(f"{scenario} {strategy}: {json.dumps(row)}", file=sys.stderr,
+                      flush=True)
+
+    print(f"\ndigits, 100 clients (Dirichlet 0.5), C = {args.concurrency} training at once "
+          f"(FedAvg: {args.concurrency} sampled a round), FedBuff K = {args.buffer}, "
+          f"η_g = {args.server_lr:g}, s(τ) = 1/√(1+τ), no staleness limit; "
+          f"{args.local_epochs} local epochs (local early stopping on), deadline "
+          f"{args.round_timeout:g} s, {args.samples_per_second:g} samples/s, quarantine "
+          f"{RunConfig().quarantine:g} s, seed {args.seed}; {args.updates} client updates "
+          "per run, no global early stopping")
+    print(f"centralized: val accuracy {central['val']:.4f}, test {central['test']:.4f}; "
+          f"target val accuracy ≥ {target:.4f}")
+    print("| scenario | strategy | simulated s to target | server steps to target "
+          "| updates to target | FedBuff/FedAvg time | best val acc | test acc (best model) "
+          "| steps / simulated s of the whole run |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for scenario, rows in results.items():
+        fedavg = rows.get("fedavg", {}).get("reached")
+        for strategy, r in rows.items():
+            hit = r["reached"]
+            ratio = ""
+            if strategy == "fedbuff" and hit and fedavg:
+                ratio = f"{hit['seconds'] / fedavg['seconds']:.2f}×"
+            elif strategy == "fedbuff" and hit:
+                ratio = "FedAvg not on target"
+            cells = ([f"{hit['seconds']:.1f}", str(hit["step"]), str(hit["updates"])] if hit
+                     else [f"not within {r['seconds']:.1f}", f"not within {r['steps']}",
+                           f"not within {r['updates']}"])
+            print(f"| {SCENARIOS[scenario][0]} | {strategy} | {' | '.join(cells)} | {ratio} "
+                  f"| {r['best_val']:.4f} | {r['test']:.4f} | {r['steps']} / "
+                  f"{r['seconds']:.1f} |")
+    print()
+    for scenario, rows in results.items():
+        if set(rows) != set(STRATEGIES):
+            continue
+        avg, buff = rows["fedavg"], rows["fedbuff"]
+        gap = (buff["test"] - avg["test"]) * 100
+        time_ratio = (buff["reached"]["seconds"] / avg["reached"]["seconds"]
+                      if buff["reached"] and avg["reached"] else None)
+        bound = 1 / 3 if scenario == "slow" else 1.0
+        if time_ratio is not None:
+            said = f"{time_ratio:.2f}× FedAvg's simulated time"
+            ok = time_ratio <= bound
+        elif buff["reached"]:
+            said, ok = "on target, FedAvg not", True
+        else:
+            said, ok = "not on target", False
+        print(f"{SCENARIOS[scenario][0]}: FedBuff {said} (goal ≤ "
+              f"{'1/3' if scenario == 'slow' else '1×'}): {verdict(ok)}; final test "
+              f"accuracy {gap:+.1f} points vs FedAvg (goal ≥ −1): {verdict(gap >= -1)}")
+
+
+if __name__ == "__main__":
+    main()
