@@ -190,14 +190,17 @@ class RunConfig(BaseModel):
         return values
 
 
-SERVER_LR_DEFAULTS = {"fedbuff": 1.0}  # every other strategy that has one: FedAdam's 0.1
+def default_server_lr(strategy: str) -> float:
+    """η_g 1.0 for fedbuff (with fresh updates, the buffer's mean); FedAdam's 0.1, as in
+    Flower, for every other strategy."""
+    return 1.0 if strategy == "fedbuff" else 0.1
 
 
 def server_learning_rate(config: RunConfig) -> float:
     """``server_lr``, or the strategy's default when it is not set."""
     if config.server_lr is not None:
         return config.server_lr
-    return SERVER_LR_DEFAULTS.get(config.strategy, 0.1)
+    return default_server_lr(config.strategy)
 
 
 def load_config(path: Path | None = None, **overrides: object) -> RunConfig:

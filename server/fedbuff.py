@@ -227,7 +227,8 @@ class FedBuff:
               evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
               ) -> Result:
-        """Run ``num_rounds`` more server steps (model versions) on ``grid``."""
+        """Run ``num_rounds`` more server steps (model versions) on ``grid``; the server
+        evaluates in ``evaluate_fn``, so ``evaluate_config`` is not used."""
         train_config = ConfigRecord() if train_config is None else train_config
         self._begin(initial_arrays)
         result = Result()
@@ -235,9 +236,8 @@ class FedBuff:
             result.evaluate_metrics_serverapp[self.version] = evaluate_fn(
                 self.version, initial_arrays)
         last = self.version + num_rounds
-        rng = random.Random(f"{self.seed}:{self.version}")
         while self.version < last:
-            self._dispatch(grid, train_config, rng)
+            self._dispatch(grid, train_config)
             replies = list(grid.pull_messages(list(self._tasks)))
             if not replies:
                 self._expire(grid, timeout)
@@ -263,6 +263,7 @@ class FedBuff:
         self._bases = {self.version: self._exchanged_arrays()}
         self._started = self._evaluated_at = self.clock()
         self._elapsed_before = self.versions[-1].elapsed_seconds if self.versions else 0.0
+        self._rng = random.Random(f"{self.seed}:{self.version}")  # who gets a task
 
     def _exchanged_arrays(self) -> dict[str, np.ndarray]:
         return {name: self._arrays[name] for name in self._exchanged}
@@ -271,7 +272,7 @@ class FedBuff:
         return self._elapsed_before + self.clock() - self._started
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid, rng: random.Random) -> list[Message]:
+                        grid: Grid) -> list[Message]:
         """Train messages of model version ``server_round`` for the idle clients that fill
         the free slots, chosen at random (none while fewer than ``min_nodes`` are
         connected)."""
@@ -286,7 +287,7 @@ class FedBuff:
                             "seed": self._task_seed()})}),
                         message_type=MessageType.TRAIN, dst_node_id=node,
                         group_id=str(server_round))
-                for node in rng.sample(idle, min(free, len(idle)))]
+                for node in self._rng.sample(idle, min(free, len(idle)))]
 
     def _task_seed(self) -> int:
         """Clients seed their batches and dropout from the config's seed, round and node:
@@ -296,8 +297,8 @@ class FedBuff:
         state = np.random.SeedSequence([self.seed, self._tasks_sent]).generate_state(1)
         return int(state[0])
 
-    def _dispatch(self, grid: Grid, config: ConfigRecord, rng: random.Random) -> None:
-        messages = self.configure_train(self.version, self._record, config, grid, rng)
+    def _dispatch(self, grid: Grid, config: ConfigRecord) -> None:
+        messages = self.configure_train(self.version, self._record, config, grid)
         if not messages:
             return
         sent = self.clock()

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedge.config import RunConfig
+from fedge.config import RunConfig, default_server_lr
 from fedge.errors import FedgeError
 from fedge.files import write_json
 from fedge.models.edge import write_edge_folder
@@ -356,7 +356,11 @@ def _check_resumable(config: RunConfig, checkpoint: Checkpoint) -> None:
     # Settings added after the checkpoint was written count as their defaults.
     saved = {k: field.default for k, field in RunConfig.model_fields.items()}
     saved.update(checkpoint.config)
-    changed = sorted(k for k, v in config.model_dump().items()
+    current = config.model_dump()
+    for values in (saved, current):  # older checkpoints hold FedAdam's 0.1 as a number
+        if values.get("server_lr") is None:
+            values["server_lr"] = default_server_lr(values["strategy"])
+    changed = sorted(k for k, v in current.items()
                      if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if changed:
         raise FedgeError("cannot resume: the run folder's checkpoint was made with other "

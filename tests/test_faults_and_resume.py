@@ -139,3 +139,30 @@ def test_resume_refuses_changed_settings_and_finished_runs(tmp_path):
     (tmp_path / "metrics.json").write_text('{"status": "running"}')
     result = CliRunner().invoke(app, [*args, "--lr", "0.5", "--resume"])
     assert result.exit_code == 2 and "made with other settings (lr=0.003)" in result.stderr
+
+
+def test_a_checkpoint_that_holds_fedadams_default_server_lr_resumes(tmp_path):
+    # fedge wrote server_lr 0.1 into every config before server_lr had a default per
+    # strategy (fedbuff's η_g is 1.0); such a run still resumes.
+    import torch
+    from typer.testing import CliRunner
+
+    from fedge.cli import app
+
+    args = ["simulate", "--out", str(tmp_path), "--clients", "3", "--local-epochs", "1",
+            "--strategy", "fedadam"]
+    assert CliRunner().invoke(app, [*args, "--rounds", "1"]).exit_code == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    (tmp_path / "metrics.json").write_text(json.dumps({**metrics, "status": "running"}))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["config"]["server_lr"] is None
+    checkpoint["config"]["server_lr"] = 0.1
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+
+    result = CliRunner().invoke(app, [*args, "--rounds", "2", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert [r["round"] for r in json.loads((tmp_path / "metrics.json").read_text())[
+        "rounds"]] == [1, 2]
+    (tmp_path / "metrics.json").write_text(json.dumps({**metrics, "status": "running"}))
+    changed = CliRunner().invoke(app, [*args, "--server-lr", "0.5", "--resume"])
+    assert changed.exit_code == 2 and "server_lr=0.1" in changed.stderr
