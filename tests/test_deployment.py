@@ -342,15 +342,21 @@ def test_a_client_killed_mid_run_is_counted_under_its_own_node_id(deployment):
     assert "client node 1 " not in d.log("server")
 
 
-def test_a_killed_server_leaves_nothing_running_and_resumes_with_its_clients(deployment):
-    d = deployment(rounds=4)
+def kill_the_server_after_two_records(d: Deployment) -> None:
+    """Start the server and three clients, and SIGKILL the server command alone (its
+    guards end the rest) once metrics.json holds two rounds (or evaluated versions)."""
     server = d.server()
     for i in range(3):
         d.client(f"device{i}", f"device{i}.npz")
-    d.wait_for(lambda: len(d.metrics()["rounds"]) >= 2, 300, "round 2")
-    os.kill(server.pid, signal.SIGKILL)  # the command alone: its guards end the rest
+    d.wait_for(lambda: len(d.metrics()["rounds"]) >= 2, 300, "two recorded rounds")
+    os.kill(server.pid, signal.SIGKILL)
     server.wait(timeout=30)
     assert_gone_within(d, "server", CHILDREN_GONE)
+
+
+def test_a_killed_server_leaves_nothing_running_and_resumes_with_its_clients(deployment):
+    d = deployment(rounds=4)
+    kill_the_server_after_two_records(d)
     before = d.metrics()["rounds"]
 
     restarted = d.server("restarted")
@@ -443,13 +449,7 @@ def test_a_loopback_fedbuff_deployment_completes_and_survives_a_killed_client(de
 
 def test_a_killed_fedbuff_server_resumes_after_its_last_checkpointed_version(deployment):
     d = deployment(rounds=6, **FEDBUFF, **{"eval-every": 2, "local-epochs": 1})
-    server = d.server()
-    for i in range(3):
-        d.client(f"device{i}", f"device{i}.npz")
-    d.wait_for(lambda: len(d.metrics()["rounds"]) >= 2, 300, "the second evaluated version")
-    os.kill(server.pid, signal.SIGKILL)  # the command alone: its guards end the rest
-    server.wait(timeout=30)
-    assert_gone_within(d, "server", CHILDREN_GONE)
+    kill_the_server_after_two_records(d)
     before = d.metrics()
     checkpointed = before["rounds"][-1]["round"]
     assert checkpointed >= 4 and before["status"] == "running"
