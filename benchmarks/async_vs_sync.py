@@ -31,7 +31,7 @@ default learning rate and batch size. The simulated clock makes every number ind
 of the machine and its load; one torch thread.
 
     python benchmarks/async_vs_sync.py [--concurrency 10] [--buffer 5] [--server-lr 1.0]
-        [--updates 2000] [--round-timeout 600] [--local-epochs 5] [--samples-per-second 100]
+        [--updates 4000] [--round-timeout 600] [--local-epochs 5] [--samples-per-second 100]
         [--scenarios slow,noslow] [--strategies fedavg,fedbuff] [--seeds 0,1,2] [--keep DIR]
 """
 
@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--buffer", type=int, default=5)
     parser.add_argument("--server-lr", type=float, default=1.0)
-    parser.add_argument("--updates", type=int, default=2000,
+    parser.add_argument("--updates", type=int, default=4000,
                         help="client updates per run (FedAvg updates/C rounds, FedBuff "
                              "updates/K versions)")
     parser.add_argument("--round-timeout", type=float, default=600.0,
