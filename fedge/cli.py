@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedge.config import RunConfig, load_config
+from fedge.config import RunConfig, load_config, step_name
 from fedge.errors import FedgeError
 from fedge.logs import LogFormat, show_fedge_logs
 
@@ -214,7 +214,7 @@ def simulate(
     def show_plan(plan: Any) -> None:
         status.stop()
         total[0] = plan.config.rounds
-        unit[0] = "version" if plan.config.strategy == "fedbuff" else "round"
+        unit[0] = step_name(plan.config)
         _print_plan(plan)
 
     def show_start(initial: dict) -> None:
@@ -255,8 +255,8 @@ def _print_plan(plan: Any) -> None:
     console.print(
         f"[bold]fedge simulate[/]: {escape(plan.source)}, model {escape(settings.model)}, "
         f"{settings.clients} clients ({escape(plan.partition)}, {min(sizes)}–{max(sizes)} "
-        f"samples each), {settings.strategy}, ≤{settings.rounds} "
-        f"{'versions' if settings.strategy == 'fedbuff' else 'rounds'}, backend "
+        f"samples each), {settings.strategy}, ≤{settings.rounds} {step_name(settings)}s, "
+        f"backend "
         f"{settings.backend}", highlight=False)
     if settings.init:
         frozen = f", {len(plan.start.frozen)} entries frozen" if plan.start.frozen else ""

@@ -190,6 +190,11 @@ class RunConfig(BaseModel):
         return values
 
 
+def step_name(config: RunConfig) -> str:
+    """What one server step is called: a round, or a model version (fedbuff, no rounds)."""
+    return "version" if config.strategy == "fedbuff" else "round"
+
+
 def default_server_lr(strategy: str) -> float:
     """η_g 1.0 for fedbuff (with fresh updates, the buffer's mean); FedAdam's 0.1, as in
     Flower, for every other strategy."""

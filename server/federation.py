@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedge.config import RunConfig, default_server_lr
+from fedge.config import RunConfig, default_server_lr, step_name
 from fedge.errors import FedgeError
 from fedge.files import write_json
 from fedge.models.edge import write_edge_folder
@@ -143,22 +143,21 @@ class Federation:
                          min_replies=config.min_results, join_timeout=config.join_timeout,
                          poll_interval=config.poll_interval, clock=clock,
                          quarantine=config.quarantine)
-        asynchronous = config.strategy == "fedbuff"
+        buffered = BufferSettings.from_config(config) if config.strategy == "fedbuff" else None
         self._tracker = RoundTracker(
             self.spec, self.data.val_x, self.data.val_y,
             # FedBuff's patience counts evaluations, one every eval_every versions.
-            config.patience * (BufferSettings.from_config(config).eval_every
-                               if asynchronous else 1),
+            config.patience * (buffered.eval_every if buffered else 1),
             config.min_delta, on_round=self._save_round,
             round_stats=self._round_stats(grid), epsilon=lambda: epsilon_spent(self._strategy),
             on_initial=self._started)
-        self._strategy = (self._buffered(clock) if asynchronous else
+        self._strategy = (self._buffered(buffered, clock) if buffered else
                           build_strategy(config, self._tracker.aggregate_train_metrics))
         started = time.perf_counter()
         if self.start.edge is not None:
             write_edge_folder(self.start.edge, self.run_dir / EDGE_FOLDER)
         strategy, arrays = self._starting_point()
-        if not asynchronous:
+        if not buffered:
             strategy = self._screened(strategy, arrays)
         remaining = config.rounds - self._tracker.completed_rounds
         if remaining > 0 and not self._tracker.plateaued():
@@ -180,9 +179,10 @@ class Federation:
             return lambda: self._strategy.interval_stats()
         return lambda: grid.stats[-1] if grid.stats else RoundStats()
 
-    def _buffered(self, clock: Callable[[], float] | None) -> FedBuff:
+    def _buffered(self, settings: BufferSettings,
+                  clock: Callable[[], float] | None) -> FedBuff:
         config, tracker = self.config, self._tracker
-        return FedBuff(BufferSettings.from_config(config),
+        return FedBuff(settings,
                        train_metrics_aggr_fn=tracker.aggregate_train_metrics,
                        max_norm_ratio=config.max_norm_ratio, frozen=self.start.frozen,
                        on_screened=tracker.count_rejected, on_bytes=tracker.count_bytes,
@@ -278,7 +278,7 @@ class Federation:
         checkpoint.save(self.run_dir / "checkpoint.pt")
         write_json(self.run_dir / "metrics.json", self._metrics(status="running"))
         log.info("%s %d: val_loss %.4f val_accuracy %.4f (%d clients, %d failed, "
-                 "%d timed out, %.2fs)", self._unit, record.round, record.val_loss,
+                 "%d timed out, %.2fs)", step_name(self.config), record.round, record.val_loss,
                  record.val_accuracy, record.num_clients, record.failures, record.timeouts,
                  record.seconds)
         if self.on_round:
@@ -301,10 +301,6 @@ class Federation:
             **extra,
         }
 
-    @property
-    def _unit(self) -> str:
-        """What a record counts: rounds, or FedBuff's model versions."""
-        return "version" if self.config.strategy == "fedbuff" else "round"
 
     def _asynchronous_report(self) -> dict:
         if not isinstance(self._strategy, FedBuff):
@@ -321,7 +317,7 @@ class Federation:
         report["best_round"] = tracker.best_round
         write_json(self.run_dir / "onnx_report.json", report)
         plot_curves(self.run_dir / "curves.png", [r.as_dict() for r in tracker.history],
-                    tracker.best_round, self._unit)
+                    tracker.best_round, step_name(self.config))
         write_json(self.run_dir / "metrics.json", self._metrics(
             status="finished",
             test={"loss": test_loss, "accuracy": test_accuracy, "samples": len(data.test_y),
