@@ -32,7 +32,7 @@ from fedge.processes import Children, check_port_free
 from fedge.server.certs import check_authorized_key, check_server_certificates
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, ServerData, check_server_settings
-from fedge.server.run_folder import run_finished, server_checkpoint
+from fedge.server.run_folder import run_failure, run_finished, server_checkpoint
 from fedge.server.superlink import CONNECTION, start_superlink, stream_run, write_app
 
 log = logging.getLogger("fedge.server")
@@ -232,6 +232,8 @@ def _check_outcome(run_dir: Path, status: int, superlink_log: Path) -> None:
 
 def resume_advice(run_dir: Path) -> str:
     """What starting the server again on ``run_dir`` will do."""
+    if run_failure(run_dir):
+        return "the run cannot go on: start a new one with another --out"
     if not (run_dir / "checkpoint.pt").exists():
         return "no round had completed, so starting the server again starts the run anew"
     rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds") or [{}]

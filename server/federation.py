@@ -164,12 +164,30 @@ class Federation:
             self._rounds(strategy, grid, arrays, remaining)
         self._tracker.stopped_early = self._tracker.plateaued()
         if self._best_state is None:
-            raise FedgeError("no round completed: no client returned an update"
-                             if not self._tracker.history else
-                             "no round produced a global model with a finite validation "
-                             "loss (every update diverged?); nothing to export")
+            self._fail(self._nothing_to_export(grid.last_failure))
         self.outcome = self._finish(time.perf_counter() - started)
         return self.outcome
+
+    def _nothing_to_export(self, last_failure: str | None) -> str:
+        """Why no round gave a model worth exporting, in one line."""
+        history = self._tracker.history
+        if not history:
+            return "no round completed: no client returned an update"
+        if self._tracker.aggregated_rounds == 0:
+            failures = sum(r.failures for r in history)
+            timeouts = sum(r.timeouts for r in history)
+            rejected = sum(r.rejected for r in history)
+            cause = f"; the last: {last_failure}" if last_failure else ""
+            return (f"no client could train: none of the {len(history)} rounds aggregated an "
+                    f"update ({failures} failed, {timeouts} timed out, {rejected} rejected"
+                    f"{cause}); nothing to export")
+        return ("no round produced a global model with a finite validation loss (every "
+                "update diverged?); nothing to export")
+
+    def _fail(self, reason: str) -> None:
+        """End the run with ``reason``: metrics.json says so, its rounds are kept."""
+        write_json(self.run_dir / "metrics.json", self._metrics(status="failed", error=reason))
+        raise FedgeError(reason)
 
     def _round_stats(self, grid: RoundGrid) -> Callable[[], RoundStats]:
         """What the tracker records of each round's (or FedBuff interval's) messages."""

@@ -94,6 +94,7 @@ class RoundGrid(GridWrapper):
         self.join_timeout, self.quarantine = join_timeout, quarantine
         self.poll_interval = poll_interval
         self.stats: list[RoundStats] = []  # one per send_and_receive with messages
+        self.last_failure: str | None = None  # the latest client failure, as logged
         self._suspended_until: dict[int, float] = {}
         self._short_since: float | None = None
         self._last_wait_log = 0.0
@@ -175,7 +176,8 @@ class RoundGrid(GridWrapper):
             # The node the message went to: the SuperLink answers for an unavailable node
             # itself, from its own node id.
             node = destination[reply.metadata.reply_to_message_id]
-            log.warning("client node %d failed: %s", node, reply.error.reason)
+            self.last_failure = f"client node {node} failed: {reply.error.reason}"
+            log.warning("%s", self.last_failure)
             self.suspend(node)
         stats.replies = len(replies) - len(failed)
         stats.failures += len(failed)

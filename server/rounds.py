@@ -114,8 +114,17 @@ class RoundTracker:
         self.history = [RoundRecord(**r) for r in history]
         self.initial = initial
         for record in self.history:
-            if record.val_loss < self.best_val_loss - self.min_delta:
+            if self._improves(record):
                 self.best_round, self.best_val_loss = record.round, record.val_loss
+
+    @property
+    def aggregated_rounds(self) -> int:
+        """Rounds whose global model took in at least one client update."""
+        return sum(record.num_clients > 0 for record in self.history)
+
+    def _improves(self, record: RoundRecord) -> bool:
+        # A round that aggregated nothing repeats the previous model: never the best.
+        return record.num_clients > 0 and record.val_loss < self.best_val_loss - self.min_delta
 
     def plateaued(self) -> bool:
         return self.completed_rounds - (self.best_round or 0) >= self.patience
@@ -153,7 +162,7 @@ class RoundTracker:
 
         record = self._record(server_round, val_loss, val_accuracy)
         self.history.append(record)
-        improved = val_loss < self.best_val_loss - self.min_delta
+        improved = self._improves(record)
         if improved:
             self.best_round, self.best_val_loss = server_round, val_loss
         self.on_round(record, arrays, improved)

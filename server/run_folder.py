@@ -41,6 +41,9 @@ def resumable_checkpoint(path: Path) -> Path:
         raise FedgeError(f"cannot resume: {path} holds no checkpoint.pt")
     if run_finished(path):
         raise FedgeError(f"cannot resume: the run in {path} has already finished")
+    if failure := run_failure(path):
+        raise FedgeError(f"cannot resume: the run in {path} failed ({failure}); start a new "
+                         "run in another folder")
     return checkpoint
 
 
@@ -71,11 +74,22 @@ def server_checkpoint(path: Path) -> Path | None:
 
 def run_finished(path: Path) -> bool:
     """Whether the run in folder ``path`` completed (its metrics.json says so)."""
-    metrics = path / "metrics.json"
+    return _metrics(path).get("status") == "finished"
+
+
+def run_failure(path: Path) -> str | None:
+    """Why the run in folder ``path`` failed for good, if its metrics.json says it did
+    (a failed run cannot go on: resuming it would repeat the failure)."""
+    metrics = _metrics(path)
+    return str(metrics.get("error")) if metrics.get("status") == "failed" else None
+
+
+def _metrics(path: Path) -> dict:
     try:
-        return json.loads(metrics.read_text()).get("status") == "finished"
+        metrics = json.loads((path / "metrics.json").read_text())
     except (OSError, ValueError):
-        return False
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def save_torch(path: Path, payload: dict) -> None:

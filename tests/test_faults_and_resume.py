@@ -7,14 +7,18 @@ import subprocess
 import sys
 
 import pytest
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedge.client.app import build_client_app
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.server.federation import Federation
-from fedge.server.grid import NotEnoughClients
+from fedge.server.grid import NotEnoughClients, RoundStats
+from fedge.server.rounds import RoundTracker
 from fedge.simulations.inprocess import InProcessGrid
 from fedge.simulations.runner import plan_simulation
+
+from conftest import write_user_model
 
 SMALL = RunConfig(clients=4, rounds=3, local_epochs=1, partition="iid", patience=10,
                   round_timeout=2.0)
@@ -76,11 +80,70 @@ def test_a_silent_client_times_out_is_counted_and_is_not_sampled_again_soon(tmp_
 
 def test_a_round_with_too_few_results_keeps_the_global_model(tmp_path):
     run, clients = federation(tmp_path, SMALL.model_copy(update={"min_results": 4}))
-    run.run(InProcessGrid(build_client_app(failing_for(2, clients.local_data)), 4))
-    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
-    assert [r["num_clients"] for r in rounds] == [0, 0, 0]
-    initial = json.loads((tmp_path / "metrics.json").read_text())["initial"]
-    assert {r["val_loss"] for r in rounds} == {initial["val_loss"]}
+    with pytest.raises(FedgeError, match="none of the 3 rounds aggregated an update"):
+        run.run(InProcessGrid(build_client_app(failing_for(2, clients.local_data)), 4))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["num_clients"] for r in metrics["rounds"]] == [0, 0, 0]
+    assert {r["val_loss"] for r in metrics["rounds"]} == {metrics["initial"]["val_loss"]}
+
+
+# Trains to NaN on every client (its train-mode forward), evaluates fine on the server.
+UNTRAINABLE_MODEL = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(x.flatten(1) / 16.0)
+        return logits * float("nan") if self.training else logits
+'''
+
+
+def test_a_run_in_which_no_client_can_train_ends_with_an_error_and_no_model(tmp_path):
+    model = write_user_model(tmp_path, UNTRAINABLE_MODEL)
+    run_dir = tmp_path / "run"
+    args = ["simulate", "--model", f"{model}:Net", "--clients", "3", "--rounds", "6",
+            "--local-epochs", "1", "--workers", "1", "--out", str(run_dir)]
+    result = subprocess.run([sys.executable, "-m", "fedge", *args], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no client could train" in errors[0]
+    assert "the training loss became nan" in errors[0]  # the clients' own reason
+    assert "Traceback" not in result.stderr and "★ best" not in result.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # the default patience (3) ends it: rounds that aggregate nothing never improve
+    assert [r["num_clients"] for r in metrics["rounds"]] == [0, 0, 0]
+    assert metrics["status"] == "failed" and metrics["best_round"] is None
+    assert metrics["error"] in errors[0]
+    assert not (run_dir / "model.onnx").exists() and not (run_dir / "best.pt").exists()
+
+    again = subprocess.run([sys.executable, "-m", "fedge", *args, "--resume"],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "cannot resume: the run in" in again.stderr
+    assert "failed (no client could train" in again.stderr
+
+
+def test_a_round_that_aggregated_nothing_is_never_the_best_round(tmp_path):
+    plan = plan_simulation(SMALL)
+    data = plan.server_data
+    run = Federation(plan.config, data, tmp_path)
+    tracker = RoundTracker(run.spec, data.val_x, data.val_y, patience=5, min_delta=0.0,
+                           on_round=lambda *args: None, round_stats=RoundStats)
+    model = ArrayRecord(run.start.state)
+    tracker.evaluate(0, model)
+    tracker.evaluate(1, model)  # no reply reached aggregation: the same model again
+    assert tracker.history[-1].num_clients == 0 and tracker.best_round is None
+    reply = RecordDict({"arrays": model, "metrics": MetricRecord({"num-examples": 10})})
+    tracker.aggregate_train_metrics([reply], "num-examples")
+    tracker.evaluate(2, model)
+    assert tracker.best_round == 2
+    assert tracker.aggregated_rounds == 1
 
 
 def test_too_few_connected_clients_end_the_run_after_the_join_timeout(tmp_path):
