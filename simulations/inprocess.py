@@ -4,10 +4,12 @@ Flower's strategies drive it through ``Strategy.start(grid=...)`` exactly as the
 the Ray simulation engine or the Deployment Engine, without Ray's ~10 s start-up.
 """
 
+import contextlib
 import copy
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
@@ -96,7 +98,8 @@ class InProcessGrid(SimulatedNodes):
         try:
             # Each node gets its own copy, as over a network: SecAgg+ sends one RecordDict
             # to every node, and Flower's client mod edits it.
-            return self.client_app(copy.deepcopy(message), context)
+            with one_torch_thread():
+                return self.client_app(copy.deepcopy(message), context)
         except Exception as error:  # a failing client must not end the round
             return Message(Error(CLIENT_APP_ERROR, f"{type(error).__name__}: {error}"),
                            reply_to=message)
@@ -115,6 +118,18 @@ class InProcessGrid(SimulatedNodes):
         if node_id not in self._contexts:
             self._contexts[node_id] = node_context(node_id, self.num_nodes, self._run_id)
         return self._contexts[node_id]
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Train on one torch thread, as every worker does: a sum split over threads rounds
+    differently, and the same seed must give the same numbers whatever ``--workers``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def node_context(node_id: int, num_nodes: int, run_id: int = 1) -> Context:

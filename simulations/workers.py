@@ -11,8 +11,8 @@ stages). Messages travel as Flower's own protobuf serialization, as over a netwo
 
 One thread per worker makes training bit-identical to a single thread, whichever worker
 trains a client; the server sorts the replies into the order of its messages, so the
-same seed gives the same run with 2 or 4 workers, and with InProcessGrid on one torch
-thread (on torch's default threads, clients' losses can differ in their last digits).
+same seed gives the same run with 2 or 4 workers, and with InProcessGrid, whose clients
+train on one thread too.
 
 As with InProcessGrid, every reply is in when ``push_messages`` returns. A worker that
 dies (or answers nothing for ``timeout`` seconds) becomes an error reply for each of its
