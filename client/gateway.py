@@ -66,7 +66,10 @@ def build_gateway_trainer(run_round: RunRound) -> Trainer:
         config = content["config"]
         manifest, programs = device_task(config)
         server_round = int(config["server-round"])
-        arrays = {name: array.numpy() for name, array in content["arrays"].items()}
+        # Integer buffers (BatchNorm's num_batches_tracked) are counters, not weights: the
+        # devices' programs do not take them, and no client sends them back.
+        arrays = {name: array.numpy() for name, array in content["arrays"].items()
+                  if np.dtype(array.dtype).kind == "f"}
         seed = node_seed(int(config["seed"]), server_round, context)
         try:
             result = run_round(server_round, manifest, programs, arrays,

@@ -39,7 +39,7 @@ import numpy as np
 
 from fedge.errors import FedgeError
 from fedge.files import check_output_folder, refuse_overwrite, write_all_or_none
-from fedge.models.blob import pack, unpack
+from fedge.models.blob import pack, read_json, unpack
 
 log = logging.getLogger("fedge.gateway")
 
@@ -59,8 +59,20 @@ JSON_TYPE, BLOB_TYPE = "application/json", "application/octet-stream"
 
 
 def _finite_number(value: object) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
+    """A number a float holds, finite (an int too large for a float is not one)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _size(text: str) -> int | None:
+    """A Content-Length's number of bytes, or None when it is not one: ASCII digits only
+    (int() would take "²" and "+5", or fail on thousands of digits)."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else None
 
 
 def _one_line(value: object, limit: int) -> str:
@@ -541,7 +553,7 @@ def _screen(body: bytes, current: _Round) -> _Accepted:
     try:
         header, arrays = unpack(body, "the result")
     except FedgeError as error:
-        raise _Refusal(400, f"malformed result: {error}") from None
+        raise _Refusal(400, f"malformed result: {_one_line(str(error), 300)}") from None
     program = header.get("program")
     if program != current.train_sha:
         raise _Refusal(400, f"program hash mismatch: the result is for program "
@@ -686,7 +698,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Refusal(401, "missing or unknown token: send 'Authorization: Bearer "
                                     "<token>' with this device's token")
             fleet._seen(name)
-            status, payload = self._route(fleet, name, method, urlsplit(self.path))
+            status, payload = self._route(fleet, name, method, self._url())
         except _Refusal as refusal:
             close = refusal.close or (method == "POST" and not self._drained())
             self._send(refusal.status, {"error": refusal.reason}, close=close)
@@ -712,24 +724,25 @@ class _Handler(BaseHTTPRequestHandler):
                 self._need(method, "GET")
                 return 200, fleet._weights(name, task)
             self._need(method, "POST")
-            if what == "failure":
-                fleet._open_for_answer(name, task)
-                body = self._read_json()
-                error = body.get("error") if isinstance(body, dict) else None
-                if not isinstance(error, str):
-                    raise _Refusal(400, 'a failure needs "error": why this device cannot '
-                                        "train")
-                fleet._answer(name, task, f"failed: {_one_line(error, 300)}")
-                return 200, {"recorded": True}
             fleet._open_for_answer(name, task)
             try:
-                body = self._read_body(MAX_RESULT_BYTES)
-            except _Refusal as refusal:
+                body = self._failure() if what == "failure" else self._read_body(
+                    MAX_RESULT_BYTES)
+            except _Refusal as refusal:  # an answer all the same: the round need not wait
                 fleet._answer(name, task, f"rejected: {refusal.reason}")
                 raise
+            if isinstance(body, str):
+                fleet._answer(name, task, f"failed: {body}")
+                return 200, {"recorded": True}
             fleet._result(name, task, body)
             return 200, {"accepted": True}
         raise _Refusal(404, f"no such path: {_one_line(path, 80)}")
+
+    def _url(self) -> SplitResult:
+        try:
+            return urlsplit(self.path)
+        except ValueError:  # "http://[::1/v1/task": a bracket that does not close
+            raise _Refusal(400, f"{_one_line(self.path, 80)} is not a URL") from None
 
     @staticmethod
     def _need(method: str, expected: str) -> None:
@@ -753,11 +766,8 @@ class _Handler(BaseHTTPRequestHandler):
         text = self.headers.get("Content-Length")
         if text is None:
             raise _Refusal(411, "the body needs a Content-Length", close=True)
-        try:
-            length = int(text)
-        except ValueError:
-            length = -1
-        if length < 0:
+        length = _size(text)
+        if length is None:
             raise _Refusal(400, f"Content-Length {_one_line(text, 30)} is not a size",
                            close=True)
         if length > limit:
@@ -775,19 +785,25 @@ class _Handler(BaseHTTPRequestHandler):
         dropped, so the device gets its answer rather than a reset connection)."""
         if self._body_read:
             return True
-        text = self.headers.get("Content-Length")
-        if (text is None or not text.strip().isdigit() or int(text) > MAX_JSON_BYTES
-                or self.headers.get("Transfer-Encoding")):
+        length = _size(self.headers.get("Content-Length") or "")
+        if length is None or length > MAX_JSON_BYTES or self.headers.get("Transfer-Encoding"):
             return False
-        length = int(text)
         return len(self.rfile.read(length)) == length
 
     def _read_json(self) -> object:
         data = self._read_body(MAX_JSON_BYTES)
         try:
-            return json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise _Refusal(400, "the body is not JSON") from None
+            return read_json(data, "the body")
+        except FedgeError as error:
+            raise _Refusal(400, _one_line(str(error), 300)) from None
+
+    def _failure(self) -> str:
+        """Why the device cannot train, from a failure's body."""
+        body = self._read_json()
+        error = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(error, str):
+            raise _Refusal(400, 'a failure needs "error": why this device cannot train')
+        return _one_line(error, 300)
 
     def _send(self, status: int, payload: object, close: bool = False) -> None:
         if isinstance(payload, bytes):

@@ -8,6 +8,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import Context
 from flwr.clientapp import ClientApp
@@ -119,6 +120,15 @@ def write_user_model(folder: Path, source: str = USER_MODEL) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "my_model.py"
     path.write_text(textwrap.dedent(source))
+    return path
+
+
+def write_flat_csv(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    """Samples as a CSV of flat rows: a header, one column per value, then ``label``."""
+    header = ",".join([*(f"p{i}" for i in range(x[0].size)), "label"])
+    rows = (",".join([*(f"{v:g}" for v in sample.ravel()), str(label)])
+            for sample, label in zip(x, y, strict=True))
+    path.write_text("\n".join([header, *rows]) + "\n")
     return path
 
 

@@ -18,6 +18,8 @@ from fedge.models.blob import pack, unpack
 from fedge.models.edge import export_edge_programs, write_edge_folder
 from fedge.models.registry import build_model, spec_from_data
 
+from conftest import run_fedge, write_flat_csv
+
 pytest.importorskip("executorch", reason="fedge-device needs pip install 'fedge[edge]'")
 pytestmark = pytest.mark.edge
 
@@ -207,12 +209,38 @@ def test_one_epoch_takes_eager_pytorchs_steps(device_binary: Path, no_dropout: d
                                    err_msg=key)
 
 
+def test_flat_csv_rows_train_the_cnn_as_its_images_do(device_binary: Path, no_dropout: dict,
+                                                      tmp_path: Path) -> None:
+    """`fedge device-data` keeps a CSV's rows flat ([64]); the device gives them the model's
+    input shape ([1, 8, 8]), as `fedge client` does."""
+    case = no_dropout["cnn"]
+    x, y = case["x"], case["y"]
+    write_flat_csv(tmp_path / "rows.csv", x, y)
+    made = run_fedge("device-data", str(tmp_path / "rows.csv"), "-o", str(tmp_path / "flat.bin"))
+    assert made.returncode == 0, made.stderr
+    assert unpack((tmp_path / "flat.bin").read_bytes())[1]["x"].shape == (len(y), 64)
+
+    results = {}
+    for kind, data in (("images", case["data"]), ("flat", tmp_path / "flat.bin")):
+        out = tmp_path / f"{kind}.out"
+        done = run_device(device_binary, "--local", case["folder"], "--data", data,
+                          "--epochs", 1, "--seed", 5, "--out", out)
+        assert done.returncode == 0, done.stderr
+        results[kind] = unpack(out.read_bytes())
+    (images_header, images), (flat_header, flat) = results["images"], results["flat"]
+    assert images.keys() == flat.keys()
+    for name in images:
+        np.testing.assert_array_equal(flat[name], images[name], err_msg=name)
+    for metric in ("train_loss", "val_loss", "val_accuracy"):
+        assert flat_header["metrics"][metric] == images_header["metrics"][metric]
+
+
 # -- bad input ----------------------------------------------------------------------------
 
 def test_bad_input_is_one_error_line_and_exit_2(device_binary: Path, cnn: dict,
                                                 tmp_path: Path) -> None:
     folder, local = cnn["folder"], cnn["local"]
-    flat = write_data(tmp_path / "flat.bin", np.zeros((10, 64), np.float32),
+    flat = write_data(tmp_path / "flat.bin", np.zeros((10, 63), np.float32),
                       np.zeros(10, np.int64))
     labels = write_data(tmp_path / "labels.bin", np.zeros((10, 1, 8, 8), np.float32),
                         np.full(10, 10, np.int64))
@@ -230,7 +258,8 @@ def test_bad_input_is_one_error_line_and_exit_2(device_binary: Path, cnn: dict,
     cases = [
         (["--local", folder, "--data", tmp_path / "missing.bin"],
          "cannot read the data file"),
-        (["--local", folder, "--data", flat], "samples have shape [64]"),
+        (["--local", folder, "--data", flat],
+         "samples have shape [63] (63 values), the model 'cnn' takes [1, 8, 8] (64 values)"),
         (["--local", folder, "--data", labels], "class id 10"),
         (["--local", folder, "--data", cut], "cut short"),
         (["--local", tampered, "--data", local], "train.pte does not match its manifest"),

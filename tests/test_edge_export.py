@@ -2,6 +2,7 @@
 PyTorch before any device sees them, and refused with the operator at fault."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -132,3 +133,20 @@ def test_blobs_round_trip_and_refuse_what_does_not_add_up():
         unpack(data + b"\0")
     with pytest.raises(FedgeError, match="float64"):
         pack({}, {"w": np.zeros(2)})
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    (b'{"arrays": [{"name": "w", "shape": [1.5], "dtype": "float32"}]}',
+     "array 'w' has shape [1.5], not a list of at most 32 sizes"),
+    (b'{"arrays": [{"name": "w", "shape": [1], "dtype": "<f4"}]}', "array 'w' has dtype '<f4'"),
+    (b'{"arrays": [{"name": "w", "shape": [1], "dtype": "float32"}, '
+     b'{"name": "w", "shape": [1], "dtype": "float32"}]}', "lists array 'w' twice"),
+    (b'{"arrays": [], "loss": NaN}', "not JSON: NaN is not a JSON value"),
+    (b'[{"name": "w"}]', 'not a JSON object with a list "arrays"'),
+    (b'{"arrays": [{"name": "w", "shape": [0, 4611686018427387904], "dtype": "float32"}]}',
+     "larger than any array"),
+])
+def test_blobs_refuse_headers_that_do_not_describe_arrays(header, message):
+    blob = len(header).to_bytes(4, "little") + header + bytes(8)
+    with pytest.raises(FedgeError, match=re.escape(message)):
+        unpack(blob)

@@ -14,6 +14,7 @@ import pytest
 from fedge.models.blob import pack
 from fedge.processes import free_port
 
+from conftest import write_flat_csv, write_user_model
 from test_deployment import CHILDREN_GONE, FINISHED, MARKER, Deployment, assert_gone_within
 from test_gateway import Device
 
@@ -179,3 +180,52 @@ def test_fedbuff_uses_a_gateways_devices_as_one_client_among_others(fleet):
     for name in ("server", "gateway", "device0"):
         assert_gone_within(d, name, CHILDREN_GONE)
         assert "Traceback" not in d.log(name), d.log(name)
+
+
+def test_your_batchnorm_model_trains_on_devices_from_flat_csv_rows(tmp_path, device_binary):
+    # The README's own model (BatchNorm: an integer counter among its buffers) and only a
+    # gateway: every round's model is what its two devices trained.
+    write_user_model(tmp_path)
+    d = Deployment(tmp_path, rounds=1, **{"model": '"my_model.py:Net"', "min-clients": 1,
+                                          "local-epochs": 1, "edge-programs": "true"})
+    try:
+        assert d.fedge("certs", "--host", "localhost", "-o", "gwcerts").returncode == 0
+        names = DEVICES[:2]
+        assert d.fedge("tokens", *names, "-o", "gwcerts/tokens").returncode == 0
+        with np.load(tmp_path / "device2.npz") as share:
+            x, y = share["x"], share["y"]
+        half = len(y) // 2
+        # dev0's samples are flat rows of 64 values, as a CSV holds them; the model takes
+        # [1, 8, 8] images.
+        write_flat_csv(tmp_path / "dev0.csv", x[:half], y[:half])
+        np.savez(tmp_path / "dev1.npz", x=x[half:], y=y[half:])
+        for name, source in zip(names, ("dev0.csv", "dev1.npz"), strict=True):
+            made = d.fedge("device-data", source, "-o", f"{name}.bin")
+            assert made.returncode == 0, made.stderr
+        d.gateway_port, d.binary = free_port(), device_binary
+
+        server = d.server()
+        # Once the server listens (after exporting the programs), the gateway joins at once.
+        d.wait_for(lambda: "SuperLink listening" in d.log("server"), 180, "the server")
+        gateway = start_gateway(d, "--round-deadline", "60")
+        devices = {name: start_device(d, name) for name in names}
+        assert server.wait(timeout=300) == 0, d.logs()
+
+        metrics = d.metrics()
+        assert metrics["status"] == "finished", metrics
+        (only,) = metrics["rounds"]
+        assert only["contributions"]["executorch"]["devices"] == 2, d.log("gateway")
+        trained = sum(n - round(0.2 * n) for n in (half, len(y) - half))  # 20 % validate
+        assert only["contributions"]["executorch"]["examples"] == trained
+        assert only["val_loss"] != metrics["initial"]["val_loss"]  # the devices' model
+        gateway_log = d.log("gateway")
+        assert "round 1: 2 of 2 devices returned results" in gateway_log, gateway_log
+        assert gateway.wait(timeout=60) == 0, gateway_log
+        for name, device in devices.items():
+            assert device.wait(timeout=60) == 0, d.log(name)
+            assert "result accepted" in d.log(name), d.log(name)
+        for name in ("server", "gateway"):
+            assert "Traceback" not in d.log(name), d.log(name)
+            assert_gone_within(d, name, CHILDREN_GONE)
+    finally:
+        d.stop_all()

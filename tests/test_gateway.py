@@ -166,7 +166,8 @@ def test_a_round_averages_three_devices_by_their_examples(certs, tokens, caplog)
                    for key in TRAINED} for name in samples}
     metrics = {"dev1": {"val_loss": 0.5, "train_seconds": 2.0, "epochs": 2},
                "dev2": {"val_loss": 0.25, "train_seconds": 4.5, "epochs": 1},
-               "dev3": {"val_loss": 1.0, "train_seconds": 1.0}}
+               "dev3": {"val_loss": 1.0, "train_seconds": 1.0,
+                        "epochs": 10**400}}  # too large for a float: left out
 
     def device_round(device: Device) -> tuple[dict, dict, tuple, tuple]:
         task, weights = device.take_task()
@@ -290,6 +291,86 @@ def test_refused_results_wrong_program_malformed_or_too_large(certs, tokens):
                              "dev2": f"rejected: {dev2[1]['error']}",
                              "dev3": f"rejected: {dev3[1]['error']}", "dev4": "accepted"}
     assert result.num_examples == 7
+
+
+def crafted_result(arrays: list[dict] | bytes) -> bytes:
+    """A result blob whose header lists ``arrays`` (or is those raw JSON bytes), with no
+    array bytes after it."""
+    text = arrays if isinstance(arrays, bytes) else json.dumps(
+        {"program": TRAIN_SHA, "num_examples": 3, "metrics": {}, "arrays": arrays}).encode()
+    return len(text).to_bytes(4, "little") + text
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000  # deeper than any JSON parser's recursion
+
+
+def test_crafted_bodies_are_refused_with_the_reason_and_the_round_goes_on(certs, tokens,
+                                                                          caplog, capsys):
+    caplog.set_level(logging.INFO, logger="fedge.gateway")
+    crafted = {  # each device's body, and what the gateway answers
+        "dev1": (crafted_result(NESTED), "malformed result: the result's header nests JSON "
+                                         "too deeply"),
+        # 2^62 · 4 · 4 bytes wraps to 0 in int64 arithmetic; 10^30 fits no int64.
+        "dev2": (crafted_result([{"name": "fc.bias", "shape": [2**62, 4], "dtype":
+                                  "float32"}]), "array 'fc.bias' needs 73786976294838206464"),
+        "dev3": (crafted_result([{"name": "fc.bias", "shape": [10**30], "dtype": "float32"}]),
+                 f"array 'fc.bias' has shape [{10**30}], not a list of at most 32 sizes"),
+    }
+
+    def answer(device: Device) -> tuple[int, dict]:
+        task, _ = device.take_task()
+        if device.name == "dev4":  # a failure report nested too deeply
+            status, data, _ = device.request("POST", f"/v1/tasks/{task['task']}/failure",
+                                             NESTED)
+            return status, json.loads(data)
+        return device.post_result(task, crafted[device.name][0])
+
+    with gateway(certs, tokens, round_deadline=60) as (fleet, device, pool):
+        devices = [device(name) for name in NAMES]
+        for one in devices:
+            assert one.hello(3)[0] == 200
+        answers = {one.name: pool.submit(answer, one) for one in devices}
+        with pytest.raises(FedgeError, match="round 1 failed: 0 of 4 devices"):
+            start_round(fleet, pool).result(timeout=30)  # long before the deadline
+        got = {name: future.result(timeout=30) for name, future in answers.items()}
+
+    for name, (_, reason) in crafted.items():
+        assert got[name][0] == 400 and reason in got[name][1]["error"], got[name]
+    assert got["dev4"] == (400, {"error": "the body nests JSON too deeply"})
+    (line,) = [message for message in caplog.messages if message.startswith("round 1:")]
+    for name, (_, body) in got.items():
+        assert f"{name} rejected: {body['error']}" in line
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_crafted_requests_get_an_answer_with_the_reason(certs, tokens, capsys):
+    def raw(device: Device, method: str, path: str, headers: dict[str, str],
+            body: bytes = b"") -> tuple[int, dict]:
+        connection = device.connect()
+        try:
+            connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+            for header, value in {"Authorization": f"Bearer {device.token}", **headers}.items():
+                connection.putheader(header, value)
+            connection.endheaders(body)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    with gateway(certs, tokens) as (_, device, _):
+        dev1 = device("dev1")
+        status, body = raw(dev1, "POST", "/v1/hello", {"Content-Length": str(len(NESTED))},
+                           NESTED)
+        assert (status, body) == (400, {"error": "the body nests JSON too deeply"})
+        status, body = raw(dev1, "GET", "http://[::1/v1/task", {})
+        assert status == 400 and "is not a URL" in body["error"]
+        # int() reads "²" as 2 and fails on it
+        status, body = raw(dev1, "POST", "/v1/task", {"Content-Length": "\u00b2"})
+        assert (status, body) == (405, {"error": "use GET for this path"})
+        status, body = raw(dev1, "POST", "/v1/hello", {"Content-Length": "\u00b2"}, b"{}")
+        assert status == 400 and "is not a size" in body["error"]
+        assert dev1.hello(3)[0] == 200  # the gateway serves on
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_a_silent_device_holds_the_round_until_its_deadline_then_is_too_late(certs, tokens):

@@ -347,7 +347,8 @@ struct Batch {
       tensors.push_back(executorch::extension::from_blob(weights[i].data(),
                                                          sizes32(m.state[i].shape)));
     std::vector<int64_t> shape{static_cast<int64_t>(b)};
-    shape.insert(shape.end(), s.sample_shape.begin(), s.sample_shape.end());
+    // The samples' values in the model's shape: check_samples saw that their numbers match.
+    shape.insert(shape.end(), m.input_shape.begin(), m.input_shape.end());
     if (s.dtype == DType::Float32) {
       xf.resize(b * s.sample_size);
       for (size_t k = 0; k < b; ++k)
@@ -397,9 +398,14 @@ void check_samples(const Manifest& m, const Samples& samples) {
   if (samples.dtype != m.input_dtype)
     throw TaskError(std::string("the device's samples are ") + dtype_name(samples.dtype) +
                     ", the model '" + m.model + "' takes " + dtype_name(m.input_dtype));
-  if (samples.sample_shape != m.input_shape)
+  // Samples with as many values as the model's input (flat CSV rows for an image model)
+  // take its shape, as `fedge client` reshapes them.
+  const size_t values = elements(m.input_shape);
+  if (samples.sample_size != values)
     throw TaskError("the device's samples have shape " + shape_text(samples.sample_shape) +
-                    ", the model '" + m.model + "' takes " + shape_text(m.input_shape));
+                    " (" + std::to_string(samples.sample_size) + " values), the model '" +
+                    m.model + "' takes " + shape_text(m.input_shape) + " (" +
+                    std::to_string(values) + " values)");
   for (int64_t label : samples.y)
     if (label < 0 || label >= m.num_classes)
       throw TaskError("the device's labels include class id " + std::to_string(label) +

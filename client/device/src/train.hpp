@@ -128,7 +128,8 @@ class Trainer {
   const Samples& samples_;
 };
 
-// TaskError when `samples` cannot train the manifest's model (dtype, shape, labels).
+// TaskError when `samples` cannot train the manifest's model (dtype, number of values per
+// sample, labels). Batches take the model's input shape, whatever shape the samples have.
 void check_samples(const Manifest& manifest, const Samples& samples);
 
 // Weights from a blob holding every state entry with the manifest's shapes (InputError).
