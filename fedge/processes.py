@@ -164,6 +164,26 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: floa
     raise FedgeError(f"{what} did not start listening on {host}:{port} within {timeout:.0f} s")
 
 
+def check_listen_host(host: str, option: str) -> None:
+    """A clear error, before anything starts, when no server can listen on ``host``: it
+    does not resolve, or it is not an address of this machine."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(
+            host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError):
+        raise FedgeError(f"{option} {host!r} is neither an IP address nor a host name that "
+                         "resolves; give one of this machine's addresses, or 0.0.0.0 to "
+                         "listen on all of them") from None
+    with socket.socket(family, kind) as sock:
+        try:
+            sock.bind(address)  # port 0: only the address is tried
+        except OSError as error:
+            reason = ("is not an address of this machine" if error.errno == errno.EADDRNOTAVAIL
+                      else f"cannot be listened on ({error.strerror})")
+            raise FedgeError(f"{option} {host} {reason}; give one of this machine's "
+                             "addresses, or 0.0.0.0 to listen on all of them") from None
+
+
 def check_port_free(host: str, port: int, option: str) -> None:
     """A clear error, before anything starts, when ``host:port`` cannot be listened on."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

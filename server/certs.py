@@ -170,6 +170,30 @@ def check_server_certificates(folder: Path) -> None:
                          "with `fedge certs`")
 
 
+def check_certificate_names(folder: Path, host: str, why: str) -> None:
+    """``server.pem`` in ``folder`` is valid for ``host``, an IP address or DNS name a TLS
+    client dials (``why``: where that address comes from, for the error)."""
+    path = folder / "server.pem"
+    if not names_host(read_certificate(path), host):
+        raise FedgeError(f"{path} is not valid for {host} ({why}): Flower's own processes "
+                         "on this machine dial the server there; make certificates that name "
+                         "it as well as the names clients dial (`fedge certs --host "
+                         f"{host} --host ...`)")
+
+
+def names_host(certificate: x509.Certificate, host: str) -> bool:
+    """Whether a TLS client dialling ``host`` accepts ``certificate``'s names."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return ipaddress.ip_address(host) in names.value.get_values_for_type(x509.IPAddress)
+    except ValueError:  # a DNS name
+        return host.lower() in (name.lower() for name in
+                                names.value.get_values_for_type(x509.DNSName))
+
+
 def check_authorized_key(path: Path) -> None:
     """A device's public key as `fedge keys` writes it (OpenSSH, elliptic curve)."""
     if not path.is_file():

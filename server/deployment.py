@@ -28,12 +28,23 @@ from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
 from fedge.logs import LogFormat, show_fedge_logs
 from fedge.models.source import with_file_path
-from fedge.processes import Children, check_port_free
-from fedge.server.certs import check_authorized_key, check_server_certificates
+from fedge.processes import Children, check_listen_host, check_port_free
+from fedge.server.certs import (
+    check_authorized_key,
+    check_certificate_names,
+    check_server_certificates,
+)
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, ServerData, check_server_settings
 from fedge.server.run_folder import run_failure, run_finished, server_checkpoint
-from fedge.server.superlink import CONNECTION, start_superlink, stream_run, write_app
+from fedge.server.superlink import (
+    CONNECTION,
+    host_port,
+    local_address,
+    start_superlink,
+    stream_run,
+    write_app,
+)
 
 log = logging.getLogger("fedge.server")
 
@@ -150,7 +161,7 @@ def superlink_args(listener: Listener) -> list[str]:
                  "--ssl-keyfile", str(listener.certs / "server.key"),
                  "--enable-supernode-auth"]
     if listener.health_port:
-        args += ["--health-server-address", f"{listener.host}:{listener.health_port}"]
+        args += ["--health-server-address", host_port(listener.host, listener.health_port)]
     return args
 
 
@@ -166,9 +177,13 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
 
 
 def check_listener(listener: Listener) -> None:
-    """Certificates, keys and ports, checked before anything starts."""
+    """The address, certificates, keys and ports, checked before anything starts."""
+    check_listen_host(listener.host, "--host")
     if listener.certs is not None:
         check_server_certificates(listener.certs)
+        # Flower's own processes and fedge's `flwr` commands dial the SuperLink there.
+        check_certificate_names(listener.certs, local_address(listener.host),
+                                f"--host {listener.host}")
     elif listener.authorized_keys:
         raise FedgeError("--authorized-key needs TLS (--certs): an --insecure server "
                          "cannot authenticate clients")
@@ -198,7 +213,8 @@ def serve(settings: ServerSettings, listener: Listener, startup_timeout: float =
     flower_home = run_dir / ".flower"
     try:
         app_dir = write_app(flower_home, SERVERAPP, CLIENTAPP, listener.port,
-                            None if listener.certs is None else listener.certs / "ca.pem")
+                            None if listener.certs is None else listener.certs / "ca.pem",
+                            host=local_address(listener.host))
     except OSError as error:
         raise FedgeError(f"cannot make the run folder {run_dir}: {error.strerror}") from None
     (run_dir / STOPPED_FILE).unlink(missing_ok=True)
@@ -209,8 +225,9 @@ def serve(settings: ServerSettings, listener: Listener, startup_timeout: float =
     children = Children(env={"FLWR_HOME": str(flower_home)})
     with children.running():
         superlink = start_superlink(children, superlink_args(listener), listener.port,
-                                    superlink_log, startup_timeout)
-        log.info("SuperLink listening on %s:%d (%s)", listener.host, listener.port,
+                                    superlink_log, startup_timeout,
+                                    host=local_address(listener.host))
+        log.info("SuperLink listening on %s (%s)", host_port(listener.host, listener.port),
                  "INSECURE" if listener.certs is None else "TLS, node authentication")
         for key in listener.authorized_keys:
             _register(key, children.env)

@@ -44,10 +44,10 @@ settings = ""
 
 
 def write_app(flower_home: Path, serverapp: str, clientapp: str, port: int,
-              ca: Path | None = None) -> Path:
+              ca: Path | None = None, host: str = "127.0.0.1") -> Path:
     """The app folder (under ``flower_home``, Flower's ``FLWR_HOME``) whose components
     are ``serverapp`` and ``clientapp`` (``module:attribute``), and the connection to
-    a SuperLink on 127.0.0.1:``port`` (``ca``: its TLS CA; None: insecure)."""
+    a SuperLink at ``host``:``port`` (``ca``: its TLS CA; None: insecure)."""
     app_dir = flower_home / "app"
     app_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(app_dir / "pyproject.toml",
@@ -56,20 +56,32 @@ def write_app(flower_home: Path, serverapp: str, clientapp: str, port: int,
                 else f'root-certificates = "{ca.resolve()}"')
     write_atomic(flower_home / "config.toml", (
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\n{security}\n').encode())
+        f'address = "{host_port(host, port)}"\n{security}\n').encode())
     return app_dir
 
 
 def start_superlink(children: Children, args: Sequence[str], port: int, log: Path,
-                    timeout: float) -> subprocess.Popen:
+                    timeout: float, host: str = "127.0.0.1") -> subprocess.Popen:
     """``flower-superlink ARGS`` (its output appended to ``log``), once it listens on
-    127.0.0.1:``port``; a clear error with its last error line if it does not."""
+    ``host``:``port``; a clear error with its last error line if it does not."""
     superlink = children.start(["flower-superlink", *args], log=log)
     try:
-        wait_for_port("127.0.0.1", port, superlink, timeout, "the SuperLink")
+        wait_for_port(host, port, superlink, timeout, "the SuperLink")
     except FedgeError as error:
         raise FedgeError(f"{error}: {last_error(log)}") from None
     return superlink
+
+
+def local_address(host: str) -> str:
+    """Where this machine reaches a server that listens on ``host``: loopback for a
+    wildcard (0.0.0.0, ::), else that very address: a server bound to one address of a
+    multi-homed host does not answer on loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def stream_run(children: Children, app_dir: Path, superlink: subprocess.Popen,

@@ -271,6 +271,37 @@ def test_a_server_refuses_a_port_that_is_in_use_before_starting(server_folder):
     assert not (server_folder / "run").exists()
 
 
+@pytest.mark.parametrize("host, message", [
+    ("203.0.113.7", "--host 203.0.113.7 is not an address of this machine; give one of this "
+                    "machine's addresses, or 0.0.0.0 to listen on all of them"),
+    ("10.200.0.256", "--host '10.200.0.256' is neither an IP address nor a host name that "
+                     "resolves"),
+])
+def test_a_server_refuses_a_host_it_cannot_listen_on_before_starting(server_folder, host,
+                                                                     message):
+    result = serve(server_folder, "--insecure", "--host", host)  # the last --host counts
+    assert_refused(result, message)
+    assert "--port" not in result.stderr  # the port is not the problem
+    assert not (server_folder / "run").exists()
+
+
+def test_a_tls_server_refuses_certificates_that_do_not_name_its_host(server_folder):
+    """Flower's own processes dial the SuperLink at the address it listens on: here
+    ::1, which the fixture's certificates (localhost, 127.0.0.1) do not name."""
+    import socket
+
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this machine")
+    result = serve(server_folder, "--certs", str(server_folder / "certs"), "--host", "::1")
+    assert_refused(result, "server.pem is not valid for ::1 (--host ::1): Flower's own "
+                           "processes on this machine dial the server there")
+    assert "`fedge certs --host ::1 --host ...`" in result.stderr
+    assert not (server_folder / "run").exists()
+
+
 @pytest.mark.parametrize("options, message", [
     (["--server", "not-a-host-port", "--insecure"], "--server 'not-a-host-port' is not "
                                                     "HOST:PORT"),

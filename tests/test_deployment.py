@@ -111,6 +111,8 @@ class Deployment:
     Every process a test starts carries a marker in its environment, which Flower's
     processes inherit: :meth:`alive` finds whatever is left of it."""
 
+    host = "127.0.0.1"  # where the server listens, and the clients dial it
+
     def __init__(self, root: Path, rounds: int, **settings: object) -> None:
         self.root, self.port = root, free_port()
         self.processes: dict[str, subprocess.Popen] = {}
@@ -125,7 +127,8 @@ class Deployment:
                          "min-clients": 3, "patience": 10, "round-timeout": 60, **settings}
         (root / "run.toml").write_text(
             "".join(f"{k} = {v}\n" for k, v in self.settings.items()))
-        assert self.fedge("certs", "--host", "localhost", "-o", "certs").returncode == 0
+        assert self.fedge("certs", "--host", "localhost", "--host", self.host,
+                          "-o", "certs").returncode == 0
         for name in ("device0", "device1", "device2", "stranger"):
             assert self.fedge("keys", "--name", name, "-o", "keys").returncode == 0
 
@@ -135,25 +138,30 @@ class Deployment:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen([sys.executable, "-m", "fedge", *args], cwd=self.root,
+        process = subprocess.Popen([*self.launcher(name), sys.executable, "-m", "fedge",
+                                    *args], cwd=self.root,
                                    stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True,
                                    env={**os.environ, MARKER: f"{self.marker}-{name}"})
         self.processes[name] = process
         return process
 
+    def launcher(self, name: str) -> list[str]:
+        """What runs process ``name`` on its own machine: here, nothing (this one)."""
+        return []
+
     def server(self, name: str = "server", *options: str) -> subprocess.Popen:
         keys = [a for i in range(3) for a in ("--authorized-key", f"keys/device{i}.pub")]
         return self.start(name, "server", "--val-data", "val.npz", "--test-data",
                           "test.npz", "--config", "run.toml", "--certs", "certs", *keys,
-                          "--host", "127.0.0.1", "--port", str(self.port), "-o", "run",
+                          "--host", self.host, "--port", str(self.port), "-o", "run",
                           *options)
 
     def client(self, name: str, data: str, *options: str, key: str | None = None,
                server: str | None = None) -> subprocess.Popen:
         if "--insecure" not in options:
             options = ("--ca", "certs/ca.pem", "--key", f"keys/{key or name}.key", *options)
-        return self.start(name, "client", "--server", server or f"127.0.0.1:{self.port}",
+        return self.start(name, "client", "--server", server or f"{self.host}:{self.port}",
                           "--data", data, *options)
 
     def metrics(self) -> dict:

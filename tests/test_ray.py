@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -41,33 +42,37 @@ def wait_until_gone(marker: str, seconds: float = GONE_WITHIN) -> list[int]:
     return left
 
 
-class RayHead:
-    """A one-node Ray cluster of 2 CPUs, as `ray start --head` makes it, that this test
-    module owns: every process of it carries a marker, and only those are stopped (a
-    plain `ray stop` would stop every Ray on the machine)."""
+class RayNode:
+    """A node of a Ray cluster, as `ray start` makes it, that this test module owns:
+    the head of a new cluster of ``cpus`` CPUs at ``ip``, or a node that ``joins`` the
+    head at that address; ``launcher`` runs it on another host (tests/netlab.py). Every
+    process of it carries a marker, and only those are stopped (a plain `ray stop`
+    would stop every Ray on the machine)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ip: str = "127.0.0.1", cpus: int = 2, joins: str | None = None,
+                 launcher: Sequence[str] = ()) -> None:
         # Ray's socket paths must stay short (AF_UNIX): not under pytest's tmp_path.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="fr-", dir="/tmp"))
-        self.port, self.marker = free_port(), f"fedge-ray-head-{uuid.uuid4().hex}"
-        self.address = f"127.0.0.1:{self.port}"
+        self.port, self.marker = free_port(), f"fedge-ray-node-{uuid.uuid4().hex}"
+        self.address = joins or f"{ip}:{self.port}"
+        role = ["--address", joins] if joins else ["--head", "--port", str(self.port),
+                                                    "--include-dashboard", "false"]
         ray = Path(sys.executable).with_name("ray")
-        self.log = self.temp_dir / "head.log"
+        self.log = self.temp_dir / "node.log"
         with self.log.open("wb") as log:
             # --block keeps `ray start` in the foreground; fedge's guard ends it and
             # everything it started (Ray's daemons, their workers) when told to stop.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "fedge.guard", str(ray), "start", "--head",
-                 "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-                 "--num-cpus", "2", "--include-dashboard", "false",
-                 "--disable-usage-stats", "--temp-dir", str(self.temp_dir / "ray"),
-                 "--block"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [*launcher, sys.executable, "-m", "fedge.guard", str(ray), "start", *role,
+                 "--node-ip-address", ip, "--num-cpus", str(cpus), "--disable-usage-stats",
+                 "--temp-dir", str(self.temp_dir / "ray"), "--block"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, MARKER: self.marker})
         deadline = time.monotonic() + 120
         while "Ray runtime started" not in self.log.read_text(errors="replace"):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                pytest.fail(f"ray start --head failed:\n{self.log.read_text()[-3000:]}")
+                pytest.fail(f"ray start failed:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.5)
 
     def actor_logs(self) -> list[str]:
@@ -79,6 +84,13 @@ class RayHead:
     def actors_alive(self) -> list[int]:
         return [pid for pid in marked_processes(self.marker)
                 if b"ClientAppActor" in _cmdline(pid)]
+
+    def actors_gone_within(self, seconds: float) -> bool:
+        """Whether no ClientApp actor runs on this node any more within ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while self.actors_alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return not self.actors_alive()
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -93,7 +105,7 @@ class RayHead:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-        assert not left, f"processes of the Ray head outlived it: {left}"
+        assert not left, f"processes of the Ray node outlived it: {left}"
 
 
 def _cmdline(pid: int) -> bytes:
@@ -105,7 +117,7 @@ def _cmdline(pid: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    head = RayHead()
+    head = RayNode()
     try:
         yield head
     finally:
@@ -140,10 +152,7 @@ def test_a_run_joins_a_ray_cluster_and_leaves_nothing_behind(ray_head, tmp_path)
     # (2 CPUs, 1 per client: 2 of them), and they ended with the run.
     assert len(ray_head.actor_logs()) == 2, ray_head.actor_logs()
     assert not wait_until_gone(marker)
-    deadline = time.monotonic() + GONE_WITHIN
-    while ray_head.actors_alive() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not ray_head.actors_alive()
+    assert ray_head.actors_gone_within(GONE_WITHIN)
     print(f"cluster run: {seconds:.1f} s")
 
 
