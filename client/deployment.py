@@ -93,12 +93,13 @@ class Connection:
 HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]/]+)):(?P<port>\d+)")
 
 
-def parse_server_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[IPv6]:PORT`` for IPv6) as host and port, or a clear error."""
+def parse_server_address(text: str, option: str = "--server") -> tuple[str, int]:
+    """``HOST:PORT`` (``[IPv6]:PORT`` for IPv6) as host and port, or a clear error that
+    names the ``option`` it came from."""
     match = HOST_PORT.fullmatch(text.strip())
     port = int(match["port"]) if match else 0
     if not match or not 1 <= port <= 65535:
-        raise FedgeError(f"--server {text!r} is not HOST:PORT with a port in 1..65535 "
+        raise FedgeError(f"{option} {text!r} is not HOST:PORT with a port in 1..65535 "
                          "(e.g. my.server.example:9092, or [::1]:9092 for IPv6)")
     return match["v6"] or match["host"], port
 

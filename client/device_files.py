@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from fedge.datafiles import load_labelled_data
-from fedge.files import check_output_file, write_atomic
+from fedge.files import check_output_file, folder_for, write_atomic
 from fedge.models.blob import pack
 
 DATA_FORMAT = "fedge-device-data/1"
@@ -21,6 +21,7 @@ def write_device_data(source: Path, output: Path, label_column: str = "label",
     x = samples.x.astype(np.int64 if np.issubdtype(samples.x.dtype, np.integer)
                          else np.float32)
     names = list(samples.class_names) if samples.class_names else None
-    write_atomic(output, pack({"format": DATA_FORMAT, "class_names": names},
-                              {"x": x, "y": samples.y.astype(np.int64)}))
+    with folder_for(output):
+        write_atomic(output, pack({"format": DATA_FORMAT, "class_names": names},
+                                  {"x": x, "y": samples.y.astype(np.int64)}))
     return len(samples.y)

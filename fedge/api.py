@@ -13,15 +13,22 @@ with the message the command line prints. Heavy libraries load inside the functi
 """
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from fedge.config import load_config
+from fedge.config import (
+    PredictOutput,
+    Quantize,
+    check_choice,
+    check_flag,
+    load_config,
+)
 from fedge.errors import FedgeError
 
 Data = str | Path | tuple[np.ndarray, np.ndarray]
@@ -69,6 +76,13 @@ def simulate(model: str | Callable[..., Any] | None = None, data: Data | None = 
     from fedge.simulations.runner import plan_simulation
     from fedge.simulations.runner import simulate as run
 
+    for flag, name in ((overwrite, "overwrite"), (resume, "resume"), (verbose, "verbose")):
+        check_flag(flag, name)
+    for callback, name in ((on_plan, "on_plan"), (on_start, "on_start"),
+                           (on_round, "on_round")):
+        _check_callback(callback, name)
+    out, config, record_wire = (_optional_path(value, name) for value, name in (
+        (out, "out"), (config, "config"), (record_wire, "record_wire")))
     # Importing Flower set up its logger; it logs every round at INFO.
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
 
@@ -78,21 +92,18 @@ def simulate(model: str | Callable[..., Any] | None = None, data: Data | None = 
 
         model, factory = resolve_factory(model)
     samples = None
-    if isinstance(data, str | Path):
+    if isinstance(data, str | os.PathLike):
         settings["data"] = str(data)
     elif data is not None:
         samples = _in_memory(data)
-    run_config = load_config(None if config is None else Path(config), model=model,
-                             **settings)
+    run_config = load_config(config, model=model, **settings)
     if resume and out is None:
         raise FedgeError("resume needs out: the run folder to continue")
     plan = plan_simulation(run_config, samples, factory=factory)
     if on_plan:
         on_plan(plan)
-    outcome = run(plan, Path(out) if out is not None else new_run_dir(), overwrite=overwrite,
-                  on_round=on_round, resume=resume, on_start=on_start,
-                  record_wire=None if record_wire is None else Path(record_wire),
-                  verbose=verbose)
+    outcome = run(plan, out or new_run_dir(), overwrite=overwrite, on_round=on_round,
+                  resume=resume, on_start=on_start, record_wire=record_wire, verbose=verbose)
     metrics = _read_metrics(outcome.run_dir)
     return SimulationResult(outcome.run_dir, outcome.test_accuracy, outcome.test_loss,
                             outcome.best_round, outcome.rounds_run, outcome.stopped_early,
@@ -115,6 +126,31 @@ def _in_memory(data: object) -> Any:
     return LabelledSamples(np.asarray(data[0]), y, names)
 
 
+def _path(value: object, name: str) -> Path:
+    """A path argument, as the command line's path options take it."""
+    if not isinstance(value, str | os.PathLike) or not str(value):
+        raise FedgeError(f"{name} must be a path (str or pathlib.Path), not {value!r}")
+    return Path(value)
+
+
+def _optional_path(value: object, name: str) -> Path | None:
+    return None if value is None else _path(value, name)
+
+
+def _check_callback(value: object, name: str) -> None:
+    if value is not None and not callable(value):
+        raise FedgeError(f"{name} must be a function (or None), not {value!r}")
+
+
+def _column_names(value: object, name: str) -> tuple[str, ...]:
+    """Column names: a list of strings, never one string (whose letters would be taken
+    for names)."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(
+            isinstance(item, str) and item for item in value):
+        raise FedgeError(f"{name} must be a list of column names, not {value!r}")
+    return tuple(value)
+
+
 def _read_metrics(run_dir: Path) -> dict:
     import json
 
@@ -122,55 +158,69 @@ def _read_metrics(run_dir: Path) -> dict:
 
 
 def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = False,
-           quantize: Literal["int8", "int8-dynamic"] | None = None,
-           eval_data: str | Path | None = None) -> dict:
+           quantize: Quantize | None = None, eval_data: str | Path | None = None) -> dict:
     """Write a run's checkpoint (``checkpoint.pt`` or ``best.pt``) as an ONNX model,
     checked against torch in onnxruntime (int8 with ``quantize``); the report."""
     from fedge.datafiles import load_labelled_data, remap_labels
-    from fedge.files import check_output_file
+    from fedge.files import check_output_file, folder_for
     from fedge.models.export import export_onnx
     from fedge.models.quantize import export_int8
     from fedge.models.registry import check_labelled_samples
     from fedge.server.checkpoint import load_checkpoint
 
-    checkpoint, output = Path(checkpoint), Path(output)
+    checkpoint, output = _path(checkpoint, "checkpoint"), _path(output, "output")
+    eval_data = _optional_path(eval_data, "eval_data")
+    check_flag(overwrite, "overwrite")
+    if quantize is not None:
+        check_choice(quantize, Quantize, "quantize")
     if eval_data is not None and quantize is None:
         raise FedgeError("eval_data is for comparing an int8 model with its fp32 model; "
                          "give quantize too")
     check_output_file(output, overwrite, source=checkpoint)
     saved = load_checkpoint(checkpoint)
     if quantize is None:
-        report = export_onnx(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
-                             output)
+        with folder_for(output):
+            report = export_onnx(saved.model(), saved.model_spec,
+                                 saved.reference_inputs.numpy(), output)
         return {**report, "round": saved.round}
     eval_x = eval_y = None
     if eval_data is not None:
-        samples = load_labelled_data(Path(eval_data), sample_shape=saved.model_spec.input_shape)
+        samples = load_labelled_data(eval_data, sample_shape=saved.model_spec.input_shape)
         eval_x = samples.x
         eval_y = remap_labels(samples.y, samples.class_names, saved.model_spec.class_names,
                               eval_data)
         check_labelled_samples(saved.model_spec, eval_x, eval_y, eval_data)
     method = "dynamic" if quantize == "int8-dynamic" else "static"
-    report = export_int8(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
-                         output, method, eval_x, eval_y)
+    with folder_for(output):
+        report = export_int8(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
+                             output, method, eval_x, eval_y)
     return {**report, "round": saved.round, "method": method}
 
 
 def predict(model: str | Path, inputs: str | Path | np.ndarray, *,
-            output: Literal["names", "ids", "probabilities"] = "names",
-            label_column: str = "label") -> list | np.ndarray:
+            output: PredictOutput = "names", label_column: str = "label",
+            ignore_columns: Sequence[str] = ()) -> list | np.ndarray:
     """Classify ``inputs`` (an array of samples, or a .npy, .csv, image file or image
     folder) with an ONNX model exported by fedge, in onnxruntime alone (no torch).
 
     ``names``: each sample's class name when the model has names, its id otherwise;
     ``ids``: class ids; ``probabilities``: an array of per-class probabilities (rows of
     NaN where there is no prediction). A sample holding NaN or Inf is predicted ``None``.
+    A CSV's ``label_column``, its ``ignore_columns`` (e.g. a device id) and the columns
+    the model records as no features (the training data's partition column) are skipped.
     """
-    from fedge.models.inference import NO_PREDICTION, read_inputs, run_model
+    from fedge.models.inference import NO_PREDICTION, classify
 
-    samples = (np.asarray(inputs) if isinstance(inputs, np.ndarray)
-               else read_inputs(Path(inputs), label_column).samples)
-    predictions = run_model(Path(model), samples)
+    check_choice(output, PredictOutput, "output")
+    if not isinstance(label_column, str):
+        raise FedgeError(f"label_column must be a column name, not {label_column!r}")
+    ignore_columns = _column_names(ignore_columns, "ignore_columns")
+    if not isinstance(inputs, str | os.PathLike):
+        inputs = np.asarray(inputs)
+        if inputs.ndim == 0 or inputs.dtype.kind not in "biuf":
+            raise FedgeError("inputs must be samples (an array of numbers) or the path of a "
+                             f".npy, .csv, image file or image folder, not {inputs!r}")
+    _, predictions = classify(_path(model, "model"), inputs, label_column, ignore_columns)
     if output == "probabilities":
         return predictions.probabilities
     names = predictions.class_names if output == "names" else None
@@ -205,7 +255,7 @@ def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | N
     connection = Connection(server, None if ca is None else Path(ca),
                             None if key is None else Path(key), join_timeout)
     connection.check()
-    host, port = parse_server_address(listen)
+    host, port = parse_server_address(listen, "--listen")
     settings = GatewaySettings(round_deadline=round_deadline, min_devices=min_devices)
     certfile = keyfile = None
     if certs is not None:

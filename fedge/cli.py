@@ -1,25 +1,63 @@
 """The ``fedge`` command line. Heavy imports happen inside commands: ``fedge predict``
 must run on a device that has onnxruntime but no torch."""
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
-from fedge.config import RunConfig, load_config, step_name
+from fedge.config import Quantize, RunConfig, load_config, step_name
 from fedge.errors import FedgeError
 from fedge.logs import LogFormat, show_fedge_logs
 
-app = typer.Typer(help="Federated edge training: Flower rounds, PyTorch clients, ONNX models.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
+
+
+def _print_error(message: str) -> None:
+    message = " ".join(message.split())  # one line, whatever a library said
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line() -> Iterator[None]:
+    """A command line click cannot parse (``--clients ten``, a missing option) ends as
+    any other bad input does: one ``error:`` line naming the option, exit status 2."""
+    try:
+        yield
+    except click.ClickException as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # `fedge` alone: the help, shown
+            raise
+        message = error.format_message().rstrip(".")
+        _print_error(f"{message[:1].lower()}{message[1:]}")
+        raise click.exceptions.Exit(error.exit_code) from None
+
+
+class _Commands(TyperGroup):
+    """fedge's commands, whose command-line mistakes are reported in one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _usage_errors_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _usage_errors_in_one_line():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(help="Federated edge training: Flower rounds, PyTorch clients, ONNX models.",
+                  cls=_Commands, no_args_is_help=True, add_completion=False,
+                  suggest_commands=False,  # click suggests already
+                  pretty_exceptions_enable=False)
 
 
 def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -30,8 +68,7 @@ def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except FedgeError as error:
-            message = " ".join(str(error).split())  # one line, whatever a library said
-            errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+            _print_error(str(error))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             errors.print("[yellow]interrupted[/]")
@@ -293,7 +330,7 @@ def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt or best.pt of a run")],
     output: Annotated[Path, Opt("--output", "-o", help="ONNX file to write")],
     overwrite: Annotated[bool, Opt(help="replace an existing ONNX file")] = False,
-    quantize: Annotated[Literal["int8", "int8-dynamic"] | None, Opt(
+    quantize: Annotated[Quantize | None, Opt(
         help="write an int8 model: int8 (static, calibrated on held-out samples) or "
              "int8-dynamic (weights only)")] = None,
     eval_data: Annotated[Path | None, Opt(
@@ -350,6 +387,11 @@ def predict(
                                 "naming the classes, then one row per sample")] = False,
     label_column: Annotated[str, Opt(help="a CSV header's column that holds labels: "
                                           "ignored")] = "label",
+    ignore_columns: Annotated[list[str] | None, Opt(
+        "--ignore-column", help="a CSV header's column that is no feature, e.g. a site or a "
+                                "timestamp: ignored (repeatable); the label and column:NAME "
+                                "partition columns the model was trained with are ignored "
+                                "anyway")] = None,
 ) -> None:
     """Print the predicted class of each input sample (onnxruntime only, no torch): its
     name when the model names its classes, else its id; for images, "FILE<TAB>CLASS".
@@ -359,10 +401,9 @@ def predict(
 
     import numpy as np
 
-    from fedge.models.inference import NO_PREDICTION, read_inputs, run_model
+    from fedge.models.inference import NO_PREDICTION, classify
 
-    given = read_inputs(inputs, label_column)
-    result = run_model(model, given.samples)
+    given, result = classify(model, inputs, label_column, ignore_columns or ())
     classes = result.classes
     names = None if ids else result.class_names
     files = given.files
@@ -448,8 +489,10 @@ def server(
     test_data: Annotated[Path | None, Opt(help="held-out test samples  "
                                                "\\[default: the validation data]")] = None,
     host: Annotated[str, Opt(help="address to listen on")] = "0.0.0.0",
-    port: Annotated[int, Opt(help="port for clients and Flower's CLI")] = 9092,
-    health_port: Annotated[int | None, Opt(help="gRPC health-check port")] = None,
+    port: Annotated[int, Opt(help="port for clients and Flower's CLI", min=1,
+                             max=65535)] = 9092,
+    health_port: Annotated[int | None, Opt(help="gRPC health-check port", min=1,
+                                           max=65535)] = None,
     out: Annotated[Path | None, Opt("--out", "-o", help="run folder; an interrupted run in "
                                     "it resumes  \\[default: runs/<timestamp>]")] = None,
     insecure: Annotated[bool, Opt(help="no TLS, no node authentication: loopback tests "

@@ -16,8 +16,9 @@ class RunConfig(BaseModel):
     # (metrics.json keeps the config) cannot even write it down.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-    dataset: str = Field("digits", description="digits | breast_cancer | synthetic-sensor | "
-                                               "synthetic-text")
+    dataset: str | None = Field(None, description="digits | breast_cancer | synthetic-sensor "
+                                "| synthetic-text (default: digits, unless you give your "
+                                "own data)")
     model: str | None = Field(None, description="cnn | mlp | sensor1d | tinytext, or your "
                               "own: FILE.py:NAME or package.module:NAME (default: the data "
                               "set's own)")
@@ -188,6 +189,27 @@ class RunConfig(BaseModel):
                         and bool not in (field.annotation, *get_args(field.annotation))):
                     raise ValueError(f"{key}: expected a number, not {str(value).lower()}")
         return values
+
+
+DEFAULT_DATASET = "digits"
+# Choices that the command line and the Python API both take, defined once.
+Quantize = Literal["int8", "int8-dynamic"]  # fedge export --quantize
+PredictOutput = Literal["names", "ids", "probabilities"]  # fedge.predict(output=)
+
+
+def check_choice(value: object, choices: object, name: str) -> None:
+    """``value`` is one of the ``Literal`` type ``choices``, or a :class:`FedgeError` names
+    them: the check click makes on the command line, for the Python API."""
+    allowed = get_args(choices)
+    if not (isinstance(value, str) and value in allowed):
+        raise FedgeError(f"{name} must be one of {', '.join(map(repr, allowed))}, not "
+                         f"{value!r}")
+
+
+def check_flag(value: object, name: str) -> None:
+    """A yes-or-no setting is True or False: ``overwrite="no"`` would otherwise be true."""
+    if not isinstance(value, bool):
+        raise FedgeError(f"{name} must be True or False, not {value!r}")
 
 
 def step_name(config: RunConfig) -> str:

@@ -9,8 +9,9 @@ mixing the two is refused.
 
 import csv
 import math
+import warnings
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,77 +196,167 @@ def _class_ids(labels: np.ndarray, path: object) -> np.ndarray:
 
 def _read_csv(path: Path, label_column: str, group_column: str | None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    header = _csv_header(path)
+    for column in (label_column, group_column):
+        if column is not None and column not in header:
+            raise FedgeError(f"{path} has no {column!r} column; "
+                             f"its columns are: {', '.join(header)}")
+    if group_column == label_column:
+        raise FedgeError(f"column {label_column!r} of {path} cannot be both the "
+                         "label and the group of a sample")
+    special = [c for c in (label_column, group_column) if c is not None]
+    features = [i for i, name in enumerate(header) if name not in special]
+    if not features:
+        raise FedgeError(f"{path} has no feature columns besides "
+                         f"{' and '.join(repr(c) for c in special)}")
+    text_columns = [header.index(column) for column in special]
+    try:
+        x = read_numbers(path, 1, len(header), text_columns, np.float32)[:, features]
+        texts = np.char.strip(_read_texts(path, 1, text_columns))
+    except (ValueError, UnicodeDecodeError) as error:
+        _explain_csv(path, header, label_column, group_column)
+        raise FedgeError(f"{path} is not a readable CSV file: {error}") from None
+    labels = _csv_labels(texts[:, 0])
+    groups = None if group_column is None else texts[:, 1]
+    if (labels is None or not np.isfinite(x).all()
+            or (groups is not None and (groups == "").any())):
+        _explain_csv(path, header, label_column, group_column)
+        raise FedgeError(f"{path} holds a value that is not a finite float32 number")
+    return x, labels, groups
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The names in the first row of a CSV file (a header it must have), stripped."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as file:
-            reader = csv.reader(file)
-            header = [name.strip() for name in next(reader, [])]
-            if not header:
-                raise FedgeError(f"{path} is empty; it needs a header row naming its columns")
-            for column in (label_column, group_column):
-                if column is not None and column not in header:
-                    raise FedgeError(f"{path} has no {column!r} column; "
-                                     f"its columns are: {', '.join(header)}")
-            if group_column == label_column:
-                raise FedgeError(f"column {label_column!r} of {path} cannot be both the "
-                                 "label and the group of a sample")
-            special = [c for c in (label_column, group_column) if c is not None]
-            features = [i for i, name in enumerate(header) if name not in special]
-            if not features:
-                raise FedgeError(f"{path} has no feature columns besides "
-                                 f"{' and '.join(repr(c) for c in special)}")
-            label_at = header.index(label_column)
-            group_at = None if group_column is None else header.index(group_column)
-            rows, labels, label_lines, groups = [], [], [], []
-            for row in reader:
-                if not row:
-                    continue
-                line = reader.line_num
-                if len(row) != len(header):
-                    raise FedgeError(f"line {line} of {path} has {len(row)} values, "
-                                     f"but the header names {len(header)} columns")
-                rows.append([_number(row[i], header[i], line, path) for i in features])
-                labels.append(row[label_at].strip())
-                label_lines.append(line)
-                if group_at is not None:
-                    groups.append(_group(row[group_at], group_column, line, path))
+            header = [name.strip() for name in next(csv.reader(file), [])]
     except UnicodeDecodeError:
         raise FedgeError(f"{path} is not a UTF-8 text file; a CSV must be") from None
     except csv.Error as error:
         raise FedgeError(f"{path} is not a readable CSV file: {error}") from None
-    x = np.array(rows, dtype=np.float32).reshape(len(rows), len(features))
-    return (x, _csv_labels(labels, label_lines, label_column, path),
-            None if group_column is None else np.array(groups, dtype=str))
+    if not header:
+        raise FedgeError(f"{path} is empty; it needs a header row naming its columns")
+    return header
 
 
-def _group(text: str, column: str, line: int, path: Path) -> str:
+# CSV as Python's csv module reads it: quoted cells, no comment lines, UTF-8.
+_CSV_DIALECT = {"delimiter": ",", "quotechar": '"', "comments": None, "encoding": "utf-8"}
+
+
+def read_numbers(path: Path, skip_lines: int, width: int, text_columns: Sequence[int],
+                 dtype: type) -> np.ndarray:
+    """The rows of a CSV file after its first ``skip_lines`` lines as one ``dtype`` array
+    of ``width`` columns, ``text_columns`` as NaN. numpy's reader holds neither the text
+    nor a Python object per value, only the growing array. ValueError for a row of another
+    width or a cell that is not a number (:func:`csv_rows` finds which)."""
+    converters = {i: _not_read for i in text_columns}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # no rows: the caller says so
+        table = np.loadtxt(path, dtype=dtype, skiprows=skip_lines, ndmin=2,
+                           converters=converters or None, **_CSV_DIALECT)
+    if not len(table):
+        return np.zeros((0, width), dtype)
+    if table.shape[1] != width:
+        raise ValueError(f"rows have {table.shape[1]} values, but {width} were expected")
+    return table
+
+
+def _read_texts(path: Path, skip_lines: int, columns: Sequence[int]) -> np.ndarray:
+    """``columns`` of a CSV file's rows after its first ``skip_lines`` lines, as text:
+    one numpy string array, no Python object per cell."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        texts = np.loadtxt(path, dtype=str, skiprows=skip_lines, usecols=columns, ndmin=2,
+                           **_CSV_DIALECT)
+    return texts if len(texts) else np.zeros((0, len(columns)), str)
+
+
+def _not_read(text: str) -> float:
+    return math.nan
+
+
+def csv_rows(path: Path, skip_lines: int) -> Iterator[tuple[int, list[str]]]:
+    """The non-blank rows after the first ``skip_lines`` lines of a CSV file with their
+    line numbers, one at a time: to find the line a fast reader refused."""
+    with path.open(newline="", encoding="utf-8-sig") as file:
+        reader = csv.reader(file)
+        for row in reader:
+            if reader.line_num > skip_lines and row:
+                yield reader.line_num, row
+
+
+def _explain_csv(path: Path, header: list[str], label_column: str,
+                 group_column: str | None) -> None:
+    """Raise the first problem of a CSV file of labelled samples, naming its line and
+    column; return if there is none. Reads one row at a time."""
+    label_at = header.index(label_column)
+    group_at = None if group_column is None else header.index(group_column)
+    features = [i for i, name in enumerate(header) if name not in (label_column, group_column)]
+    number = named = bad_number = None  # (line, label) of the first such label
+    try:
+        for line, row in csv_rows(path, 1):
+            _check_width(row, len(header), line, path)
+            for i in features:
+                _number(row[i], header[i], line, path)
+            if group_at is not None:
+                _group(row[group_at], group_column, line, path)
+            label = row[label_at].strip()
+            if not label:
+                raise FedgeError(f"line {line} of {path} has no label in column "
+                                 f"{label_column!r}")
+            if is_number(label):
+                number = number or (line, label)
+                if not abs(float(label)) <= FLOAT32_MAX:
+                    bad_number = bad_number or (line, label)
+            else:
+                named = named or (line, label)
+            if number and named:
+                raise FedgeError(f"column {label_column!r} of {path} mixes class ids and "
+                                 f"class names (line {number[0]} holds {number[1]!r}, line "
+                                 f"{named[0]} {named[1]!r}); label every sample by id or "
+                                 "every sample by name")
+    except UnicodeDecodeError:
+        raise FedgeError(f"{path} is not a UTF-8 text file; a CSV must be") from None
+    except csv.Error as error:
+        raise FedgeError(f"{path} is not a readable CSV file: {error}") from None
+    if bad_number:
+        line, label = bad_number
+        _number(label, label_column, line, path)
+
+
+def _check_width(row: list[str], width: int, line: int, path: Path) -> None:
+    if len(row) != width:
+        raise FedgeError(f"line {line} of {path} has {len(row)} values, "
+                         f"but the header names {width} columns")
+
+
+def _group(text: str, column: str, line: int, path: Path) -> None:
     if not text.strip():
         raise FedgeError(f"line {line} of {path} has no value in column {column!r}, "
                          "which groups the samples")
-    return text.strip()
 
 
-def _csv_labels(labels: list[str], lines: list[int], column: str, path: Path) -> np.ndarray:
-    """Numbers when every label is a number (class ids), else text (class names)."""
-    numbers: list[float | None] = []
-    for text, line in zip(labels, lines, strict=True):
-        if not text:
-            raise FedgeError(f"line {line} of {path} has no label in column {column!r}")
-        try:
-            numbers.append(float(text))
-        except ValueError:
-            numbers.append(None)
-    named = [i for i, number in enumerate(numbers) if number is None]
-    if not named:
-        for text, line in zip(labels, lines, strict=True):
-            _number(text, column, line, path)  # finite, within float32's range
-        return np.array(numbers, dtype=np.float64)
-    if len(named) < len(labels):
-        number_at = next(i for i, number in enumerate(numbers) if number is not None)
-        raise FedgeError(f"column {column!r} of {path} mixes class ids and class names "
-                         f"(line {lines[number_at]} holds {labels[number_at]!r}, line "
-                         f"{lines[named[0]]} {labels[named[0]]!r}); label every sample by "
-                         "id or every sample by name")
-    return np.array(labels, dtype=str)
+def _csv_labels(labels: np.ndarray) -> np.ndarray | None:
+    """Numbers when every label is a finite number (class ids), text when none is a
+    number (class names); None for an empty label, a mix, or a number beyond float32."""
+    names, where = np.unique(labels, return_inverse=True)  # few distinct labels: cheap
+    numbers = [float(name) if is_number(name) else None for name in names]
+    if "" in names.tolist():
+        return None
+    if all(number is None for number in numbers):
+        return labels
+    if any(number is None or not abs(number) <= FLOAT32_MAX for number in numbers):
+        return None
+    return np.array(numbers, dtype=np.float64)[where.reshape(-1)]
+
+
+def is_number(text: str) -> bool:
+    """Whether ``float()`` reads ``text`` (NaN and Inf included)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _number(text: str, column: str, line: int, path: Path) -> float:

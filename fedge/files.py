@@ -5,7 +5,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +90,30 @@ def refuse_overwrite(paths: Iterable[Path]) -> None:
 
 def check_output_file(output: Path, overwrite: bool, source: Path) -> None:
     """An output file that can be written from ``source``, without destroying anything by
-    mistake; its folder is made if need be."""
+    mistake, in a folder that exists or can be made (by :func:`folder_for`)."""
     if output.is_dir():
         raise FedgeError(f"{output} is a folder; give the file to write")
     if output.exists() and not overwrite:
         raise FedgeError(f"{output} already exists; pass --overwrite to replace it")
     if output.exists() and source.exists() and output.samefile(source):
         raise FedgeError(f"{output} is the checkpoint itself; write the model elsewhere")
+    check_output_folder(output.parent)
+
+
+@contextlib.contextmanager
+def folder_for(output: Path) -> Iterator[None]:
+    """The folders ``output`` lacks, made for the block that writes it and removed again
+    if the block fails: a failed command leaves no empty folder behind."""
+    missing = [folder for folder in (output.parent, *output.parent.parents)
+               if not folder.exists()]  # the deepest first
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise FedgeError(f"cannot make the folder of {output}: {error.strerror}") from None
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there
+                folder.rmdir()
+        raise

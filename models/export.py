@@ -15,7 +15,7 @@ from torch import nn
 
 from fedge.errors import FedgeError
 from fedge.files import temporary_sibling
-from fedge.models.inference import CLASS_NAMES_KEY
+from fedge.models.inference import CLASS_NAMES_KEY, NON_FEATURE_COLUMNS_KEY
 from fedge.models.program import ProgramModel
 from fedge.models.registry import ModelSpec, as_input_tensor
 
@@ -43,16 +43,20 @@ def _quiet_exporter() -> Iterator[None]:
 
 def _finish_metadata(path: Path, spec: ModelSpec) -> "onnx.ModelProto":
     """Remove the exporter's per-node debug metadata (FX node names, module paths, source
-    stack traces with this machine's file paths) from the file, add the class names, and
-    return the model: devices never read the former, and it is over 6 % of a small
-    model's file (a fifth of its int8 version)."""
+    stack traces with this machine's file paths) from the file, add the class names and
+    the data's non-feature columns, and return the model: devices never read the former,
+    and it is over 6 % of a small model's file (a fifth of its int8 version)."""
     import onnx
 
     model = onnx.load(str(path))
     for node in model.graph.node:
         del node.metadata_props[:]
+    props = {}
     if spec.class_names is not None:
-        onnx.helper.set_model_props(model, {CLASS_NAMES_KEY: json.dumps(spec.class_names)})
+        props[CLASS_NAMES_KEY] = json.dumps(spec.class_names)
+    if spec.non_feature_columns:
+        props[NON_FEATURE_COLUMNS_KEY] = json.dumps(spec.non_feature_columns)
+    onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path))
     return model
 

@@ -30,6 +30,9 @@ class ModelSpec(BaseModel):
     input_dtype: Literal["float32", "int64"] = "float32"
     # Label names in class-id order (sorted, as the data files define them); None: ids.
     class_names: tuple[str, ...] | None = None
+    # Columns of the run's CSV files that are no features (the label column, a
+    # column:NAME partition's column): `fedge predict` skips them in those very files.
+    non_feature_columns: tuple[str, ...] = ()
     # Your own model: a digest of its architecture (fedge.models.program.fingerprint),
     # and the model itself as a program archive; the archive travels beside the spec's
     # JSON, not in it.
@@ -113,7 +116,8 @@ def check_sample_shape(name: str, sample_shape: tuple[int, ...]) -> None:
 def spec_from_data(name: str, x: np.ndarray, num_classes: int, dropout: float,
                    vocab_size: int | None = None,
                    class_names: tuple[str, ...] | None = None,
-                   scale_inputs: bool | None = None) -> ModelSpec:
+                   scale_inputs: bool | None = None,
+                   non_feature_columns: tuple[str, ...] = ()) -> ModelSpec:
     """A spec for model ``name`` whose input scaling is fitted on reference data ``x``.
 
     Mean and standard deviation are taken per channel (or per feature): axis 1 of ``x``.
@@ -126,7 +130,7 @@ def spec_from_data(name: str, x: np.ndarray, num_classes: int, dropout: float,
         "int64" if np.issubdtype(x.dtype, np.integer) else "float32")
     common = {"name": name, "input_shape": tuple(int(d) for d in x.shape[1:]),
               "num_classes": num_classes, "dropout": dropout, "class_names": class_names,
-              "input_dtype": dtype}
+              "input_dtype": dtype, "non_feature_columns": non_feature_columns}
     if dtype == "int64":
         return ModelSpec(**common, vocab_size=vocab_size or int(x.max()) + 1)
     if not (scale_inputs if scale_inputs is not None else builtin):

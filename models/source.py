@@ -34,8 +34,13 @@ def with_file_path(model: str, path: Callable[[Path], Path]) -> str:
 
 def resolve_factory(model: str | Factory) -> tuple[str, Factory]:
     """Where the model comes from (as a user would write it) and what builds it."""
+    if isinstance(model, nn.Module):
+        raise FedgeError(f"the model is an instance of {type(model).__name__}; give the class "
+                         "(or a function that returns one): fedge builds the model for the "
+                         "data's input shape and classes")
     if callable(model):
-        return f"{model.__module__}:{model.__qualname__}", model
+        name = getattr(model, "__qualname__", type(model).__name__)  # e.g. a partial
+        return f"{getattr(model, '__module__', None) or '?'}:{name}", model
     module_name, _, name = model.rpartition(":")
     if not module_name or not name:
         from fedge.models.registry import MODELS
@@ -51,7 +56,7 @@ def resolve_factory(model: str | Factory) -> tuple[str, Factory]:
                          and v.__module__ == module.__name__)
         raise FedgeError(f"{module_name} has no {name!r}; its nn.Module classes are: "
                          f"{', '.join(offered) or 'none'}")
-    if not callable(factory):
+    if not callable(factory) or isinstance(factory, nn.Module):
         raise FedgeError(f"{model} is a {type(factory).__name__}, not an nn.Module class or "
                          "a function that returns one")
     return model, factory

@@ -95,7 +95,9 @@ def load_server_data(settings: ServerSettings) -> ServerData:
     if np.issubdtype(val.x.dtype, np.integer):
         vocab = int(max(val.x.max(), test.x.max())) + 1
     return ServerData(val.x, val_y, test.x, test_y, num_classes, vocab_size=vocab,
-                      class_names=names)
+                      class_names=names, source=f"validation data {settings.val_data}, test "
+                                                f"data {settings.test_data or settings.val_data}",
+                      non_feature_columns=(config.label_column,))
 
 
 def federation_for(settings: ServerSettings) -> Federation:
@@ -184,6 +186,10 @@ def check_listener(listener: Listener) -> None:
         # Flower's own processes and fedge's `flwr` commands dial the SuperLink there.
         check_certificate_names(listener.certs, local_address(listener.host),
                                 f"--host {listener.host}")
+        if not listener.authorized_keys:  # the SuperLink would wait for clients it refuses
+            raise FedgeError("a TLS server admits only the clients whose public keys it is "
+                             "given, and it was given none: give each client's .pub file "
+                             "(made by `fedge keys`) with --authorized-key")
     elif listener.authorized_keys:
         raise FedgeError("--authorized-key needs TLS (--certs): an --insecure server "
                          "cannot authenticate clients")

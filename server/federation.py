@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedge.config import RunConfig, default_server_lr, step_name
+from fedge.config import DEFAULT_DATASET, RunConfig, default_server_lr, step_name
 from fedge.errors import FedgeError
 from fedge.files import write_json
 from fedge.models.edge import write_edge_folder
@@ -73,6 +73,8 @@ class ServerData:
     num_classes: int
     vocab_size: int | None = None
     class_names: tuple[str, ...] | None = None  # label names in class-id order, if named
+    source: str | None = None  # what the samples are, as the console's first line says
+    non_feature_columns: tuple[str, ...] = ()  # CSV columns of the run's files, not features
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,7 @@ class Federation:
         return {
             "status": status,
             "config": self.config.model_dump(),
+            "data": self.data.source,
             "model_spec": self.spec.model_dump(mode="json"),
             "model": {"origin": self.start.origin, "fingerprint": self.spec.fingerprint,
                       "init": self.config.init, "frozen": list(self.start.frozen)},
@@ -353,7 +356,7 @@ def prepare(config: RunConfig, data: ServerData,
     included; ``factory`` builds your own model instead of importing ``config.model``."""
     return starting_model(config, data.val_x, data.val_y, data.num_classes,
                           vocab_size=data.vocab_size, class_names=data.class_names,
-                          factory=factory)
+                          factory=factory, non_feature_columns=data.non_feature_columns)
 
 
 def _check_same_model(start: StartingModel, checkpoint: Checkpoint) -> None:
@@ -374,6 +377,8 @@ def _check_resumable(config: RunConfig, checkpoint: Checkpoint) -> None:
     for values in (saved, current):  # older checkpoints hold FedAdam's 0.1 as a number
         if values.get("server_lr") is None:
             values["server_lr"] = default_server_lr(values["strategy"])
+        # and name the default data set even for runs on your own data, which have none
+        values["dataset"] = values.get("dataset") or DEFAULT_DATASET
     changed = sorted(k for k, v in current.items()
                      if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if changed:

@@ -48,15 +48,19 @@ class StartingModel:
 
 def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_classes: int,
                    vocab_size: int | None = None, class_names: tuple[str, ...] | None = None,
-                   factory: Callable[..., nn.Module] | None = None) -> StartingModel:
+                   factory: Callable[..., nn.Module] | None = None,
+                   non_feature_columns: tuple[str, ...] = ()) -> StartingModel:
     """The model a new run starts from, fitted to the server's validation samples; your
-    own ``factory`` (the Python API) stands in for ``config.model``'s import."""
+    own ``factory`` (the Python API) stands in for ``config.model``'s import.
+    ``non_feature_columns``: the CSV columns of the run's data that are no features,
+    recorded with the model for ``fedge predict``."""
     if config.model is None:
         raise FedgeError("the server needs a model")
     # Devices see the file's name, not the server's folders.
     name = with_file_path(config.model, lambda path: Path(path.name))
     spec = spec_from_data(name, val_x, num_classes, config.dropout, vocab_size=vocab_size,
-                          class_names=class_names, scale_inputs=config.scale_inputs)
+                          class_names=class_names, scale_inputs=config.scale_inputs,
+                          non_feature_columns=non_feature_columns)
     check_labelled_samples(spec, val_x, val_y, "the server's validation data")
     with torch.random.fork_rng():  # the same seed, the same starting weights
         torch.manual_seed(config.seed)

@@ -24,7 +24,7 @@ class SimulatedClients:
     """A built-in data set (``dataset``), or your own files (``data``, a description that
     holds paths, never arrays), split among ``num_clients``."""
 
-    dataset: str
+    dataset: str | None
     partition: str
     num_clients: int
     seed: int

@@ -15,7 +15,7 @@ from torch import nn
 
 from fedge.client.training import check_device
 from fedge.client.wire import check_wire_folder
-from fedge.config import RunConfig
+from fedge.config import DEFAULT_DATASET, RunConfig
 from fedge.datafiles import LabelledSamples
 from fedge.errors import FedgeError
 from fedge.models.registry import check_sample_shape
@@ -78,8 +78,10 @@ def plan_simulation(config: RunConfig, data: LabelledSamples | None = None,
 def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPlan:
     own = user_data_source(config, data)
     if own is None:
-        dataset = load_dataset(config.dataset, config.seed)
-        config = config.model_copy(update={"model": config.model or dataset.default_model})
+        name = config.dataset or DEFAULT_DATASET
+        dataset = load_dataset(name, config.seed)
+        config = config.model_copy(update={"dataset": name,
+                                           "model": config.model or dataset.default_model})
         check_sample_shape(config.model, dataset.x.shape[1:])
         _check_dataset_settings(config, dataset.x.shape[1:], dataset.num_classes)
     else:
@@ -108,20 +110,21 @@ def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPla
         raise FedgeError(f"partition {config.partition!r} leaves a client with fewer than 2 "
                          "samples; use fewer clients or a larger alpha")
     if own is not None:
+        source = describe_source(config, own, own_split)
         server_data = ServerData(own_split.val_x, own_split.val_y, own_split.test_x,
                                  own_split.test_y, num_classes=config.num_classes
                                  or own_split.num_classes, vocab_size=own_split.vocab_size,
-                                 class_names=own_split.class_names)
-        return SimulationPlan(config, clients, server_data, False,
-                              describe_source(config, own, own_split),
+                                 class_names=own_split.class_names, source=source,
+                                 non_feature_columns=own.non_feature_columns)
+        return SimulationPlan(config, clients, server_data, False, source,
                               describe_partition(config, own),
                               describe_holdouts(config, own_split))
     split = split_federated(dataset, config.seed, config.val_share, config.test_share)
+    source = f"{config.dataset} ({'SYNTHETIC data' if dataset.synthetic else 'real data'})"
     server_data = ServerData(*split.server_val, *split.test, num_classes=dataset.num_classes,
-                             vocab_size=dataset.vocab_size)
-    kind = "SYNTHETIC data" if dataset.synthetic else "real data"
-    return SimulationPlan(config, clients, server_data, dataset.synthetic,
-                          f"{config.dataset} ({kind})", config.partition)
+                             vocab_size=dataset.vocab_size, source=source)
+    return SimulationPlan(config, clients, server_data, dataset.synthetic, source,
+                          config.partition)
 
 
 def _check_dataset_settings(config: RunConfig, sample_shape: tuple[int, ...],

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from fedge.config import RunConfig
+from fedge.config import DEFAULT_DATASET, RunConfig
 from fedge.datafiles import (
     LabelledSamples,
     as_samples,
@@ -62,6 +62,12 @@ class UserData:
     # hashed by their id, so that the description stays a cheap cache key.
     memory_id: str | None = None
     memory: LabelledSamples | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def non_feature_columns(self) -> tuple[str, ...]:
+        """The columns of a CSV that are no features: the label's and the group's."""
+        return (self.label_column,) if self.group_column is None else (
+            self.label_column, self.group_column)
 
     @property
     def natural(self) -> bool:
@@ -272,7 +278,8 @@ def user_data_source(config: RunConfig, data: LabelledSamples | None = None
         for option, value in (("--val-data", config.val_data), ("--test-data", config.test_data)):
             if value is not None:
                 raise FedgeError(f"{option} is for your own data (--data or --client-data); "
-                                 f"data set {config.dataset!r} holds out its own samples")
+                                 f"data set {config.dataset or DEFAULT_DATASET!r} holds out "
+                                 "its own samples")
         if spec.kind == "column":
             raise FedgeError(f"partition {config.partition!r} splits your own CSV file by "
                              "one of its columns: give the file with --data")

@@ -1,6 +1,8 @@
 """The Python API: fedge.simulate, fedge.export and fedge.predict on a model class and
 arrays, as a notebook would use them."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +83,69 @@ def test_bad_input_raises_the_error_the_command_line_prints(digits, tmp_path):
     with pytest.raises(FedgeError, match="1500 samples but 10 labels"):
         fedge.simulate(model=Net, data=(x[:1500], y[:10]), out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def _existing_file(folder):
+    (folder / "mine.onnx").write_bytes(b"keep me")
+    return folder / "mine.onnx"
+
+
+# Every argument of the public API, wrong in the ways a script gets it wrong: each is a
+# FedgeError naming it, raised before anything is read, run or written.
+BAD_CALLS = [
+    ("predict", {"output": "bogus"},
+     "output must be one of 'names', 'ids', 'probabilities', not 'bogus'"),
+    ("predict", {"output": None}, "output must be one of"),
+    ("predict", {"label_column": 5}, "label_column must be a column name, not 5"),
+    ("predict", {"ignore_columns": "device"},
+     "ignore_columns must be a list of column names, not 'device'"),
+    ("predict", {"model": None}, "model must be a path (str or pathlib.Path), not None"),
+    ("predict", {"inputs": {"a": 1}}, "inputs must be samples (an array of numbers) or the "
+                                      "path of"),
+    ("predict", {"inputs": np.array([["1"] * 64])}, "inputs must be samples"),
+    ("predict", {"inputs": np.float32(3)}, "inputs must be samples"),
+    ("export", {"quantize": "int4"}, "quantize must be one of 'int8', 'int8-dynamic', not "
+                                     "'int4'"),
+    ("export", {"quantize": "INT8"}, "quantize must be one of"),
+    ("export", {"overwrite": "no", "output": _existing_file},
+     "overwrite must be True or False, not 'no'"),
+    ("export", {"checkpoint": None}, "checkpoint must be a path"),
+    ("export", {"output": None}, "output must be a path"),
+    ("export", {"quantize": "int8", "eval_data": 123}, "eval_data must be a path"),
+    ("simulate", {"overwrite": "no"}, "overwrite must be True or False, not 'no'"),
+    ("simulate", {"resume": "yes"}, "resume must be True or False, not 'yes'"),
+    ("simulate", {"verbose": "no"}, "verbose must be True or False, not 'no'"),
+    ("simulate", {"on_round": "print"}, "on_round must be a function (or None), not 'print'"),
+    ("simulate", {"on_plan": 5}, "on_plan must be a function (or None), not 5"),
+    ("simulate", {"out": 5}, "out must be a path"),
+    ("simulate", {"config": 5}, "config must be a path"),
+    ("simulate", {"record_wire": 5}, "record_wire must be a path"),
+    ("simulate", {"model": Net((64,), 10)}, "the model is an instance of Net; give the class"),
+    ("simulate", {"data": 5}, "data must be a path or a pair of arrays (x, y)"),
+    ("simulate", {"clients": "ten"}, "clients: Input should be a valid integer"),
+    ("simulate", {"lr_rate": 0.1}, "lr_rate: Extra inputs are not permitted"),
+    ("simulate", {"freeze": "layers.*"}, "freeze: Input should be a valid list"),
+]
+
+
+@pytest.mark.parametrize("function, arguments, message", BAD_CALLS,
+                         ids=[f"{f}-{'-'.join(a)}" for f, a, _ in BAD_CALLS])
+def test_every_bad_argument_is_refused_before_anything_is_written(result, digits, tmp_path,
+                                                                  function, arguments,
+                                                                  message):
+    x, y = digits
+    given = {"predict": {"model": result.onnx_model, "inputs": x[:3]},
+             "export": {"checkpoint": result.run_dir / "best.pt",
+                        "output": tmp_path / "model.onnx"},
+             "simulate": {"model": Net, "data": (x[:400], y[:400]), "out": tmp_path / "run",
+                          "clients": 2, "rounds": 1, "local_epochs": 1}}[function]
+    given.update(arguments)
+    if callable(given.get("output")):  # a file there already
+        given["output"] = given["output"](tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    with pytest.raises(FedgeError, match=re.escape(message)):
+        getattr(fedge, function)(**given)
+
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert [p for p in tmp_path.rglob("*") if p.is_dir()] == []

@@ -136,6 +136,45 @@ def test_unreadable_prediction_inputs_are_refused(tmp_path, default_run):
                    "is not a valid ONNX model")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["simulate", "--clients", "ten"], "invalid value for '--clients': 'ten' is not a valid "
+                                       "integer"),
+    (["simulate", "--lr", "fast"], "invalid value for '--lr': 'fast' is not a valid float"),
+    (["simulate", "--round", "3"], "no such option '--round'"),
+    (["server", "--insecure"], "missing option '--val-data'"),
+    (["server", "--val-data", "v.npz", "--insecure", "--health-port", "0"],
+     "invalid value for '--health-port': 0 is not in the range 1<=x<=65535"),
+    (["client", "--server", "127.0.0.1:9", "--data", "d.npz", "--insecure",
+      "--join-timeout", "soon"], "invalid value for '--join-timeout': 'soon' is not a valid "
+                                 "float"),
+    (["gateway", "--server", "127.0.0.1:9", "--min-devices", "two"],
+     "invalid value for '--min-devices': 'two' is not a valid integer"),
+    (["export", "best.pt", "-o", "m.onnx", "--quantize", "int4"],
+     "invalid value for '--quantize': 'int4' is not one of 'int8', 'int8-dynamic'"),
+    (["predict", "model.onnx"], "missing argument 'INPUTS'"),
+    (["certs", "--host", "h", "--days", "a year"], "invalid value for '--days'"),
+    (["simulat"], "no such command 'simulat'. Did you mean 'simulate'?"),
+])
+def test_a_command_line_that_cannot_be_parsed_is_one_error_line_naming_the_option(
+        tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = fedge(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_server_port_beyond_65535_is_refused_in_one_line_before_anything_starts(tmp_path):
+    np.savez(tmp_path / "val.npz", x=np.zeros((4, 30), np.float32), y=np.arange(4) % 2)
+    result = run_fedge("server", "--val-data", str(tmp_path / "val.npz"), "--model", "mlp",
+                       "--insecure", "--port", "70000", "-o", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: invalid value for '--port': 70000 is not in the range 1<=x<=65535"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_installed_command_exits_non_zero_with_one_line_on_stderr(tmp_path):
     result = run_fedge("simulate", "--model", "resnet", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
@@ -233,6 +272,11 @@ def _interrupted_run(folder, default_run):
      ["--certs", "{f}/certs"], "server.key is not the key of"),
     (lambda f, r: None, ["--insecure", "--authorized-key", "{f}/keys/device0.pub"],
      "--authorized-key needs TLS (--certs)"),
+    # a server that waited for clients it can only refuse would say so after join-timeout
+    (lambda f, r: (f / "run.toml").write_text('model = "cnn"\njoin-timeout = 5\n'),
+     ["--certs", "{f}/certs"], "a TLS server admits only the clients whose public keys it "
+                               "is given, and it was given none: give each client's .pub "
+                               "file (made by `fedge keys`) with --authorized-key"),
     (lambda f, r: (f / "run.toml").write_text('model = "cnn"\nrounds = 0\n'), [],
      "rounds: Input should be greater than or equal to 1"),
     (lambda f, r: None, ["--strategy", "fedbuff", "--concurrency", "2", "--buffer", "4"],
@@ -374,6 +418,23 @@ def test_export_never_replaces_its_own_checkpoint_or_writes_onto_a_folder(tmp_pa
                    "is a folder; give the file to write")
 
 
+def test_a_failed_export_or_device_data_leaves_no_folder_behind(tmp_path, default_run):
+    not_exported = _damaged(default_run, tmp_path, state_dict={
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+        for k, v in torch.load(default_run / "best.pt", weights_only=True)["state_dict"].items()})
+    before = sorted(tmp_path.iterdir())
+
+    assert_refused(fedge("export", str(tmp_path / "missing.pt"), "-o",
+                         str(tmp_path / "models" / "m.onnx")), "does not exist")
+    assert_refused(fedge("export", str(not_exported), "-o",
+                         str(tmp_path / "models" / "edge" / "m.onnx")),
+                   "outputs on the reference inputs are not finite")
+    assert_refused(fedge("device-data", str(tmp_path / "missing.npz"), "-o",
+                         str(tmp_path / "device" / "local.bin")), "missing.npz")
+
+    assert sorted(tmp_path.iterdir()) == before
+
+
 def test_int8_evaluation_data_must_fit_the_model_and_needs_quantize(tmp_path, default_run):
     np.savez(tmp_path / "eval.npz", x=np.zeros((4, 64), np.float32), y=np.array([0, 1, 42, 2]))
     args = ["export", str(default_run / "best.pt"), "-o", str(tmp_path / "q.onnx"),
@@ -453,7 +514,7 @@ def test_a_setting_spelt_twice_in_a_config_file_is_refused(tmp_path):
     (["--server", "127.0.0.1:9092", "--insecure", "--tokens", "nowhere"], "nowhere"),
     (["--server", "nohost", "--insecure", "--tokens", "t"], "is not HOST:PORT"),
     (["--server", "127.0.0.1:9092", "--insecure", "--tokens", "t", "--listen", "x"],
-     "is not HOST:PORT"),
+     "--listen 'x' is not HOST:PORT"),
     (["--server", "127.0.0.1:9092", "--insecure", "--tokens", "t", "--round-deadline", "0"],
      "round_deadline must be a positive number of seconds"),
 ])

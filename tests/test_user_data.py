@@ -448,6 +448,102 @@ def test_predict_marks_nan_rows_of_a_headed_csv_and_refuses_text(tmp_path, digit
     assert result.exit_code == 2 and "is a folder without images" in result.stderr
 
 
+def test_a_first_row_of_numbers_with_a_typo_is_an_error_not_a_header(tmp_path, digits_model):
+    rows = [[f"{v:g}" for v in DIGITS.data[k]] for k in range(3)]
+    rows[0][2] = "1O"  # a typo: the letter O
+    (tmp_path / "typo.csv").write_text("".join(",".join(row) + "\n" for row in rows))
+
+    result = run_fedge("predict", str(digits_model), str(tmp_path / "typo.csv"))
+
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot read inputs from {tmp_path / 'typo.csv'}: line 1 holds '1O' in column "
+        "3, which is not a number; a first row of numbers with text among them is neither a "
+        "sample nor a header (which holds no number, or names the label column or an "
+        "ignored column)"]
+
+
+def test_a_header_of_numbered_columns_is_a_header_when_it_names_the_label(tmp_path,
+                                                                         digits_model):
+    from fedge.models.inference import read_inputs
+
+    write_csv(tmp_path / "numbered.csv", [*map(str, range(64)), "label"],
+              [[*DIGITS.data[k], WORDS[DIGITS.target[k]]] for k in range(3)])
+
+    np.testing.assert_array_equal(read_inputs(tmp_path / "numbered.csv").samples,
+                                  DIGITS.data[:3])
+
+
+# --- predict on the very file a run was trained on ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def column_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """A short run on a CSV split among clients by its device column: the run folder, the
+    file, and what `fedge simulate` printed."""
+    folder = tmp_path_factory.mktemp("column")
+    rows = np.arange(300)
+    data = digits_csv(folder / "parts.csv", rows, [f"dev{r % 3}" for r in rows], uid=False)
+    result = run_fedge("simulate", "--data", str(data), "--partition", "column:device",
+                       "--rounds", "1", "--local-epochs", "1", "--out", str(folder / "run"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return folder / "run", data, result.stdout
+
+
+def test_predict_skips_the_partition_column_the_model_records(column_run):
+    import fedge
+
+    run, data, _ = column_run
+
+    result = run_fedge("predict", str(run / "model.onnx"), str(data))
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 300 and set(lines) <= set(WORDS)
+    assert fedge.predict(run / "model.onnx", data) == lines
+    spec = json.loads((run / "metrics.json").read_text())["model_spec"]
+    assert spec["non_feature_columns"] == ["label", "device"]
+
+
+def test_columns_named_with_ignore_column_are_skipped_and_must_exist(column_run, tmp_path):
+    import fedge
+
+    run, data, _ = column_run
+    with data.open(newline="") as file:
+        table = list(csv.reader(file))
+    sited = write_csv(tmp_path / "sited.csv", ["site", *table[0]],
+                      [["north" if k % 2 else "south", *row] for k, row in enumerate(table[1:])])
+    model = str(run / "model.onnx")
+    expected = run_fedge("predict", model, str(data)).stdout
+
+    kept = run_fedge("predict", model, str(sited))
+    ignored = run_fedge("predict", model, str(sited), "--ignore-column", "site")
+    missing = run_fedge("predict", model, str(sited), "--ignore-column", "room")
+
+    assert kept.returncode == 2
+    assert "line 2 holds 'south' in column 'site', which is not a number" in kept.stderr
+    assert ignored.returncode == 0, ignored.stderr
+    assert ignored.stdout == expected
+    assert fedge.predict(model, sited, ignore_columns=["site"]) == expected.splitlines()
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"error: {sited} has no column 'room' to ignore; its columns are: site, "
+        f"{', '.join(table[0])}"]
+
+
+def test_metrics_name_the_data_a_run_trained_on_as_the_console_does(column_run, default_run):
+    run, data, printed = column_run
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    builtin = json.loads((default_run / "metrics.json").read_text())
+
+    assert metrics["config"]["dataset"] is None
+    assert metrics["data"] == f"data {data} (real data, 10 named classes)"
+    assert printed.startswith(f"fedge simulate: {metrics['data']}, model mlp")
+    assert builtin["config"]["dataset"] == "digits"
+    assert builtin["data"] == "digits (real data)"
+
+
 def test_server_data_names_are_the_union_of_its_files(tmp_path):
     from fedge.server.deployment import ServerSettings, load_server_data
 
