@@ -91,6 +91,66 @@ def test_batchnorm_statistics_come_back_from_the_train_program_and_frozen_entrie
     torch.testing.assert_close(new_mean, reference.features[1].running_mean)
 
 
+# The README's model: integer-valued digits put BatchNorm's outputs next to a ReLU's zero,
+# where float32 rounding decides whether a max-pool window routes its gradient through
+# one element or another.
+class ReadmeNet(nn.Module):
+    def __init__(self, num_classes: int = 10, dropout: float = 0.1):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16),
+                                      nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                                      nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(32 * 16, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x / 16.0))
+
+
+def test_the_readme_model_is_accepted_whatever_its_initialization():
+    # With seed 1, the digits 32-63 hold a window on which the runtime and PyTorch take
+    # different sides of a ReLU's zero (this machine: 4 of 55 batches of the digits did).
+    data = load_dataset("digits")
+    spec = ModelSpec(name="net.py:Net", input_shape=(1, 8, 8), num_classes=10, dropout=0.1)
+    torch.manual_seed(1)
+    programs = edge.export_edge_programs(ReadmeNet(), spec, data.x[32:72], data.y[32:72], 32)
+    verified = programs.manifest["verified"]
+    assert verified["batches"] == [32, edge.RAGGED_BATCH]
+    assert max(verified["max_abs_diff"].values()) <= edge.TOLERANCE
+
+
+class ScrambledGradient(torch.autograd.Function):
+    """The identity, whose backward scales the gradient by random factors: a backward
+    that differs between any two runs, as a wrong kernel's does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * torch.rand(grad.shape, dtype=grad.dtype)
+
+
+class WrongGradient(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ScrambledGradient.apply(self.fc(x.flatten(1)))
+
+
+def test_gradients_that_differ_on_every_batch_are_refused():
+    data = load_dataset("digits")
+    spec = ModelSpec(name="net.py:WrongGradient", input_shape=(1, 8, 8), num_classes=10,
+                     dropout=0.0)
+    with pytest.raises(FedgeError, match=r"the gradient of 'fc\.\w+' differs from PyTorch's "
+                                         r".* and its gradients differed on the 2 batches "
+                                         r"before; the device programs are refused"):
+        edge.export_edge_programs(WrongGradient(), spec, data.x[:40], data.y[:40], 16)
+
+
 class AveragePooling(nn.Module):
     def __init__(self) -> None:
         super().__init__()
