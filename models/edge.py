@@ -5,7 +5,8 @@ per run (weights travel each round as arrays by name, see ``client/device/PROTOC
 
 - **train**: ``(state..., x, y, dropout) → (loss, logits, ∇parameters..., buffers'...)``,
   the mean cross-entropy of a mini-batch, its gradient for every parameter and
-  BatchNorm's updated running statistics;
+  BatchNorm's updated running statistics (a BatchNorm layer whose statistics are frozen
+  normalizes with them, as in evaluation, and returns them unchanged);
 - **predict**: ``(state..., x) → logits``, in evaluation mode.
 
 Weights are inputs, not held inside the programs: a program that holds them gives a
@@ -44,6 +45,7 @@ from torch import nn
 from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
 from fedge.models.registry import ModelSpec, as_input_tensor
+from fedge.models.weights import frozen_statistics_layers, train_mode
 
 MANIFEST_FORMAT = 1
 # Largest |runtime − eager| allowed, relative to the larger of 1 and the output's scale.
@@ -188,6 +190,7 @@ class _Functions:
                       if value.dtype.is_floating_point}
         self.buffers = [name for name in self.state if name not in self.parameters]
         self.frozen = set(frozen) & set(self.state)
+        self.frozen_statistics = frozen_statistics_layers(self.net, frozen)
         everything = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
         self.constants = {name: value.detach().clone() for name, value in everything.items()
                           if name not in self.state}
@@ -215,7 +218,7 @@ class _Functions:
                   if name not in self.parameters}
         parameters = {name: state[name].detach().requires_grad_(True) for name in state
                       if name in self.parameters}
-        self.net.train()
+        train_mode(self.net, self.frozen_statistics)
         with torch.enable_grad():
             logits = torch.func.functional_call(self.net, {**parameters, **others}, (x,))
             loss = F.cross_entropy(logits, y)
@@ -342,10 +345,10 @@ def run_program(program: bytes, inputs: list[torch.Tensor]) -> list[torch.Tensor
 
 def _eager_reference(model: nn.Module, functions: _Functions, x: torch.Tensor,
                      y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """PyTorch's own loss, logits, gradients and new statistics (dropout off), and its
-    eval-mode logits, from an untouched copy of ``model``."""
-    net = copy.deepcopy(model).cpu()
-    net.train()
+    """PyTorch's own loss, logits, gradients and new statistics (dropout off, frozen
+    statistics in eval mode), and its eval-mode logits, from an untouched copy of
+    ``model``."""
+    net = train_mode(copy.deepcopy(model).cpu(), functions.frozen_statistics)
     for module in net.modules():
         if isinstance(module, nn.Dropout):
             module.eval()

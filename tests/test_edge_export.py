@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedge.errors import FedgeError
@@ -89,6 +90,29 @@ def test_batchnorm_statistics_come_back_from_the_train_program_and_frozen_entrie
     reference.train()
     reference(torch.as_tensor(data.x[:16]))
     torch.testing.assert_close(new_mean, reference.features[1].running_mean)
+
+
+def test_a_frozen_batchnorm_layer_trains_on_its_running_statistics_on_devices():
+    data = load_dataset("digits")
+    spec = ModelSpec(name="net.py:BatchNormNet", input_shape=(1, 8, 8), num_classes=10,
+                     dropout=0.2)
+    model = BatchNormNet().train()
+    with torch.no_grad():  # pretrained statistics, far from the fresh 0 and 1
+        model(torch.as_tensor(data.x[:500]))
+    frozen = [name for name in model.state_dict() if name.startswith("features.1.")]
+    programs = edge.export_edge_programs(model, spec, data.x[:40], data.y[:40], 16,
+                                         frozen=frozen)
+
+    state = [v for n, v in model.state_dict().items() if v.dtype.is_floating_point]
+    x, y = edge._batch(spec, data.x[500:], data.y[500:], 16)
+    loss, logits, *rest = edge.run_program(programs.train, [*state, x, y, torch.tensor(0.0)])
+    assert torch.equal(rest[-2], model.features[1].running_mean)
+    assert torch.equal(rest[-1], model.features[1].running_var)
+    with torch.no_grad():  # the layer normalizes as in evaluation (dropout is off here)
+        expected = model.eval()(x)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=edge.TOLERANCE)
+    torch.testing.assert_close(loss, F.cross_entropy(expected, y), rtol=0,
+                               atol=edge.TOLERANCE)
 
 
 # The README's model: integer-valued digits put BatchNorm's outputs next to a ReLU's zero,
