@@ -2,9 +2,10 @@
 without the model's source, and without running any Python code it received.
 
 The server, which has the source, exports the model twice with ``torch.export`` (once in
-train mode: dropout on, BatchNorm on batch statistics, updating its running statistics;
-once in eval mode) and packs both graphs, as torch's JSON serialization of ATen
-operators, into one zip archive:
+train mode: dropout on, BatchNorm on batch statistics, updating its running statistics,
+except the BatchNorm layers whose statistics are frozen, which stay in eval mode; once in
+eval mode) and packs both graphs, as torch's JSON serialization of ATen operators, into
+one zip archive:
 
 - ``train.json``, ``eval.json``: the two graphs, without weights;
 - ``manifest.json``: every state entry's name, shape, dtype and whether it is a
@@ -23,7 +24,7 @@ import hashlib
 import io
 import json
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import numpy as np
 import torch
@@ -31,13 +32,17 @@ from torch import nn
 
 from fedge.errors import FedgeError
 from fedge.models.exchange import PROGRAM_FORMAT, program_files, read_manifest
+from fedge.models.weights import train_mode
 
 ALLOWED_TARGETS = ("torch.ops.aten.", "torch.ops.prims.", "_operator.getitem")
 
 
-def export_program(model: nn.Module, sample: torch.Tensor) -> bytes:
+def export_program(model: nn.Module, sample: torch.Tensor,
+                   frozen_statistics: Collection[str] = ()) -> bytes:
     """``model`` (whose own code runs here, on the server) as a program archive, traced on
-    ``sample``, a batch of at least two inputs; the batch size stays free."""
+    ``sample``, a batch of at least two inputs; the batch size stays free. The layers
+    ``frozen_statistics`` names (frozen BatchNorm) are in eval mode in the train graph
+    too (:func:`fedge.models.weights.frozen_statistics_layers`)."""
     from torch._export.serde import serialize as serde  # 1.5 s: only when exporting
 
     constants: dict[str, np.ndarray] = {}
@@ -45,7 +50,10 @@ def export_program(model: nn.Module, sample: torch.Tensor) -> bytes:
     was_training = model.training
     try:
         for mode in ("train", "eval"):
-            model.train(mode == "train")
+            if mode == "train":
+                train_mode(model, frozen_statistics)
+            else:
+                model.eval()
             program = _export(model, sample)
             graphs[mode] = _without_node_metadata(serde.serialize(
                 program, serialize_state_dict=False, serialize_constants=False,

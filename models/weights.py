@@ -3,7 +3,7 @@ left fresh (``--reset``) and those not trained at all (``--freeze``)."""
 
 import fnmatch
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from fedge.errors import FedgeError
 
 CHECKPOINT_FORMAT = "fedge-checkpoint"  # as fedge.server.checkpoint writes it
 SUPPORTED = "a torch state_dict (.pt, .pth), a .safetensors file or a fedge checkpoint"
+RUNNING_STATISTICS = ("running_mean", "running_var")  # BatchNorm's buffers, by name
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -61,6 +62,37 @@ def matching(names: Sequence[str], patterns: Sequence[str], option: str) -> set[
                              f"({shown})")
         matched.update(hits)
     return matched
+
+
+def frozen_statistics_layers(model: nn.Module, frozen: Collection[str]) -> list[str]:
+    """The layers of ``model`` (BatchNorm's, and any other that keeps ``running_mean`` and
+    ``running_var``) whose running statistics are among the ``frozen`` entries: local
+    training keeps them in eval mode, so that they normalize with those statistics, as
+    evaluation, export and devices do, and leave them unchanged. Their weight and bias
+    train unless frozen too. Freezing one of a layer's two statistics is a mistake."""
+    layers = []
+    for layer, module in model.named_modules():
+        own = {name for name, _ in module.named_buffers(recurse=False)}
+        if not own.issuperset(RUNNING_STATISTICS):
+            continue
+        entries = [f"{layer}.{name}" if layer else name for name in RUNNING_STATISTICS]
+        held = [entry in frozen for entry in entries]
+        if all(held):
+            layers.append(layer)
+        elif any(held):
+            raise FedgeError(f"--freeze matches {entries[held.index(True)]} but not "
+                             f"{entries[held.index(False)]}: a layer's running statistics "
+                             "are frozen together (freeze both, or neither)")
+    return layers
+
+
+def train_mode(model: nn.Module, frozen_statistics: Collection[str] = ()) -> nn.Module:
+    """``model`` in training mode, but for the layers ``frozen_statistics`` names
+    (:func:`frozen_statistics_layers`), which stay in eval mode."""
+    model.train()
+    for layer in frozen_statistics:
+        model.get_submodule(layer).eval()
+    return model
 
 
 def load_initial_weights(model: nn.Module, path: Path, reset: set[str]) -> None:

@@ -3,8 +3,9 @@ weights (``--init``, ``--reset``) and the entries clients do not train (``--free
 
 Everything is checked here, before any file is written or process started: the model
 file imports, its factory takes fedge's arguments, it turns the server's samples into
-logits, the weights fit, every glob matches, something is left to train, and your own
-model can be shipped to devices as a program.
+logits, the weights fit, every glob matches, something is left to train, no layer has
+only one of its running statistics frozen, and your own model can be shipped to devices
+as a program.
 """
 
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from fedge.models.source import (
     resolve_factory,
     with_file_path,
 )
-from fedge.models.weights import load_initial_weights, matching
+from fedge.models.weights import frozen_statistics_layers, load_initial_weights, matching
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,16 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
     if config.freeze and not any(name not in frozen for name, _ in model.named_parameters()):
         raise FedgeError(f"--freeze {' '.join(config.freeze)} freezes every parameter: "
                          "nothing is left to train")
+    frozen_statistics = frozen_statistics_layers(model, frozen)
     sample = as_input_tensor(spec, np.concatenate([val_x[:2], val_x[:1]])[:2])
     check_logits(origin, model, sample, spec.num_classes)
     if not spec.builtin:
-        program = export_program(model, sample)
-        spec = spec.model_copy(update={"program": program, "fingerprint": fingerprint(program)})
+        program = export_program(model, sample, frozen_statistics)
+        # The fingerprint names the architecture, whatever --freeze keeps in eval mode: a
+        # run started before frozen BatchNorm layers trained in eval mode still resumes.
+        architecture = export_program(model, sample) if frozen_statistics else program
+        spec = spec.model_copy(update={"program": program,
+                                       "fingerprint": fingerprint(architecture)})
     edge = (export_edge_programs(model, spec, val_x, val_y, config.batch_size, frozen)
             if config.edge_programs else None)
     return StartingModel(spec, {k: v.detach().clone() for k, v in model.state_dict().items()},

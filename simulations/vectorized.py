@@ -43,8 +43,9 @@ On the CPU with one torch thread the results match sequential training within
 :data:`TOLERANCE` (relative) for a deterministic model: batched kernels sum in another
 order, so the last digits differ. With dropout the masks differ from sequential ones,
 so results agree statistically. A model whose training updates buffers in place
-(BatchNorm's running statistics), or that ``vmap`` cannot run, trains in the fallback
-grid, with one warning line that says why.
+(BatchNorm's running statistics; frozen BatchNorm layers, in eval mode, update none), or
+that ``vmap`` cannot run, trains in the fallback grid, with one warning line that says
+why.
 """
 
 import logging

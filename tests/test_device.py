@@ -6,6 +6,7 @@ refuses bad input with one line, and trains one gateway round."""
 import json
 import math
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
+from torch import nn
 
 from fedge.models.blob import pack, unpack
 from fedge.models.edge import export_edge_programs, write_edge_folder
-from fedge.models.registry import build_model, spec_from_data
+from fedge.models.registry import ModelSpec, build_model, spec_from_data
 
 from conftest import run_fedge, write_flat_csv
 
@@ -53,8 +55,15 @@ def write_folder(folder: Path, name: str, dropout: float, x: np.ndarray, y: np.n
     model's initial weights (weights.bin), as `fedge-device --local` reads them."""
     torch.manual_seed(0)
     spec = spec_from_data(name, x, 10, dropout)
-    model = build_model(spec)
-    programs = export_edge_programs(model, spec, x[:200], y[:200], MAX_BATCH)
+    return write_model_folder(folder, build_model(spec), spec, x, y)
+
+
+def write_model_folder(folder: Path, model: nn.Module, spec: ModelSpec, x: np.ndarray,
+                       y: np.ndarray, frozen: Sequence[str] = ()
+                       ) -> tuple[dict, dict[str, np.ndarray]]:
+    """``model``'s programs (``frozen``: the entries --freeze matched), their manifest and
+    the model's weights (weights.bin) in ``folder``."""
+    programs = export_edge_programs(model, spec, x[:200], y[:200], MAX_BATCH, frozen)
     write_edge_folder(programs, folder)
     state = {entry["name"]: model.state_dict()[entry["name"]].numpy().copy()
              for entry in programs.manifest["state"]}
@@ -182,17 +191,26 @@ def test_one_epoch_takes_eager_pytorchs_steps(device_binary: Path, no_dropout: d
     assert metrics["best_epoch"] == 1, metrics  # else the device returns the initial weights
 
     x, y = case["x"], case["y"]
+    model = build_model(spec_from_data(name, x, 10, 0.0))
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in case["state"].items()},
+                          strict=False)
+    train_loss = eager_epoch(model.train(), x, y, seed, optimizer, lr, batch_size)
+    assert metrics["train_loss"] == pytest.approx(train_loss, rel=1e-5)
+    assert_same_weights(out, model)
+
+
+def eager_epoch(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int, optimizer: str,
+                lr: float, batch_size: int) -> float:
+    """Epoch 1 of a task in eager PyTorch, on the samples and in the order fedge-device
+    takes them, over ``model``'s parameters that require grad; its mean training loss."""
     order = list(range(len(y)))
     SplitMix64(0).shuffle(order)  # the device's split: seed 0, kept for every task
     n_val = min(max(1, round(0.2 * len(y))), len(y) - 1)
     train = order[n_val:]
     SplitMix64(seed).shuffle(train)  # epoch 1's order, from the task's seed
-    model = build_model(spec_from_data(name, x, 10, 0.0))
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in case["state"].items()},
-                          strict=False)
-    model.train()
-    step = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if optimizer == "sgd"
-            else torch.optim.Adam(model.parameters(), lr=lr))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    step = (torch.optim.SGD(trained, lr=lr, momentum=0.9) if optimizer == "sgd"
+            else torch.optim.Adam(trained, lr=lr))
     loss_sum = 0.0
     for start in range(0, len(train), batch_size):
         rows = train[start:start + batch_size]
@@ -201,8 +219,11 @@ def test_one_epoch_takes_eager_pytorchs_steps(device_binary: Path, no_dropout: d
         loss.backward()
         step.step()
         loss_sum += loss.item() * len(rows)
-    assert metrics["train_loss"] == pytest.approx(loss_sum / len(train), rel=1e-5)
-    _, arrays = unpack(out.read_bytes())
+    return loss_sum / len(train)
+
+
+def assert_same_weights(result: Path, model: nn.Module) -> None:
+    _, arrays = unpack(result.read_bytes())
     expected = model.state_dict()
     for key, array in arrays.items():
         np.testing.assert_allclose(array, expected[key].numpy(), rtol=0, atol=2e-6,
@@ -233,6 +254,47 @@ def test_flat_csv_rows_train_the_cnn_as_its_images_do(device_binary: Path, no_dr
         np.testing.assert_array_equal(flat[name], images[name], err_msg=name)
     for metric in ("train_loss", "val_loss", "val_accuracy"):
         assert flat_header["metrics"][metric] == images_header["metrics"][metric]
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                      nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x / 16.0))
+
+
+def test_a_frozen_batchnorm_layer_trains_on_its_statistics_as_in_pytorch(
+        device_binary: Path, tmp_path: Path) -> None:
+    x, y = digits("cnn")
+    x, y = x[:600], y[:600]
+    torch.manual_seed(0)
+    model = BatchNormNet().train()
+    with torch.no_grad():  # statistics of real digits, as pretraining leaves them
+        model(torch.as_tensor(x))
+    frozen = [name for name in model.state_dict() if name.startswith("features.1.")]
+    spec = ModelSpec(name="net.py:BatchNormNet", input_shape=(1, 8, 8), num_classes=10,
+                     dropout=0.0)
+    write_model_folder(tmp_path, model, spec, x, y, frozen)
+    out = tmp_path / "result.bin"
+    done = run_device(device_binary, "--local", tmp_path, "--data",
+                      write_data(tmp_path / "local.bin", x, y), "--epochs", 1, "--optimizer",
+                      "sgd", "--lr", 0.05, "--batch-size", 20, "--seed", 5, "--out", out)
+    assert done.returncode == 0, done.stderr
+    metrics = strict_json(done.stdout)
+    assert metrics["best_epoch"] == 1, metrics
+
+    # PyTorch with the frozen layer in eval mode: its statistics, its weight and bias fixed.
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in frozen)
+    model.train()
+    model.features[1].eval()
+    train_loss = eager_epoch(model, x, y, 5, "sgd", 0.05, 20)
+    assert metrics["train_loss"] == pytest.approx(train_loss, rel=1e-5)
+    assert_same_weights(out, model)
 
 
 # -- bad input ----------------------------------------------------------------------------

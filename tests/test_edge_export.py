@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedge.errors import FedgeError
@@ -90,6 +91,89 @@ def test_batchnorm_statistics_come_back_from_the_train_program_and_frozen_entrie
     reference.train()
     reference(torch.as_tensor(data.x[:16]))
     torch.testing.assert_close(new_mean, reference.features[1].running_mean)
+
+
+def test_a_frozen_batchnorm_layer_trains_on_its_running_statistics_on_devices():
+    data = load_dataset("digits")
+    spec = ModelSpec(name="net.py:BatchNormNet", input_shape=(1, 8, 8), num_classes=10,
+                     dropout=0.2)
+    model = BatchNormNet().train()
+    with torch.no_grad():  # pretrained statistics, far from the fresh 0 and 1
+        model(torch.as_tensor(data.x[:500]))
+    frozen = [name for name in model.state_dict() if name.startswith("features.1.")]
+    programs = edge.export_edge_programs(model, spec, data.x[:40], data.y[:40], 16,
+                                         frozen=frozen)
+
+    state = [v for n, v in model.state_dict().items() if v.dtype.is_floating_point]
+    x, y = edge._batch(spec, data.x[500:], data.y[500:], 16)
+    loss, logits, *rest = edge.run_program(programs.train, [*state, x, y, torch.tensor(0.0)])
+    assert torch.equal(rest[-2], model.features[1].running_mean)
+    assert torch.equal(rest[-1], model.features[1].running_var)
+    with torch.no_grad():  # the layer normalizes as in evaluation (dropout is off here)
+        expected = model.eval()(x)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=edge.TOLERANCE)
+    torch.testing.assert_close(loss, F.cross_entropy(expected, y), rtol=0,
+                               atol=edge.TOLERANCE)
+
+
+# The README's model: integer-valued digits put BatchNorm's outputs next to a ReLU's zero,
+# where float32 rounding decides whether a max-pool window routes its gradient through
+# one element or another.
+class ReadmeNet(nn.Module):
+    def __init__(self, num_classes: int = 10, dropout: float = 0.1):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16),
+                                      nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                                      nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(32 * 16, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x / 16.0))
+
+
+def test_the_readme_model_is_accepted_whatever_its_initialization():
+    # With seed 1, the digits 32-63 hold a window on which the runtime and PyTorch take
+    # different sides of a ReLU's zero (this machine: 4 of 55 batches of the digits did).
+    data = load_dataset("digits")
+    spec = ModelSpec(name="net.py:Net", input_shape=(1, 8, 8), num_classes=10, dropout=0.1)
+    torch.manual_seed(1)
+    programs = edge.export_edge_programs(ReadmeNet(), spec, data.x[32:72], data.y[32:72], 32)
+    verified = programs.manifest["verified"]
+    assert verified["batches"] == [32, edge.RAGGED_BATCH]
+    assert max(verified["max_abs_diff"].values()) <= edge.TOLERANCE
+
+
+class ScrambledGradient(torch.autograd.Function):
+    """The identity, whose backward scales the gradient by random factors: a backward
+    that differs between any two runs, as a wrong kernel's does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * torch.rand(grad.shape, dtype=grad.dtype)
+
+
+class WrongGradient(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ScrambledGradient.apply(self.fc(x.flatten(1)))
+
+
+def test_gradients_that_differ_on_every_batch_are_refused():
+    data = load_dataset("digits")
+    spec = ModelSpec(name="net.py:WrongGradient", input_shape=(1, 8, 8), num_classes=10,
+                     dropout=0.0)
+    with pytest.raises(FedgeError, match=r"the gradient of 'fc\.\w+' differs from PyTorch's "
+                                         r".* and its gradients differed on the 2 batches "
+                                         r"before; the device programs are refused"):
+        edge.export_edge_programs(WrongGradient(), spec, data.x[:40], data.y[:40], 16)
 
 
 class AveragePooling(nn.Module):

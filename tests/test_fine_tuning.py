@@ -1,5 +1,6 @@
 """Fine-tuning a pretrained model beats training it from scratch, and freezing part of it
-sends less: benchmarks/fine_tuning.py, run as a user runs it."""
+sends less: benchmarks/fine_tuning.py, run as a user runs it. Frozen BatchNorm layers
+train on their pretrained statistics."""
 
 import json
 import subprocess
@@ -10,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from fedge.client.data import split_train_val
+from fedge.client.training import LocalTraining, train_locally
+from fedge.config import RunConfig
+from fedge.models.registry import build_model
+from fedge.models.source import instantiate, resolve_factory
 from fedge.server.checkpoint import load_checkpoint
+from fedge.server.starting_model import starting_model
+from fedge.simulations.datasets import load_dataset
+
+from conftest import write_user_model
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -55,3 +65,48 @@ def test_frozen_entries_keep_their_pretrained_values_and_the_head_is_new(runs):
         np.testing.assert_array_equal(final[name].numpy(), pretrained[name].numpy())
     assert pretrained["head.2.weight"].shape == (5, 512)  # pretrained on digits 0-4
     assert final["head.2.weight"].shape == (10, 512)
+
+
+def _pretrained(tmp_path: Path) -> tuple[str, Path, torch.nn.Module]:
+    """The user's BatchNorm model with statistics of real digits (as pretraining leaves
+    them, far from the fresh 0 and 1), saved as --init weights."""
+    model_name = f"{write_user_model(tmp_path / 'src')}:Net"
+    torch.manual_seed(0)
+    model = instantiate(*resolve_factory(model_name), (1, 8, 8), 10, 0.0)
+    model.train()
+    with torch.no_grad():
+        model(torch.as_tensor(load_dataset("digits").x[:500]))
+    torch.save(model.state_dict(), tmp_path / "pretrained.pt")
+    return model_name, tmp_path / "pretrained.pt", model.eval()
+
+
+def test_frozen_batchnorm_layers_train_on_their_pretrained_statistics(tmp_path):
+    model_name, weights, pretrained = _pretrained(tmp_path)
+    digits = load_dataset("digits")
+    val_x, val_y = digits.x[500:600], digits.y[500:600]
+    config = RunConfig(model=model_name, init=str(weights), freeze=["features.1.*"],
+                       dropout=0.0)
+    start = starting_model(config, val_x, val_y, 10)
+
+    # What a client builds from the server's program: its train graph normalizes with
+    # the layer's statistics, as the pretrained model does in eval mode.
+    client_model = build_model(start.spec)
+    client_model.load_state_dict(start.state)
+    x = torch.as_tensor(digits.x[600:664])
+    with torch.no_grad():
+        torch.testing.assert_close(client_model.train()(x), pretrained(x))
+
+    data = split_train_val(digits.x[:200], digits.y[:200], val_fraction=0.2)
+    train_locally(client_model, start.spec, data, LocalTraining(epochs=2, lr=0.01),
+                  torch.device("cpu"))
+    trained = client_model.state_dict()
+    for name in ("features.1.running_mean", "features.1.running_var"):
+        assert torch.equal(trained[name], pretrained.state_dict()[name]), name
+    assert not torch.equal(trained["features.0.weight"], start.state["features.0.weight"])
+
+    # The fingerprint is the architecture's: the same with and without --freeze, so a run
+    # started before frozen layers trained this way resumes.
+    plain = starting_model(RunConfig(model=model_name, init=str(weights), dropout=0.0),
+                           val_x, val_y, 10)
+    assert start.spec.fingerprint == plain.spec.fingerprint
+    assert start.spec.program != plain.spec.program

@@ -135,6 +135,15 @@ def test_globs_that_match_nothing_or_everything_are_refused(tmp_path, options, m
                               message)
 
 
+def test_freezing_one_of_a_layers_running_statistics_is_refused(tmp_path):
+    # Frozen statistics keep their layer in eval mode in training: both, or neither.
+    model = f"{write_user_model(tmp_path / 'src')}:Net"
+    assert_simulation_refused(tmp_path, ["--model", model, "--freeze", "*.running_mean"],
+                              "--freeze matches features.1.running_mean but not "
+                              "features.1.running_var: a layer's running statistics are "
+                              "frozen together (freeze both, or neither)")
+
+
 def test_reset_without_initial_weights_is_refused(tmp_path):
     model = f"{write_user_model(tmp_path / 'src')}:Net"
     assert_simulation_refused(tmp_path, ["--model", model, "--reset", "head.*"],

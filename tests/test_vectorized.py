@@ -92,6 +92,30 @@ def test_a_model_with_batchnorm_trains_one_by_one_and_says_why_once(tmp_path, ca
     assert result.test_accuracy > 0.3
 
 
+def test_a_model_whose_batchnorm_is_frozen_is_batched_and_trains_as_sequentially(
+        tmp_path, caplog):
+    # A frozen BatchNorm layer normalizes with its running statistics and leaves them
+    # as they are, in vmap as one by one: nothing is updated in place.
+    path = write_user_model(tmp_path / "model")
+    settings = {"model": f"{path}:Net", "dataset": "digits", "clients": 3, "rounds": 1,
+                "local_epochs": 2, "partition": "iid", "dropout": 0.0, "workers": 1,
+                "freeze": ["features.1.*"], "optimizer": "sgd", "lr": 0.05}
+    with caplog.at_level(logging.WARNING, logger="fedge.simulations"):
+        together = single_threaded(out=tmp_path / "vectorized", vectorize=True, **settings)
+    assert [r.getMessage() for r in caplog.records if r.name == "fedge.simulations"] == []
+    one_by_one = single_threaded(out=tmp_path / "sequential", **settings)
+
+    seq, vec = one_by_one.rounds[0], together.rounds[0]
+    assert (vec["num_clients"], vec["failures"]) == (3, 0)
+    for name in ROUND_METRICS:
+        assert relative(seq[name], vec[name]) <= TOLERANCE, (name, seq[name], vec[name])
+    seq_state = load_checkpoint(tmp_path / "sequential" / "checkpoint.pt").state_dict
+    vec_state = load_checkpoint(tmp_path / "vectorized" / "checkpoint.pt").state_dict
+    for name, value in seq_state.items():
+        scale = value.abs().max().clamp(min=1e-12)
+        assert ((vec_state[name] - value).abs().max() / scale) <= TOLERANCE, name
+
+
 class Branchy(nn.Module):
     """Python control flow on the values of the data: vmap cannot take one branch for
     some clients and the other for others."""
