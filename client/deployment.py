@@ -38,7 +38,7 @@ from fedge.client.training import check_device
 from fedge.client.wire import FOLDER_KEY, check_wire_folder
 from fedge.datafiles import load_labelled_data
 from fedge.errors import FedgeError
-from fedge.processes import Children, free_port, relay_output
+from fedge.processes import Children, flower_command, free_port, relay_output
 
 log = logging.getLogger("fedge.client")
 
@@ -48,6 +48,8 @@ JOIN_PROBLEMS = ("the server may not be up yet, this device's key may not be reg
 ENDED_GRACE = 5.0  # seconds a SuperNode that has given up gets to exit by itself
 FAREWELL_LINGER = 5.0  # seconds to let the SuperNode send its answer to the farewell
 MAX_PAUSE = 30.0  # seconds between attempts to join, at most
+# What Flower's SuperNode starts for each message, found by name (fedge.processes).
+SUPERNODE_HELPERS = ("flower-superexec", "flwr-clientapp")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Connection:
                 raise FedgeError("--key needs TLS (--ca): node authentication does not work "
                                  "over a plaintext connection")
             check_private_key(self.key)
+        for command in SUPERNODE_HELPERS:
+            flower_command(command)
 
 
 HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]/]+)):(?P<port>\d+)")

@@ -33,7 +33,7 @@ from fedge.simulations.datasets import load_dataset, split_federated
 from fedge.simulations.inprocess import FIRST_CLIENT_NODE_ID, InProcessGrid
 from fedge.simulations.partition import PartitionSpec, partition_indices
 
-from conftest import write_user_model
+from conftest import path_without_this_python, write_user_model
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -561,35 +561,75 @@ def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment)
         assert_gone_within(d, f"device{i}", CHILDREN_GONE)
 
 
-def test_a_plain_flower_supernode_is_told_to_run_fedge_client_and_the_server_names_it(
-        deployment, tmp_path):
-    d = deployment(rounds=1, **{"min-clients": 1, "join-timeout": 60})
-    server = d.start("server", "server", "--val-data", "val.npz", "--config", "run.toml",
-                     "--insecure", "--host", "127.0.0.1", "--port", str(d.port), "-o", "run")
-    d.wait_for(lambda: "SuperLink listening" in d.log("server"), 60, "the SuperLink")
-    # Someone joins with Flower's own SuperNode instead of `fedge client`.
-    with open(d.root / "plain.log", "ab") as log:
-        d.processes["plain"] = subprocess.Popen(
-            [str(Path(sys.executable).parent / "flower-supernode"), "--insecure",
+# A ClientApp that is not fedge's, as a Flower tutorial writes one: it answers train
+# messages (here with the weights it was sent) and knows no other message.
+STOCK_CLIENTAPP = """
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    reply = RecordDict({"arrays": msg.content["arrays"],
+                        "metrics": MetricRecord({"num-examples": 1})})
+    return Message(reply, reply_to=msg)
+"""
+
+
+def start_flower_supernode(d: Deployment, name: str, home: Path, **env: str) -> None:
+    """Flower's own ``flower-supernode`` joining ``d``'s insecure server as ``name``."""
+    bin_dir = str(Path(sys.executable).parent)  # Flower starts its helpers by name
+    with open(d.root / f"{name}.log", "ab") as log:
+        d.processes[name] = subprocess.Popen(
+            [str(Path(bin_dir) / "flower-supernode"), "--insecure",
              "--superlink", f"127.0.0.1:{d.port}", "--port", str(free_port()),
              "--max-wait-time", "60"],
             cwd=d.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "FLWR_HOME": str(tmp_path / "plain-home"),
-                 MARKER: f"{d.marker}-plain"})
+            env={**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ["PATH"]]),
+                 "FLWR_HOME": str(home), MARKER: f"{d.marker}-{name}", **env})
 
-    # Its round fails, with the reason under its node id; the run still finishes.
-    assert server.wait(timeout=120) == 0, d.logs()
+
+def test_nodes_that_do_not_run_fedge_client_are_named_and_never_sent_what_they_cannot_answer(
+        deployment, tmp_path, monkeypatch):
+    # fedge finds Flower's commands with its own Python, also when its environment's bin
+    # is not on PATH (the environment not activated).
+    monkeypatch.setenv("PATH", path_without_this_python())
+    d = deployment(rounds=1, **{"min-clients": 3, "join-timeout": 60})
+    server = d.start("server", "server", "--val-data", "val.npz", "--config", "run.toml",
+                     "--insecure", "--host", "127.0.0.1", "--port", str(d.port), "-o", "run")
+    d.wait_for(lambda: "SuperLink listening" in d.log("server"), 60, "the SuperLink")
+    client = d.client("device0", "device0.npz", "--insecure")
+    # Someone joins with Flower's own SuperNode instead of `fedge client`.
+    start_flower_supernode(d, "plain", tmp_path / "plain-home")
+    # A device whose environment answers with a stock ClientApp under the name of fedge's.
+    stock = tmp_path / "stock"
+    (stock / "fedge" / "client").mkdir(parents=True)
+    (stock / "fedge" / "__init__.py").write_text("")
+    (stock / "fedge" / "client" / "__init__.py").write_text("")
+    (stock / "fedge" / "client" / "relay.py").write_text(STOCK_CLIENTAPP)
+    start_flower_supernode(d, "stock", tmp_path / "stock-home", PYTHONPATH=str(stock))
+
+    # The plain node's round fails, with the reason under its node id; the run still
+    # finishes with the other two.
+    assert server.wait(timeout=300) == 0, d.logs()
     (node,) = re.findall(r"SuperNode ID: (\d+)", d.log("plain"))
     assert f"client node {node} failed: {NOT_FEDGE_CLIENT}" in d.log("server")
     (first,) = d.metrics()["rounds"]
-    assert (first["num_clients"], first["failures"]) == (0, 1)
-    # The node's own log says what the federation expects, and then that the run is over.
-    d.wait_for(lambda: "fedge: the federation's run finished" in d.log("plain"), 30,
-               "the farewell in the plain SuperNode's log")
+    assert (first["num_clients"], first["failures"]) == (2, 1)
+    # Only the fedge client is told that the run is over: it leaves, status 0.
+    assert client.wait(timeout=60) == 0, d.logs()
+    assert FINISHED in d.log("device0")
+    assert "told 1 of the 3 connected nodes (those that run fedge client)" in d.log("server")
+    # The plain node's own log says what the federation expects.
     plain = d.log("plain")
     assert f"fedge: {NOT_FEDGE_CLIENT}" in plain
     assert "`fedge client --server HOST:PORT --data FILE`" in plain
-    for name in ("server", "plain"):
+    # The stock ClientApp answered its round and was sent nothing else.
+    assert "Sending: train message" in d.log("stock")
+    assert "No query function registered" not in d.log("stock")
+    for name in ("server", "device0", "plain", "stock"):
         assert "Traceback" not in d.log(name) and "KeyError" not in d.log(name), d.log(name)
 
 
