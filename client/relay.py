@@ -8,9 +8,9 @@ forwards the message's records to it over a Unix socket in the client's private 
 folder, authenticated with a key only that folder holds, and returns the reply (an error
 reply, with the trainer's reason, when training failed). The server's last message, that
 its run has finished (:data:`RUN_FINISHED`), is handed over the same way; every reply
-of such a node carries a :data:`FEDGE_NODE` record, so that the server sends that message
-only to nodes that answer it. Both ends of that hand-off live here; the trainer itself is
-passed in.
+of such a node carries a :data:`FEDGE_NODE` record, so that the server does not send that
+message to nodes that answer without it (another ClientApp). Both ends of that hand-off
+live here; the trainer itself is passed in.
 
 A device that joins with Flower's plain ``flower-supernode`` instead of ``fedge client``
 runs this ClientApp with no trainer behind it: it logs :data:`NOT_FEDGE_CLIENT` and
@@ -46,8 +46,8 @@ AUTHKEY_KEY = "trainer-authkey"
 # ServerApp sends it): a query whose config carries a one-line summary of the run.
 RUN_FINISHED = "query.run_finished"
 SUMMARY_KEY = "summary"
-# A record in every reply of a node with fedge's trainer behind it: the server sends
-# RUN_FINISHED only to such nodes, as another ClientApp would raise on it.
+# A record in every reply of a node with fedge's trainer behind it: the server does not
+# send RUN_FINISHED to nodes that answer without it, as another ClientApp would raise on it.
 FEDGE_NODE = "fedge-node"
 CLIENT_APP_ERROR = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 # Why a node that runs Flower's plain SuperNode, with no `fedge client` behind this

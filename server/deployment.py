@@ -5,8 +5,8 @@ files, the run folder and its checkpoint), then starts ``flower-superlink`` (TLS
 authentication on unless ``--insecure``), registers the public keys of the devices
 allowed to join, submits the run with ``flwr run`` and streams its log; Flower runs
 :data:`app` in a ServerApp process that writes the run folder exactly as a simulation
-does, resuming from its checkpoint when the folder already holds one, and tells its
-fedge clients when the run has finished. A run the ServerApp has to stop (too few clients)
+does, resuming from its checkpoint when the folder already holds one, and tells the
+clients when the run has finished. A run the ServerApp has to stop (too few clients)
 is reported by ``fedge server`` as its own error, with what a restart will do.
 """
 
@@ -41,9 +41,9 @@ log = logging.getLogger("fedge.server")
 
 # Why the ServerApp stopped a run early, for `fedge server` to report (JSON).
 STOPPED_FILE = Path(".flower") / "stopped.json"
-# The last message to every fedge client (fedge.client.relay answers it): a query whose
-# config carries a one-line summary of the finished run. Only nodes whose replies carry
-# the FEDGE_NODE record get it: another ClientApp raises on a query it does not know.
+# The last message to every client (fedge.client.relay answers it): a query whose config
+# carries a one-line summary of the finished run. A node that answered without the
+# FEDGE_NODE record runs another ClientApp, which would raise on it: it is not sent.
 RUN_FINISHED = "query.run_finished"
 SUMMARY_KEY = "summary"
 FEDGE_NODE = "fedge-node"
@@ -114,19 +114,19 @@ def main(grid: Grid, context: Context) -> None:
     settings_file = Path(str(context.run_config["settings"]))
     settings = ServerSettings.model_validate_json(settings_file.read_text())
     show_fedge_logs(settings.log_format)
-    fedge_clients = FedgeClients(grid)
+    other_clientapps = OtherClientApps(grid)
     try:
-        outcome = federation_for(settings).run(fedge_clients)
+        outcome = federation_for(settings).run(other_clientapps)
     except FedgeError as error:  # `fedge server` reports it, as its own error
         write_json(settings.run_dir / STOPPED_FILE, {"error": str(error)})
         return
     announce_run_finished(grid, f"best round {outcome.best_round}: test accuracy "
-                                f"{outcome.test_accuracy:.3f}", fedge_clients.nodes)
+                                f"{outcome.test_accuracy:.3f}", other_clientapps.nodes)
 
 
-class FedgeClients(GridWrapper):
-    """Delegates to ``grid``, noting the nodes whose replies say that fedge's trainer is
-    behind them (the FEDGE_NODE record)."""
+class OtherClientApps(GridWrapper):
+    """Delegates to ``grid``, noting the nodes known to run another ClientApp than fedge's:
+    those that answered with content but without the FEDGE_NODE record."""
 
     def __init__(self, grid: Grid) -> None:
         super().__init__(grid)
@@ -142,17 +142,19 @@ class FedgeClients(GridWrapper):
     def _noted(self, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
         self.nodes.update(reply.metadata.src_node_id for reply in replies
-                          if reply.has_content() and FEDGE_NODE in reply.content)
+                          if reply.has_content() and FEDGE_NODE not in reply.content)
         return replies
 
 
-def announce_run_finished(grid: Grid, summary: str, fedge_clients: Collection[int],
+def announce_run_finished(grid: Grid, summary: str, other_clientapps: Collection[int],
                           timeout: float = FAREWELL_TIMEOUT) -> None:
-    """Tell every connected fedge client that the run is over, so that it leaves instead
-    of waiting for a server that is gone; waits at most ``timeout`` s for their answers.
-    Other nodes are not told: their ClientApp would raise on a message it does not know."""
+    """Tell every connected client that the run is over, so that it leaves instead of
+    waiting for a server that is gone; waits at most ``timeout`` s for their answers.
+    Nodes in ``other_clientapps`` are not told: their ClientApp would raise on a message it
+    does not know. A node never heard from is told: a fedge client whose every result was
+    late must not wait for a server that is gone."""
     connected = list(grid.get_node_ids())
-    nodes = [node for node in connected if node in fedge_clients]
+    nodes = [node for node in connected if node not in other_clientapps]
     if not nodes:
         return
     content = RecordDict({"config": ConfigRecord({SUMMARY_KEY: summary})})
@@ -167,9 +169,9 @@ def announce_run_finished(grid: Grid, summary: str, fedge_clients: Collection[in
     except Exception as error:  # the run is complete and saved: a farewell is a courtesy
         log.warning("could not tell the clients that the run finished: %s", error)
         return
-    log.info("told %d of the %d connected nodes (those that run fedge client) that the run "
-             "finished (%d did not answer within %.0f s)", len(nodes), len(connected),
-             len(pending), timeout)
+    log.info("told %d clients that the run finished (%d did not answer within %.0f s); "
+             "not told: %d nodes that run another ClientApp", len(nodes), len(pending),
+             timeout, len(connected) - len(nodes))
 
 
 def superlink_args(listener: Listener) -> list[str]:
