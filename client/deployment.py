@@ -9,12 +9,14 @@ already loaded. The client supervises its SuperNode and reads what it logs:
 - it has **joined** when Flower logs the node id the server gave it;
 - **the run finished** when the server's last message says so: the client leaves
   (exit status 0);
-- **the server is gone** (restarted, crashed, unreachable) when a joined SuperNode ends:
-  the client rejoins, for up to ``join_timeout`` seconds;
+- **the server is gone** (restarted, crashed, unreachable) when a joined SuperNode fails
+  to reach it: the client tries to rejoin for up to ``join_timeout`` seconds, counted from
+  that first failure;
 - it **cannot take part** when its samples do not fit the federation's model (learnt
   from the first round's message): it tells the server, says why and leaves;
 - it **gives up** when it has not joined within ``join_timeout`` seconds (counted from
-  the start, loading the data included), naming the cause Flower reported.
+  the start, loading the data included, but after one connection attempt at least),
+  naming the cause Flower reported.
 
 Every wait on the SuperNode is bounded: one that has given up or has been told to stop
 is ended, with everything it started, within seconds (:mod:`fedge.guard`).
@@ -38,7 +40,7 @@ from fedge.client.training import check_device
 from fedge.client.wire import FOLDER_KEY, check_wire_folder
 from fedge.datafiles import load_labelled_data
 from fedge.errors import FedgeError
-from fedge.processes import Children, free_port, relay_output
+from fedge.processes import Children, flower_command, free_port, relay_output
 
 log = logging.getLogger("fedge.client")
 
@@ -47,7 +49,12 @@ JOIN_PROBLEMS = ("the server may not be up yet, this device's key may not be reg
                  "plaintext one)")
 ENDED_GRACE = 5.0  # seconds a SuperNode that has given up gets to exit by itself
 FAREWELL_LINGER = 5.0  # seconds to let the SuperNode send its answer to the farewell
+# Seconds a SuperNode gets to start and try the server once, even when loading the data
+# took the whole join timeout.
+FIRST_TRY_BOUND = 30.0
 MAX_PAUSE = 30.0  # seconds between attempts to join, at most
+# What Flower's SuperNode starts for each message, found by name (fedge.processes).
+SUPERNODE_HELPERS = ("flower-superexec", "flwr-clientapp")
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,8 @@ class Connection:
                 raise FedgeError("--key needs TLS (--ca): node authentication does not work "
                                  "over a plaintext connection")
             check_private_key(self.key)
+        for command in SUPERNODE_HELPERS:
+            flower_command(command)
 
 
 HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]/]+)):(?P<port>\d+)")
@@ -136,15 +145,21 @@ JOIN_CAUSES = (
 JOINED = re.compile(r"SuperNode ID: (\d+)")
 ENDED = re.compile(r"Giving up reconnection|SuperNode terminated gracefully|Failed to "
                    r"initialize the connection|Exit Code: \d+")
+# Flower's retries: each failed request, and the first success after failures.
+FAILED = re.compile(r"connection attempt failed", re.I)
+RECONNECTED = re.compile(r"Connection successful after")
 
 
 class SuperNodeWatch:
-    """What one SuperNode's output says: whether it joined, why it could not, and
-    whether it has given up. Fed every line of that output."""
+    """What one SuperNode's output says: whether it has tried the server, joined, lost
+    it since, why it could not join, and whether it has given up. Fed every line of that
+    output."""
 
     def __init__(self) -> None:
         self.node_id: int | None = None
         self.cause: str | None = None
+        self.tried = False  # it has reached the server, or failed to
+        self.lost_at: float | None = None  # joined, then failing to reach the server since
         self.ended_at: float | None = None
         self.sent = 0  # replies sent to the server
 
@@ -153,8 +168,14 @@ class SuperNodeWatch:
             self.node_id = int(joined.group(1))
         elif "Sent successfully" in line:
             self.sent += 1
+        elif FAILED.search(line) and self.node_id is not None and self.lost_at is None:
+            self.lost_at = time.monotonic()
+        elif RECONNECTED.search(line):
+            self.lost_at = None
         elif ENDED.search(line) and self.ended_at is None:
             self.ended_at = time.monotonic()
+        self.tried = self.tried or bool(JOINED.search(line) or FAILED.search(line)
+                                        or ENDED.search(line))
         self.cause = next((meaning for pattern, meaning in JOIN_CAUSES
                            if pattern.search(line)), self.cause)
 
@@ -244,6 +265,7 @@ class Supervisor:
                  session: Session, verbose: bool) -> None:
         self.children, self.connection = children, connection
         self.node_config, self.session, self.verbose = node_config, session, verbose
+        self.tried = False  # a SuperNode has tried the server
 
     def serve(self, give_up_at: float) -> str:
         server, timeout = self.connection.server, self.connection.join_timeout
@@ -259,10 +281,15 @@ class Supervisor:
                                  f"{server}: {self.session.refusal}")
             now = time.monotonic()
             if watch.node_id is not None:  # it had joined: the server went away
-                give_up_at, pause, lost_at, cause = now + timeout, 1.0, now, None
-                log.warning("lost the server at %s; trying to rejoin for up to %.0f s",
-                            server, timeout)
-                continue
+                if watch.lost_at is None:  # it ended without a failed request first
+                    self._lost()
+                # The join timeout counts from the first failed request: Flower's
+                # SuperNode has been retrying since.
+                lost_at = watch.lost_at or now
+                give_up_at, pause = lost_at + timeout, 1.0
+                if now < give_up_at:
+                    cause = None  # the next attempts will say what is wrong now
+                    continue
             if now >= give_up_at:
                 raise FedgeError(self._gave_up(cause, lost_at))
             log.warning("could not join the federation at %s: %s; retrying in %.0f s",
@@ -288,10 +315,18 @@ class Supervisor:
         args = supernode_args(self.connection.server, self.connection.ca,
                               self.connection.key, self.node_config, free_port(), max_wait)
         process = self.children.start(args, capture=True)
+        started = time.monotonic()
         output = relay_output(process.stdout, watch, "Flower's SuperNode", self.verbose)
-        announced, leaving = False, None
-        while process.poll() is None and not self._should_end(watch, give_up_at, leaving):
+        announced, leaving, lost = False, None, None
+        while (process.poll() is None
+               and not self._should_end(watch, give_up_at, started, leaving)):
             announced = announced or self._announce(watch)
+            if watch.lost_at != lost:  # said once per loss, when it begins
+                lost = watch.lost_at
+                if lost is not None:
+                    self._lost()
+                else:
+                    log.info("reached the server at %s again", self.connection.server)
             if leaving is None and (self.session.finished or self.session.refusal):
                 leaving = (time.monotonic(), watch.sent)
             time.sleep(0.2)
@@ -299,6 +334,7 @@ class Supervisor:
         output.join(timeout=2.0)
         if not announced:
             self._announce(watch)
+        self.tried = self.tried or watch.tried
         return watch
 
     def _announce(self, watch: SuperNodeWatch) -> bool:
@@ -308,17 +344,28 @@ class Supervisor:
                      watch.node_id)
         return watch.node_id is not None
 
-    @staticmethod
-    def _should_end(watch: SuperNodeWatch, give_up_at: float,
+    def _lost(self) -> None:
+        log.warning("lost the server at %s; trying to rejoin for up to %.0f s",
+                    self.connection.server, self.connection.join_timeout)
+
+    def _should_end(self, watch: SuperNodeWatch, give_up_at: float, started: float,
                     leaving: tuple[float, int] | None) -> bool:
         now = time.monotonic()
         if leaving is not None:  # once it has sent its last answer to the server
             since, sent = leaving
             return watch.sent > sent or now - since > FAREWELL_LINGER
+        # Joined, then lost: it retries each request for up to --max-wait-time, and goes
+        # on with the next after giving up on one, until the join timeout since the loss.
+        if watch.lost_at is not None:
+            return now > watch.lost_at + self.connection.join_timeout
         if watch.ended_at is not None:  # Flower's SuperNode can hang after giving up
             return now - watch.ended_at > ENDED_GRACE
         # Flower bounds its own retries by --max-wait-time; this bounds them for sure.
-        return watch.node_id is None and now > give_up_at + ENDED_GRACE
+        if watch.node_id is None:  # one try at least, however long the start took
+            tried = self.tried or watch.tried
+            deadline = give_up_at if tried else max(give_up_at, started + FIRST_TRY_BOUND)
+            return now > deadline + ENDED_GRACE
+        return False
 
 
 def node_config_toml(entries: dict[str, str]) -> str:

@@ -7,8 +7,10 @@ the ClientApp Flower starts (:data:`app`, which imports Flower and nothing heavi
 forwards the message's records to it over a Unix socket in the client's private working
 folder, authenticated with a key only that folder holds, and returns the reply (an error
 reply, with the trainer's reason, when training failed). The server's last message, that
-its run has finished (:data:`RUN_FINISHED`), is handed over the same way. Both ends of
-that hand-off live here; the trainer itself is passed in.
+its run has finished (:data:`RUN_FINISHED`), is handed over the same way; every reply
+of such a node carries a :data:`FEDGE_NODE` record, so that the server does not send that
+message to nodes that answer without it (another ClientApp). Both ends of that hand-off
+live here; the trainer itself is passed in.
 
 A device that joins with Flower's plain ``flower-supernode`` instead of ``fedge client``
 runs this ClientApp with no trainer behind it: it logs :data:`NOT_FEDGE_CLIENT` and
@@ -25,8 +27,9 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log as flower_log
 
 from fedge.client.compression import compression_mod
@@ -43,6 +46,9 @@ AUTHKEY_KEY = "trainer-authkey"
 # ServerApp sends it): a query whose config carries a one-line summary of the run.
 RUN_FINISHED = "query.run_finished"
 SUMMARY_KEY = "summary"
+# A record in every reply of a node with fedge's trainer behind it: the server does not
+# send RUN_FINISHED to nodes that answer without it, as another ClientApp would raise on it.
+FEDGE_NODE = "fedge-node"
 CLIENT_APP_ERROR = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 # Why a node that runs Flower's plain SuperNode, with no `fedge client` behind this
 # ClientApp, cannot train (its node config lacks the trainer's entries).
@@ -123,12 +129,22 @@ def relay(content: RecordDict, context: Context) -> RecordDict:
     return _ask_trainer("train", content, context)
 
 
+def fedge_node_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Marks the replies of a node with fedge's trainer behind it (see FEDGE_NODE)."""
+    reply = call_next(msg, context)
+    if has_trainer(context) and reply.has_content():
+        reply.content[FEDGE_NODE] = ConfigRecord({"answers": RUN_FINISHED})
+    return reply
+
+
 # The wire recorder is the first mod, the outermost: it records what leaves the device
 # after every other mod (`fedge client --record-wire` names its folder in the node config).
+# The fedge-node mark is on every reply, secure aggregation's included.
 # DP clipping is the last, the innermost: it clips the trainer's reply when the server asks.
 # SecAgg+ answers a secure server's rounds (masking what the trainer sent), nothing else.
 # Compression sends the clipped update quantized when the server's config asks for it.
-app = ClientApp(mods=[WireRecorder(), secagg_mod, compression_mod, dp_clipping_mod])
+app = ClientApp(mods=[WireRecorder(), fedge_node_mod, secagg_mod, compression_mod,
+                      dp_clipping_mod])
 
 
 @app.train()

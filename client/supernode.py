@@ -28,6 +28,8 @@ import sys
 import time
 import types
 
+from fedge.processes import interpreter_bins
+
 POLL_ENV = "FEDGE_SUPERNODE_POLL"
 DEFAULT_POLL = 0.5  # 2 checks a second per idle device: light on the SuperLink
 LOST_SERVER = 75  # EX_TEMPFAIL: the SuperNode had joined, then lost its server
@@ -64,6 +66,8 @@ def run_supernode() -> int:
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     start_client_internal.time = short_sleeps(float(os.environ.get(POLL_ENV, DEFAULT_POLL)))
+    # Flower starts flower-superexec by name: the one installed with this Python.
+    os.environ["PATH"] = os.pathsep.join([*interpreter_bins(), os.environ.get("PATH", "")])
     logging.getLogger("flwr").addHandler(AttemptReasons())
     try:
         flower_supernode()

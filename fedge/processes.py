@@ -5,10 +5,12 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +34,30 @@ FLOWER_ENV = {  # defaults; the environment may set others
 }
 
 
+def interpreter_bins() -> list[str]:
+    """The folders where this Python's packages install their commands: beside the
+    interpreter (a virtual environment's ``bin``, even when it is not activated), its
+    installation scheme's scripts folder, and outside a virtual environment the user's
+    (``pip install --user``)."""
+    folders = [str(Path(sys.executable).parent), sysconfig.get_path("scripts")]
+    if sys.prefix == sys.base_prefix:
+        folders.append(sysconfig.get_path("scripts", f"{os.name}_user"))
+    return list(dict.fromkeys(folders))
+
+
+def flower_command(name: str) -> str:
+    """The path of Flower's command ``name`` (``flower-superlink``, ``flwr``...) installed
+    with this Python, whatever PATH says; a clear error when it is missing."""
+    folders = interpreter_bins()
+    found = shutil.which(name, path=os.pathsep.join(folders))
+    if found is None:
+        raise FedgeError(f"Flower's `{name}` command is not installed with this Python "
+                         f"({sys.executable}; looked in {', '.join(folders)}): install "
+                         "fedge and its dependencies into this environment (pip install -e "
+                         ". in fedge's folder)")
+    return found
+
+
 class Children:
     """Starts children, each under a :mod:`fedge.guard` that ends everything the child
     starts, and stops them on exit: also on SIGTERM, which becomes a clean shutdown of
@@ -40,8 +66,8 @@ class Children:
 
     def __init__(self, env: dict[str, str]) -> None:
         # Flower starts its helpers (flower-superexec, flwr-serverapp...) by name: find
-        # those installed beside this interpreter, even in a venv that is not activated.
-        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        # those installed with this interpreter, even in a venv that is not activated.
+        path = os.pathsep.join([*interpreter_bins(), os.environ.get("PATH", "")])
         self.env = {**FLOWER_ENV, **os.environ, "PATH": path, **env}
         self.processes: list[subprocess.Popen] = []
 

@@ -30,7 +30,9 @@ is refused with the operator or the entry at fault.
 import contextlib
 import copy
 import hashlib
+import io
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Collection, Iterator
@@ -74,6 +76,26 @@ def runtime_available() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _executorch_quiet() -> Iterator[None]:
+    """ExecuTorch's import, lowering and runtime print what concerns their developers, not
+    a fedge operator (torchao's missing CUDA kernels, torch deprecation warnings, the
+    runtime's CPU probe, all through Python's stderr): kept off the server's output. A
+    lowering pass also logs through the root logger, which then gets Python's default
+    handler and prints every Flower line a second time: the root logger is restored."""
+    root_handlers = list(logging.root.handlers)
+    pytree = logging.getLogger("torch.utils._pytree")  # torch's handler, not sys.stderr
+    pytree_level = pytree.level
+    pytree.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        pytree.setLevel(pytree_level)
+        logging.root.handlers[:] = root_handlers
+
+
+@_executorch_quiet()
 def export_edge_programs(model: nn.Module, spec: ModelSpec, x: np.ndarray, y: np.ndarray,
                          max_batch: int, frozen: Collection[str] = ()) -> EdgePrograms:
     """``model``'s train and predict programs for batches of 1 to ``max_batch`` samples,

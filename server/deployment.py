@@ -14,6 +14,7 @@ import json
 import logging
 import subprocess
 import time
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
 from fedge.logs import LogFormat, show_fedge_logs
 from fedge.models.source import with_file_path
-from fedge.processes import Children, check_listen_host, check_port_free
+from fedge.processes import Children, check_listen_host, check_port_free, flower_command
 from fedge.server.certs import (
     check_authorized_key,
     check_certificate_names,
@@ -36,6 +37,7 @@ from fedge.server.certs import (
 )
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, ServerData, check_server_settings
+from fedge.server.grid import GridWrapper
 from fedge.server.run_folder import run_failure, run_finished, server_checkpoint
 from fedge.server.superlink import (
     CONNECTION,
@@ -51,11 +53,15 @@ log = logging.getLogger("fedge.server")
 # Why the ServerApp stopped a run early, for `fedge server` to report (JSON).
 STOPPED_FILE = Path(".flower") / "stopped.json"
 # The last message to every client (fedge.client.relay answers it): a query whose config
-# carries a one-line summary of the finished run.
+# carries a one-line summary of the finished run. A node that answered without the
+# FEDGE_NODE record runs another ClientApp, which would raise on it: it is not sent.
 RUN_FINISHED = "query.run_finished"
 SUMMARY_KEY = "summary"
+FEDGE_NODE = "fedge-node"
 FAREWELL_TIMEOUT = 10.0  # seconds the finished server waits for clients to acknowledge
 SERVERAPP, CLIENTAPP = "fedge.server.deployment:app", "fedge.client.relay:app"
+# Flower's commands a server runs: fedge starts the first two, Flower the others.
+SERVER_COMMANDS = ("flower-superlink", "flwr", "flower-superexec", "flwr-serverapp")
 
 
 class ServerSettings(BaseModel):
@@ -121,19 +127,47 @@ def main(grid: Grid, context: Context) -> None:
     settings_file = Path(str(context.run_config["settings"]))
     settings = ServerSettings.model_validate_json(settings_file.read_text())
     show_fedge_logs(settings.log_format)
+    other_clientapps = OtherClientApps(grid)
     try:
-        outcome = federation_for(settings).run(grid)
+        outcome = federation_for(settings).run(other_clientapps)
     except FedgeError as error:  # `fedge server` reports it, as its own error
         write_json(settings.run_dir / STOPPED_FILE, {"error": str(error)})
         return
     announce_run_finished(grid, f"best round {outcome.best_round}: test accuracy "
-                                f"{outcome.test_accuracy:.3f}")
+                                f"{outcome.test_accuracy:.3f}", other_clientapps.nodes)
 
 
-def announce_run_finished(grid: Grid, summary: str, timeout: float = FAREWELL_TIMEOUT) -> None:
+class OtherClientApps(GridWrapper):
+    """Delegates to ``grid``, noting the nodes known to run another ClientApp than fedge's:
+    those that answered with content but without the FEDGE_NODE record."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.nodes: set[int] = set()
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._noted(self.grid.pull_messages(message_ids))
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self._noted(self.grid.send_and_receive(messages, timeout=timeout))
+
+    def _noted(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
+        self.nodes.update(reply.metadata.src_node_id for reply in replies
+                          if reply.has_content() and FEDGE_NODE not in reply.content)
+        return replies
+
+
+def announce_run_finished(grid: Grid, summary: str, other_clientapps: Collection[int],
+                          timeout: float = FAREWELL_TIMEOUT) -> None:
     """Tell every connected client that the run is over, so that it leaves instead of
-    waiting for a server that is gone; waits at most ``timeout`` s for their answers."""
-    nodes = list(grid.get_node_ids())
+    waiting for a server that is gone; waits at most ``timeout`` s for their answers.
+    Nodes in ``other_clientapps`` are not told: their ClientApp would raise on a message it
+    does not know. A node never heard from is told: a fedge client whose every result was
+    late must not wait for a server that is gone."""
+    connected = list(grid.get_node_ids())
+    nodes = [node for node in connected if node not in other_clientapps]
     if not nodes:
         return
     content = RecordDict({"config": ConfigRecord({SUMMARY_KEY: summary})})
@@ -148,8 +182,9 @@ def announce_run_finished(grid: Grid, summary: str, timeout: float = FAREWELL_TI
     except Exception as error:  # the run is complete and saved: a farewell is a courtesy
         log.warning("could not tell the clients that the run finished: %s", error)
         return
-    log.info("told %d clients that the run finished (%d did not answer within %.0f s)",
-             len(nodes), len(pending), timeout)
+    log.info("told %d clients that the run finished (%d did not answer within %.0f s); "
+             "not told: %d nodes that run another ClientApp", len(nodes), len(pending),
+             timeout, len(connected) - len(nodes))
 
 
 def superlink_args(listener: Listener) -> list[str]:
@@ -201,6 +236,8 @@ def check_listener(listener: Listener) -> None:
     check_port_free(listener.host, listener.port, "--port")
     if listener.health_port:
         check_port_free(listener.host, listener.health_port, "--health-port")
+    for command in SERVER_COMMANDS:
+        flower_command(command)
 
 
 def serve(settings: ServerSettings, listener: Listener, startup_timeout: float = 60.0,
@@ -265,7 +302,7 @@ def resume_advice(run_dir: Path) -> str:
 
 
 def _register(key: Path, env: dict[str, str]) -> None:
-    result = subprocess.run(["flwr", "supernode", "register", str(key),
+    result = subprocess.run([flower_command("flwr"), "supernode", "register", str(key),
                              CONNECTION], env=env, capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise FedgeError(f"could not register client key {key}: "

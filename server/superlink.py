@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedge.errors import FedgeError
 from fedge.files import write_atomic
-from fedge.processes import Children, plain, relay_output, wait_for_port
+from fedge.processes import Children, flower_command, plain, relay_output, wait_for_port
 
 CONNECTION = "fedge"
 APP_PYPROJECT = """\
@@ -64,7 +64,7 @@ def start_superlink(children: Children, args: Sequence[str], port: int, log: Pat
                     timeout: float, host: str = "127.0.0.1") -> subprocess.Popen:
     """``flower-superlink ARGS`` (its output appended to ``log``), once it listens on
     ``host``:``port``; a clear error with its last error line if it does not."""
-    superlink = children.start(["flower-superlink", *args], log=log)
+    superlink = children.start([flower_command("flower-superlink"), *args], log=log)
     try:
         wait_for_port(host, port, superlink, timeout, "the SuperLink")
     except FedgeError as error:
@@ -97,7 +97,7 @@ def stream_run(children: Children, app_dir: Path, superlink: subprocess.Popen,
     ``observe``; stderr shows them but those ``hide`` picks (see :func:`relay_output`). A
     SuperLink that stops during the run is an error, followed by ``advice()``.
     ``tick()`` runs on this thread a few times a second while the run lasts."""
-    args = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
+    args = [flower_command("flwr"), "run", str(app_dir), CONNECTION, "--stream",
             "--run-config", f'settings="{settings_file}"']
     if federation_config:
         args += ["--federation-config",

@@ -44,6 +44,14 @@ def run_fedge(*args: str, timeout: float = 300, env: dict | None = None,
     )
 
 
+def path_without_this_python() -> str:
+    """PATH without the folder of this Python's commands (a virtual environment's
+    ``bin``), as for a user who has not activated the environment."""
+    commands = Path(sys.executable).parent.resolve()
+    return os.pathsep.join(folder for folder in os.environ.get("PATH", "").split(os.pathsep)
+                           if folder and Path(folder).resolve() != commands)
+
+
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``python -c code args...`` in its own bounded process."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,

@@ -14,7 +14,7 @@ from fedge.models.registry import spec_from_data
 from fedge.simulations.inprocess import FIRST_CLIENT_NODE_ID, InProcessGrid
 from fedge.simulations.runner import plan_simulation, simulate
 
-from conftest import write_user_model
+from conftest import path_without_this_python, write_user_model
 
 
 def test_flower_is_the_version_the_in_process_grid_was_written_for():
@@ -51,48 +51,49 @@ def test_the_supernode_launcher_still_matches_flowers_code():
 def test_a_supernode_whose_server_is_gone_exits_by_itself_saying_why(tmp_path):
     """Flower 1.42's SuperNode hangs for ever once it gives up on a server it had joined;
     the launcher ends it, and prints the reason of each failed connection attempt (Flower
-    logs those only at DEBUG)."""
+    logs those only at DEBUG). Flower's commands are found with this Python, also when
+    its environment's ``bin`` is not on PATH."""
     import os
     import subprocess
     import sys
     import time
 
     from fedge.client.supernode import LOST_SERVER
-    from fedge.processes import free_port
+    from fedge.processes import Children, free_port
+    from fedge.server.superlink import start_superlink
 
-    env = {**os.environ, "FLWR_HOME": str(tmp_path)}
     port = free_port()
-    superlink = subprocess.Popen(
-        ["flower-superlink", "--host", "127.0.0.1", "--port", str(port), "--insecure",
-         "--disable-runtime-dependency-installation"], env=env, cwd=tmp_path,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    supernode = None
-    try:
+    children = Children(env={"FLWR_HOME": str(tmp_path)})
+    with children.running():
+        superlink = start_superlink(
+            children, ["--host", "127.0.0.1", "--port", str(port), "--insecure",
+                       "--disable-runtime-dependency-installation"],
+            port, tmp_path / "superlink.log", timeout=60)
         supernode = subprocess.Popen(
             [sys.executable, "-m", "fedge.client.supernode", "--superlink",
              f"127.0.0.1:{port}", "--insecure", "--port", str(free_port()),
-             "--max-wait-time", "5"], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
-        lines = []
-        for line in supernode.stdout:
-            lines.append(line)
-            if "SuperNode ID:" in line:
-                break
-        assert any("SuperNode ID:" in line for line in lines), "".join(lines)
-        superlink.kill()
-        superlink.wait(timeout=30)
-        lost = time.monotonic()
-        status = supernode.wait(timeout=60)
-        assert status == LOST_SERVER
-        assert time.monotonic() - lost < 5 + 20  # --max-wait-time, then Flower's last try
-        rest = supernode.stdout.read()
-        assert "Giving up reconnection" in rest
-        assert "fedge: connection attempt failed: [Errno 111] Connection refused" in rest
-    finally:
-        for process in (superlink, supernode):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
+             "--max-wait-time", "5"],
+            env={**os.environ, "FLWR_HOME": str(tmp_path), "PATH": path_without_this_python()},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            lines = []
+            for line in supernode.stdout:
+                lines.append(line)
+                if "SuperNode ID:" in line:
+                    break
+            assert any("SuperNode ID:" in line for line in lines), "".join(lines)
+            children.end(superlink)
+            lost = time.monotonic()
+            status = supernode.wait(timeout=60)
+            assert status == LOST_SERVER
+            assert time.monotonic() - lost < 5 + 20  # --max-wait-time, then Flower's last try
+            rest = supernode.stdout.read()
+            assert "Giving up reconnection" in rest
+            assert "fedge: connection attempt failed: [Errno 111] Connection refused" in rest
+        finally:
+            if supernode.poll() is None:
+                supernode.kill()
+                supernode.wait(timeout=30)
 
 
 def test_a_failing_client_becomes_an_error_reply_and_the_round_goes_on():

@@ -1,7 +1,12 @@
 """Bad input: one clear message, a non-zero exit, and nothing half-written."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -344,6 +349,43 @@ def test_a_tls_server_refuses_certificates_that_do_not_name_its_host(server_fold
                            "processes on this machine dial the server there")
     assert "`fedge certs --host ::1 --host ...`" in result.stderr
     assert not (server_folder / "run").exists()
+
+
+@pytest.fixture
+def python_without_flower_commands(tmp_path) -> Path:
+    """This Python with fedge and its libraries, in an environment whose ``bin`` holds no
+    commands (Flower's included): a user's environment that lacks them."""
+    env = tmp_path / "bare-env"
+    (env / "bin").mkdir(parents=True)
+    (env / "pyvenv.cfg").write_text(
+        f"home = {Path(os.path.realpath(sys.executable)).parent}\n"
+        "include-system-site-packages = false\n")
+    (env / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    lib = env / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    lib.mkdir(parents=True)
+    (lib / "site-packages").symlink_to(sysconfig.get_path("purelib"))
+    return env / "bin" / "python"
+
+
+def test_without_flowers_commands_server_and_client_say_so_before_starting(
+        server_folder, python_without_flower_commands):
+    f = server_folder
+    before = snapshot(f)
+    for args, missing in (
+        (["server", "--val-data", "val.npz", "--config", "run.toml", "--insecure",
+          "--host", "127.0.0.1", "--port", "9", "-o", "run"], "flower-superlink"),
+        (["client", "--server", "127.0.0.1:9", "--insecure", "--data", "val.npz",
+          "--join-timeout", "5"],
+         "flower-superexec"),
+    ):
+        result = subprocess.run([str(python_without_flower_commands), "-m", "fedge", *args],
+                                cwd=f, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stdout + result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: Flower's `{missing}` command is not installed with "
+                               f"this Python ({python_without_flower_commands}"), last
+        assert "Traceback" not in result.stderr
+    assert snapshot(f) == before  # nothing written, nothing started
 
 
 @pytest.mark.parametrize("options, message", [

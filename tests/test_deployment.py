@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedge.client.app import build_trainer
 from fedge.client.data import split_train_val
+from fedge.client.deployment import ENDED_GRACE
 from fedge.client.relay import (
     AUTHKEY_KEY,
     NOT_FEDGE_CLIENT,
@@ -28,12 +29,12 @@ from fedge.client.relay import (
 )
 from fedge.client.relay import app as relay_app
 from fedge.models.registry import build_model, spec_from_data
-from fedge.processes import free_port
+from fedge.processes import STOP_BOUND, free_port, plain
 from fedge.simulations.datasets import load_dataset, split_federated
 from fedge.simulations.inprocess import FIRST_CLIENT_NODE_ID, InProcessGrid
 from fedge.simulations.partition import PartitionSpec, partition_indices
 
-from conftest import write_user_model
+from conftest import path_without_this_python, run_python, write_user_model
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -103,6 +104,34 @@ def test_the_relay_with_no_fedge_client_behind_it_says_what_the_federation_expec
     farewell = RecordDict({"config": ConfigRecord({"summary": "best round 1"})})
     (answer,) = grid.send_and_receive([Message(farewell, FIRST_CLIENT_NODE_ID, RUN_FINISHED)])
     assert not answer.has_error()
+
+
+# What the ServerApp's process does with --edge-programs: export the devices' programs,
+# then log each round through Flower's logger.
+EXPORT_THEN_LOG = """
+import logging
+from flwr.common.logger import log
+from fedge.models.edge import export_edge_programs
+from fedge.models.registry import build_model, spec_from_data
+from fedge.simulations.datasets import load_dataset
+
+data = load_dataset("breast_cancer")
+spec = spec_from_data("mlp", data.x, data.num_classes, dropout=0.1)
+export_edge_programs(build_model(spec), spec, data.x[:40], data.y[:40], max_batch=8)
+log(logging.INFO, "a line Flower logs after the export")
+"""
+
+
+@pytest.mark.edge
+def test_exporting_device_programs_leaves_the_servers_output_as_it_was():
+    pytest.importorskip("executorch", reason="the device programs need pip install "
+                                             "'fedge[edge]'")
+    result = run_python(EXPORT_THEN_LOG, timeout=300)
+    assert result.returncode == 0, result.stderr
+    # No line of ExecuTorch's, torch's or torchao's, and Flower's line once.
+    lines = [plain(line) for line in (result.stdout + result.stderr).splitlines()
+             if line.strip()]
+    assert len(lines) == 1 and lines[0].endswith("a line Flower logs after the export"), lines
 
 
 class Deployment:
@@ -326,6 +355,22 @@ def test_joining_clients_name_what_went_wrong_and_give_up_in_time(deployment, tm
     assert server.poll() is None  # the server is not disturbed by any of them
 
 
+def test_a_client_whose_data_took_its_whole_join_timeout_still_tries_the_server_once(
+        tmp_path):
+    from fedge.client.deployment import Connection, DeviceData, run_client
+    from fedge.errors import FedgeError
+
+    digits = load_dataset("digits")
+    np.savez(tmp_path / "device.npz", x=digits.x[:50], y=digits.y[:50])
+    nobody = f"127.0.0.1:{free_port()}"
+    # As if loading the data had taken 30 s of a 10 s join timeout: the client still
+    # tries, and so learns why it cannot join.
+    with pytest.raises(FedgeError, match=r"gave up joining the federation at 127\.0\.0\.1:"
+                                         r"\d+ after 10 s: nothing accepts connections"):
+        run_client(Connection(nobody, join_timeout=10), DeviceData(tmp_path / "device.npz"),
+                   device="cpu", started=time.monotonic() - 30)
+
+
 def test_a_client_killed_mid_run_is_counted_under_its_own_node_id(deployment):
     d = deployment(rounds=4, **{"min-clients": 2, "round-timeout": 30})
     server = d.server()
@@ -492,13 +537,19 @@ def test_a_killed_fedbuff_server_resumes_after_its_last_checkpointed_version(dep
     assert "Traceback" not in d.log("restarted")
 
 
+CLIENT_JOIN_TIMEOUT = 30  # seconds
+# After the join timeout: the last retry and the SuperNode's end (README, "When the server
+# stops").
+LEAVING_BOUND = ENDED_GRACE + STOP_BOUND
+
+
 def test_a_device_whose_labels_do_not_fit_leaves_and_too_few_clients_stop_the_server(
         deployment):
     d = deployment(rounds=3, **{"min-clients": 2, "join-timeout": 20})
     x, y = np.load(d.root / "device1.npz")["x"], np.load(d.root / "device1.npz")["y"]
     np.savez(d.root / "twelve.npz", x=x, y=np.where(y == 9, 12, y))
     server = d.server()
-    d.client("device0", "device0.npz")
+    left = d.client("device0", "device0.npz", "--join-timeout", str(CLIENT_JOIN_TIMEOUT))
     misfit = d.client("device1", "twelve.npz")
 
     assert misfit.wait(timeout=300) == 2, d.logs()
@@ -507,6 +558,7 @@ def test_a_device_whose_labels_do_not_fit_leaves_and_too_few_clients_stop_the_se
     assert "labels outside the federation's 10 classes (0..9), e.g. 12" in log
     assert "Traceback" not in log
     assert server.wait(timeout=300) == 2, d.logs()
+    stopped = time.monotonic()
     last = d.log("server").strip().splitlines()[-1]
     assert last.startswith("error: only 1 of the 2 clients a round needs stayed connected "
                            "for 20 s"), last
@@ -517,6 +569,12 @@ def test_a_device_whose_labels_do_not_fit_leaves_and_too_few_clients_stop_the_se
     first = d.metrics()["rounds"][0]
     assert (first["num_clients"], first["failures"]) == (1, 1)
     assert_gone_within(d, "server", CHILDREN_GONE)
+    # The client left waiting (idle) gives up its join timeout after it lost the server,
+    # and its last retry and SuperNode end within LEAVING_BOUND of that.
+    assert left.wait(timeout=120) == 2, d.log("device0")
+    assert time.monotonic() - stopped < CLIENT_JOIN_TIMEOUT + LEAVING_BOUND, d.log("device0")
+    assert (f"has not been reachable for {CLIENT_JOIN_TIMEOUT} s since the connection was "
+            "lost" in d.log("device0").strip().splitlines()[-1])
 
 
 def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment):
@@ -558,7 +616,11 @@ def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment)
     assert checkpoint.round == len(d.metrics()["rounds"]) >= 1
     assert d.metrics()["status"] == "running"
     with socket.socket() as sock:  # the SuperLink is gone and its port is free again
+        # As a restarted server binds it: a connection the SuperLink closed stays in
+        # FIN-WAIT-2 on its port while the client that held it still runs.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", d.port))
+        sock.listen()
     # A server that stops without finishing its run says nothing to its clients: they
     # try to rejoin for their join timeout, then give up and say so.
     for i, client in enumerate(clients):
@@ -569,35 +631,79 @@ def test_the_server_reports_health_and_shuts_down_cleanly_on_sigterm(deployment)
         assert_gone_within(d, f"device{i}", CHILDREN_GONE)
 
 
-def test_a_plain_flower_supernode_is_told_to_run_fedge_client_and_the_server_names_it(
-        deployment, tmp_path):
-    d = deployment(rounds=1, **{"min-clients": 1, "join-timeout": 60})
-    server = d.start("server", "server", "--val-data", "val.npz", "--config", "run.toml",
-                     "--insecure", "--host", "127.0.0.1", "--port", str(d.port), "-o", "run")
-    d.wait_for(lambda: "SuperLink listening" in d.log("server"), 60, "the SuperLink")
-    # Someone joins with Flower's own SuperNode instead of `fedge client`.
-    with open(d.root / "plain.log", "ab") as log:
-        d.processes["plain"] = subprocess.Popen(
-            [str(Path(sys.executable).parent / "flower-supernode"), "--insecure",
+# A ClientApp that is not fedge's, as a Flower tutorial writes one: it answers train
+# messages (here with the weights it was sent) and knows no other message.
+STOCK_CLIENTAPP = """
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    reply = RecordDict({"arrays": msg.content["arrays"],
+                        "metrics": MetricRecord({"num-examples": 1})})
+    return Message(reply, reply_to=msg)
+"""
+
+
+def start_flower_supernode(d: Deployment, name: str, home: Path, **env: str) -> None:
+    """Flower's own ``flower-supernode`` joining ``d``'s insecure server as ``name``."""
+    bin_dir = str(Path(sys.executable).parent)  # Flower starts its helpers by name
+    with open(d.root / f"{name}.log", "ab") as log:
+        d.processes[name] = subprocess.Popen(
+            [str(Path(bin_dir) / "flower-supernode"), "--insecure",
              "--superlink", f"127.0.0.1:{d.port}", "--port", str(free_port()),
              "--max-wait-time", "60"],
             cwd=d.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "FLWR_HOME": str(tmp_path / "plain-home"),
-                 MARKER: f"{d.marker}-plain"})
+            env={**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ["PATH"]]),
+                 "FLWR_HOME": str(home), MARKER: f"{d.marker}-{name}", **env})
 
-    # Its round fails, with the reason under its node id; the run still finishes.
-    assert server.wait(timeout=120) == 0, d.logs()
+
+def test_nodes_that_do_not_run_fedge_client_are_named_and_never_sent_what_they_cannot_answer(
+        deployment, tmp_path, monkeypatch):
+    # fedge finds Flower's commands with its own Python, also when its environment's bin
+    # is not on PATH (the environment not activated).
+    monkeypatch.setenv("PATH", path_without_this_python())
+    d = deployment(rounds=1, **{"min-clients": 3, "join-timeout": 60})
+    server = d.start("server", "server", "--val-data", "val.npz", "--config", "run.toml",
+                     "--insecure", "--host", "127.0.0.1", "--port", str(d.port), "-o", "run")
+    d.wait_for(lambda: "SuperLink listening" in d.log("server"), 60, "the SuperLink")
+    client = d.client("device0", "device0.npz", "--insecure")
+    # Someone joins with Flower's own SuperNode instead of `fedge client`.
+    start_flower_supernode(d, "plain", tmp_path / "plain-home")
+    # A device whose environment answers with a stock ClientApp under the name of fedge's.
+    stock = tmp_path / "stock"
+    (stock / "fedge" / "client").mkdir(parents=True)
+    (stock / "fedge" / "__init__.py").write_text("")
+    (stock / "fedge" / "client" / "__init__.py").write_text("")
+    (stock / "fedge" / "client" / "relay.py").write_text(STOCK_CLIENTAPP)
+    start_flower_supernode(d, "stock", tmp_path / "stock-home", PYTHONPATH=str(stock))
+
+    # The plain node's round fails, with the reason under its node id; the run still
+    # finishes with the other two.
+    assert server.wait(timeout=300) == 0, d.logs()
     (node,) = re.findall(r"SuperNode ID: (\d+)", d.log("plain"))
     assert f"client node {node} failed: {NOT_FEDGE_CLIENT}" in d.log("server")
     (first,) = d.metrics()["rounds"]
-    assert (first["num_clients"], first["failures"]) == (0, 1)
-    # The node's own log says what the federation expects, and then that the run is over.
+    assert (first["num_clients"], first["failures"]) == (2, 1)
+    # The fedge client is told that the run is over: it leaves, status 0.
+    assert client.wait(timeout=60) == 0, d.logs()
+    assert FINISHED in d.log("device0")
+    # The plain node's own log says what the federation expects, and then that the run
+    # is over (fedge's ClientApp answers that, trainer or not).
     d.wait_for(lambda: "fedge: the federation's run finished" in d.log("plain"), 30,
                "the farewell in the plain SuperNode's log")
     plain = d.log("plain")
     assert f"fedge: {NOT_FEDGE_CLIENT}" in plain
     assert "`fedge client --server HOST:PORT --data FILE`" in plain
-    for name in ("server", "plain"):
+    # The stock ClientApp answered its round, so the server knows it for another
+    # ClientApp and sends it nothing else.
+    assert "Sending: train message" in d.log("stock")
+    assert "not told: 1 nodes that run another ClientApp" in d.log("server")
+    assert "No query function registered" not in d.log("stock")
+    for name in ("server", "device0", "plain", "stock"):
         assert "Traceback" not in d.log(name) and "KeyError" not in d.log(name), d.log(name)
 
 
