@@ -113,34 +113,40 @@ def parse_server_address(text: str, option: str = "--server") -> tuple[str, int]
     return match["v6"] or match["host"], port
 
 
-# What Flower's SuperNode logs when it cannot join, and what it means for the user.
+# What Flower's SuperNode logs when it cannot join, and what it means for the user; the
+# last field says for which clients: a TLS client ("tls"), an --insecure one, or any.
 JOIN_CAUSES = (
     (re.compile(r"CERTIFICATE_VERIFY_FAILED.*(mismatch|doesn't match)", re.I),
      "the server's TLS certificate is not valid for the name or address in --server "
-     "(`fedge certs --host` must name it)"),
+     "(`fedge certs --host` must name it)", "any"),
     (re.compile(r"CERTIFICATE_VERIFY_FAILED", re.I),
      "the server's TLS certificate is not signed by the CA in --ca (give this server's "
-     "ca.pem)"),
+     "ca.pem)", "any"),
     (re.compile(r"WRONG_VERSION_NUMBER|record layer failure|packet length too long", re.I),
-     "the server does not speak TLS (it runs --insecure): give --insecure instead of --ca"),
+     "the server does not speak TLS (it runs --insecure): give --insecure instead of --ca",
+     "tls"),
     (re.compile(r"Server disconnected without sending a response|illegal request line|"
                 r"RemoteProtocolError", re.I),
-     "the server speaks TLS: give its ca.pem with --ca instead of --insecure"),
+     "the server speaks TLS: give its ca.pem with --ca instead of --insecure", "insecure"),
+    # A TLS client whose connection is cut mid-request: the network, not its settings.
+    (re.compile(r"Server disconnected without sending a response|RemoteProtocolError", re.I),
+     "the connection to the server was cut (an unreliable network, or the server stopped)",
+     "tls"),
     (re.compile(r"SuperNode authentication is enabled", re.I),
      "the server admits only registered devices: give this device's private key with "
-     "--key (made by `fedge keys`), and its .pub file to the server's operator"),
+     "--key (made by `fedge keys`), and its .pub file to the server's operator", "any"),
     (re.compile(r"No SuperNode found with the given public key|Failed to activate SuperNode",
                 re.I),
      "the server does not know this device's key: give its .pub file to the server's "
-     "operator (`fedge server --authorized-key`)"),
+     "operator (`fedge server --authorized-key`)", "any"),
     (re.compile(r"Connection refused", re.I),
      "nothing accepts connections at that address (the server is not up yet, or the "
-     "host or port is wrong)"),
+     "host or port is wrong)", "any"),
     (re.compile(r"Name or service not known|nodename nor servname|Temporary failure in name "
                 r"resolution|No address associated", re.I),
-     "the server's host name cannot be resolved"),
+     "the server's host name cannot be resolved", "any"),
     (re.compile(r"timed out|ConnectTimeout", re.I),
-     "the server did not answer in time (is a firewall in the way?)"),
+     "the server did not answer in time (is a firewall in the way?)", "any"),
 )
 JOINED = re.compile(r"SuperNode ID: (\d+)")
 ENDED = re.compile(r"Giving up reconnection|SuperNode terminated gracefully|Failed to "
@@ -155,7 +161,8 @@ class SuperNodeWatch:
     it since, why it could not join, and whether it has given up. Fed every line of that
     output."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = True) -> None:
+        self.client_kind = "tls" if tls else "insecure"  # which JOIN_CAUSES apply
         self.node_id: int | None = None
         self.cause: str | None = None
         self.tried = False  # it has reached the server, or failed to
@@ -176,8 +183,9 @@ class SuperNodeWatch:
             self.ended_at = time.monotonic()
         self.tried = self.tried or bool(JOINED.search(line) or FAILED.search(line)
                                         or ENDED.search(line))
-        self.cause = next((meaning for pattern, meaning in JOIN_CAUSES
-                           if pattern.search(line)), self.cause)
+        self.cause = next((meaning for pattern, meaning, kind in JOIN_CAUSES
+                           if kind in ("any", self.client_kind) and pattern.search(line)),
+                          self.cause)
 
 
 class Session:
@@ -310,7 +318,7 @@ class Supervisor:
     def _attempt(self, give_up_at: float) -> SuperNodeWatch:
         """One SuperNode, from its start until it has ended (by itself, or stopped by us
         once it has given up, the run has finished or the device cannot take part)."""
-        watch = SuperNodeWatch()
+        watch = SuperNodeWatch(tls=self.connection.ca is not None)
         max_wait = max(1.0, give_up_at - time.monotonic())
         args = supernode_args(self.connection.server, self.connection.ca,
                               self.connection.key, self.node_config, free_port(), max_wait)

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedge.client.app import build_trainer
 from fedge.client.data import split_train_val
-from fedge.client.deployment import ENDED_GRACE
+from fedge.client.deployment import ENDED_GRACE, SuperNodeWatch
 from fedge.client.relay import (
     AUTHKEY_KEY,
     NOT_FEDGE_CLIENT,
@@ -315,6 +315,20 @@ def test_tls_federation_completes_and_every_client_leaves_when_the_run_finishes(
     assert_gone_within(d, "server", CHILDREN_GONE)
     for name in ("server", "device0", "device1", "device2", "broken"):
         assert "Traceback" not in d.log(name), d.log(name)
+
+
+@pytest.mark.parametrize(("tls", "cause"), [
+    (False, "the server speaks TLS: give its ca.pem with --ca instead of --insecure"),
+    (True, "the connection to the server was cut (an unreliable network, or the server "
+           "stopped)"),
+])
+def test_a_cut_connection_is_named_by_what_the_client_dialled(tls, cause):
+    """Flower says the same when a plaintext client meets a TLS server and when a lossy
+    link cuts a TLS client's request; only the first is the client's settings."""
+    watch = SuperNodeWatch(tls=tls)
+    watch("WARNING :  Connection attempt failed, retrying in 2.13 seconds: "
+          "Server disconnected without sending a response.")
+    assert watch.cause == cause
 
 
 def test_joining_clients_name_what_went_wrong_and_give_up_in_time(deployment, tmp_path):
