@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from fedge.cli import app
 from fedge.config import RunConfig
+from fedge.errors import FedgeError
 from fedge.server.checkpoint import load_checkpoint
 from fedge.simulations.runner import plan_simulation, simulate
 
@@ -85,14 +86,20 @@ def test_a_client_with_more_samples_than_secagg_max_weight_refuses_and_says_why(
     lines = Lines()
     logging.getLogger("fedge.server").addHandler(lines)
     try:
-        metrics, _ = run(tmp_path, "too_many", clients=3, secagg=True, secagg_max_weight=10)
+        with pytest.raises(FedgeError, match=r"no client could train: none of the 1 rounds "
+                           r"aggregated an update \(3 failed.*more than the server's "
+                           r"secagg_max_weight \(10\)"):
+            run(tmp_path, "too_many", clients=3, secagg=True, secagg_max_weight=10)
     finally:
         logging.getLogger("fedge.server").removeHandler(lines)
 
+    metrics = json.loads((tmp_path / "too_many" / "metrics.json").read_text())
     (record,) = metrics["rounds"]
+    assert metrics["status"] == "failed"
     assert record["failures"] == 3 and record["num_clients"] == 0
     assert record["val_loss"] == pytest.approx(metrics["initial"]["val_loss"])  # model kept
-    assert any("more than the server's secagg_max_weight (10)" in line for line in lines.lines)
+    assert sum("more than the server's secagg_max_weight (10)" in line
+               for line in lines.lines) == 3
 
 
 @pytest.mark.parametrize("args, message", [
