@@ -18,8 +18,24 @@ from fedge.client.data import LocalData, node_seed
 from fedge.client.training import LocalTraining, TrainReport, pick_device, train_locally
 from fedge.datafiles import remap_labels
 from fedge.errors import FedgeError
-from fedge.models.exchange import PROGRAM_KEY, exchanged_names, frozen_from_config
+from fedge.models.exchange import exchanged_names, frozen_from_config
 from fedge.models.registry import ModelSpec, build_model
+from fedge.protocol import (
+    ARRAYS,
+    BATCH_SIZE,
+    CONFIG,
+    LOCAL_EPOCHS,
+    LOCAL_PATIENCE,
+    LR,
+    METRICS,
+    MODEL_SPEC,
+    OPTIMIZER,
+    PROGRAM_KEY,
+    PROXIMAL_MU,
+    SEED,
+    SERVER_ROUND,
+    WEIGHT_KEY,
+)
 
 DataLoaderFn = Callable[[Context], LocalData]
 
@@ -31,12 +47,12 @@ class CannotTakePart(FedgeError):
 def local_training_from_config(config: dict, node_seed: int) -> LocalTraining:
     """The server's ``train`` ConfigRecord as local-training settings."""
     return LocalTraining(
-        epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
-        lr=float(config["lr"]),
-        optimizer=str(config["optimizer"]),
-        patience=int(config["local-patience"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        epochs=int(config[LOCAL_EPOCHS]),
+        batch_size=int(config[BATCH_SIZE]),
+        lr=float(config[LR]),
+        optimizer=str(config[OPTIMIZER]),
+        patience=int(config[LOCAL_PATIENCE]),
+        proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
         seed=node_seed,
     )
 
@@ -80,7 +96,7 @@ def federation_model(config: dict) -> tuple[ModelSpec, nn.Module]:
     a program (no source code, nothing that runs Python); a device that cannot build it
     (an unknown model, from a newer fedge) cannot take part in any round."""
     try:
-        spec = ModelSpec.from_json(str(config["model-spec"]))
+        spec = ModelSpec.from_json(str(config[MODEL_SPEC]))
         if not spec.builtin:
             program = config.get(PROGRAM_KEY)
             if not isinstance(program, bytes):
@@ -100,10 +116,10 @@ def start_training(content: RecordDict, context: Context, load_data: DataLoaderF
     """What a train message asks of this node: the model holding the global weights
     (frozen entries not trainable), the node's samples fitted to it, the round's
     settings (seeded for this node and round), and the frozen entries."""
-    config = content["config"]
+    config = content[CONFIG]
     spec, model = federation_model(config)
     data = fit_to_model(spec, load_data(context))
-    model.load_state_dict(content["arrays"].to_torch_state_dict())
+    model.load_state_dict(content[ARRAYS].to_torch_state_dict())
     frozen = frozen_from_config(config)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name not in frozen)
@@ -113,7 +129,7 @@ def start_training(content: RecordDict, context: Context, load_data: DataLoaderF
 def training_settings(config: dict, context: Context) -> LocalTraining:
     """The train config's local-training settings, seeded for this node and round."""
     return local_training_from_config(
-        config, node_seed(int(config["seed"]), int(config["server-round"]), context))
+        config, node_seed(int(config[SEED]), int(config[SERVER_ROUND]), context))
 
 
 def train_reply(state: dict, frozen: set[str], num_examples: int, report: TrainReport,
@@ -121,7 +137,7 @@ def train_reply(state: dict, frozen: set[str], num_examples: int, report: TrainR
     """The train reply's records: the trained entries of ``state`` (CPU tensors by name,
     in the model's order) that travel back, and the local-training metrics."""
     metrics = MetricRecord({
-        "num-examples": num_examples,
+        WEIGHT_KEY: num_examples,
         "train_loss": report.train_loss,
         "val_loss": report.val_loss,
         "val_accuracy": report.val_accuracy,
@@ -131,8 +147,8 @@ def train_reply(state: dict, frozen: set[str], num_examples: int, report: TrainR
     })
     sent = exchanged_names({name: value.numpy().dtype for name, value in state.items()},
                            frozen)
-    return RecordDict({"arrays": ArrayRecord({name: state[name] for name in sent}),
-                       "metrics": metrics})
+    return RecordDict({ARRAYS: ArrayRecord({name: state[name] for name in sent}),
+                       METRICS: metrics})
 
 
 def build_trainer(load_data: DataLoaderFn, device: str = "auto") -> Trainer:

@@ -32,9 +32,8 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedge.client.data import node_seed
 from fedge.errors import FedgeError
+from fedge.protocol import COMPRESS_KEY, COMPRESSION_RECORD, SEED, SERVER_ROUND
 
-CONFIG_KEY = "compress"  # train-config entry: the scheme the server wants
-RECORD = "compression"  # reply record: the scheme used and the int8 scales
 SCHEMES = ("fp16", "int8")
 INT8_LEVELS = 127
 
@@ -83,7 +82,7 @@ def compress_arrays(local: ArrayRecord, received: ArrayRecord, scheme: str,
 
 def _compression_config(msg: Message) -> ConfigRecord | None:
     """The server's train config, if it asks for compression."""
-    return next((c for c in msg.content.config_records.values() if CONFIG_KEY in c), None)
+    return next((c for c in msg.content.config_records.values() if COMPRESS_KEY in c), None)
 
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -92,7 +91,7 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     config = _compression_config(msg)
     if config is None:
         return call_next(msg, context)
-    scheme = str(config[CONFIG_KEY])
+    scheme = str(config[COMPRESS_KEY])
     if scheme not in SCHEMES:
         raise FedgeError(f"the server asked for update compression {scheme!r}; this client "
                          f"knows {', '.join(SCHEMES)}")
@@ -101,8 +100,8 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
         return reply
     received = next(iter(msg.content.array_records.values()))
     content = reply.content
-    rng = np.random.default_rng(node_seed(int(config.get("seed", 0)),
-                                          int(config.get("server-round", 0)), context))
+    rng = np.random.default_rng(node_seed(int(config.get(SEED, 0)),
+                                          int(config.get(SERVER_ROUND, 0)), context))
     for name, local in list(content.array_records.items()):
-        content[name], content[RECORD] = compress_arrays(local, received, scheme, rng)
+        content[name], content[COMPRESSION_RECORD] = compress_arrays(local, received, scheme, rng)
     return reply

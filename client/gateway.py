@@ -12,16 +12,27 @@ and gateways is FedAvg over every client and device (hierarchical aggregation).
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 
-from fedge.client.app import CannotTakePart
+from fedge.client.app import CannotTakePart, local_training_from_config
 from fedge.client.data import node_seed
 from fedge.client.relay import Trainer
 from fedge.errors import FedgeError
-from fedge.models.exchange import EDGE_MANIFEST_KEY, EDGE_PREDICT_KEY, EDGE_TRAIN_KEY
+from fedge.protocol import (
+    ARRAYS,
+    CONFIG,
+    EDGE_MANIFEST_KEY,
+    EDGE_PREDICT_KEY,
+    EDGE_TRAIN_KEY,
+    METRICS,
+    SEED,
+    SERVER_ROUND,
+    WEIGHT_KEY,
+)
 
 
 class DeviceRound(Protocol):
@@ -52,34 +63,32 @@ def device_task(config: Mapping[str, object]) -> tuple[dict, dict[str, bytes]]:
 
 
 def training_settings(config: Mapping[str, object], seed: int) -> dict:
-    """The round's local-training settings as the device protocol names them."""
-    return {"epochs": int(config["local-epochs"]), "batch_size": int(config["batch-size"]),
-            "lr": float(config["lr"]), "optimizer": str(config["optimizer"]),
-            "patience": int(config["local-patience"]),
-            "proximal_mu": float(config.get("proximal-mu", 0.0)), "seed": seed}
+    """The round's local-training settings as the device protocol names them: as
+    ``fedge client`` reads them, with the same names."""
+    return asdict(local_training_from_config(config, seed))
 
 
 def build_gateway_trainer(run_round: RunRound) -> Trainer:
     """A trainer that hands every train message to the devices through ``run_round``."""
 
     def train(content: RecordDict, context: Context) -> RecordDict:
-        config = content["config"]
+        config = content[CONFIG]
         manifest, programs = device_task(config)
-        server_round = int(config["server-round"])
+        server_round = int(config[SERVER_ROUND])
         # Integer buffers (BatchNorm's num_batches_tracked) are counters, not weights: the
         # devices' programs do not take them, and no client sends them back.
-        arrays = {name: array.numpy() for name, array in content["arrays"].items()
+        arrays = {name: array.numpy() for name, array in content[ARRAYS].items()
                   if np.dtype(array.dtype).kind == "f"}
-        seed = node_seed(int(config["seed"]), server_round, context)
+        seed = node_seed(int(config[SEED]), server_round, context)
         try:
             result = run_round(server_round, manifest, programs, arrays,
                                training_settings(config, seed))
         except FedgeError as error:  # this round only: the server hears why
             raise RuntimeError(str(error)) from error
         return RecordDict({
-            "arrays": ArrayRecord({name: Array(np.ascontiguousarray(value))
+            ARRAYS: ArrayRecord({name: Array(np.ascontiguousarray(value))
                                    for name, value in result.arrays.items()}),
-            "metrics": MetricRecord({"num-examples": int(result.num_examples),
+            METRICS: MetricRecord({WEIGHT_KEY: int(result.num_examples),
                                      **{k: float(v) for k, v in result.metrics.items()}}),
         })
 

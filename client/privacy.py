@@ -24,8 +24,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedge.models.exchange import exchanged_names, frozen_from_config
-
-DP_WEIGHT_KEY = "dp-weight"
+from fedge.protocol import DP_WEIGHT_KEY
 
 
 def _clipping_asked(msg: Message) -> bool:

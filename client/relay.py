@@ -36,19 +36,13 @@ from fedge.client.compression import compression_mod
 from fedge.client.privacy import dp_clipping_mod
 from fedge.client.secagg import secagg_mod
 from fedge.client.wire import WireRecorder
+from fedge.protocol import FEDGE_NODE, RUN_FINISHED, SUMMARY_KEY
 
 log = logging.getLogger("fedge.client")
 
 Trainer = Callable[[RecordDict, Context], RecordDict]
 SOCKET_KEY = "trainer-socket"
 AUTHKEY_KEY = "trainer-authkey"
-# The server's last message to every client once its run has finished (fedge.server's
-# ServerApp sends it): a query whose config carries a one-line summary of the run.
-RUN_FINISHED = "query.run_finished"
-SUMMARY_KEY = "summary"
-# A record in every reply of a node with fedge's trainer behind it: the server does not
-# send RUN_FINISHED to nodes that answer without it, as another ClientApp would raise on it.
-FEDGE_NODE = "fedge-node"
 CLIENT_APP_ERROR = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 # Why a node that runs Flower's plain SuperNode, with no `fedge client` behind this
 # ClientApp, cannot train (its node config lacks the trainer's entries).

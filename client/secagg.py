@@ -39,12 +39,17 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedge.errors import FedgeError
-from fedge.models.exchange import FROZEN_KEY
-
-# Fit-config entries the server adds (fedge.server.secagg).
-ARRAY_NAMES, MAX_WEIGHT, CLIPPING_RANGE = ("array-names", "secagg-max-weight",
-                                           "secagg-clipping-range")
-FIXED_ARRAYS = "fixed-arrays"  # .npz of the entries that are not sent back
+from fedge.protocol import (
+    ARRAY_NAMES,
+    ARRAYS,
+    CONFIG,
+    FIXED_ARRAYS,
+    FROZEN_KEY,
+    METRICS,
+    SECAGG_CLIPPING_RANGE,
+    SECAGG_MAX_WEIGHT,
+    WEIGHT_KEY,
+)
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -71,17 +76,17 @@ def _train(fit: Message, context: Context, call_next: ClientAppCallable) -> Mess
             arrays.update({name: Array(saved[name]) for name in saved.files})
     train = copy.copy(fit)  # outer mods keep seeing the message as it arrived
     train.content = RecordDict({
-        "arrays": ArrayRecord(array_dict=arrays),
-        "config": ConfigRecord(config),
+        ARRAYS: ArrayRecord(array_dict=arrays),
+        CONFIG: ConfigRecord(config),
     })
     reply = call_next(train, context)
     if reply.has_error():
         raise FedgeError(reply.error.reason)
-    trained = reply.content["arrays"].to_numpy_ndarrays()
-    metrics = dict(reply.content["metrics"])
-    examples = int(metrics["num-examples"])
-    _check_maskable(trained, examples, float(config[MAX_WEIGHT]),
-                    float(config[CLIPPING_RANGE]))
+    trained = reply.content[ARRAYS].to_numpy_ndarrays()
+    metrics = dict(reply.content[METRICS])
+    examples = int(metrics[WEIGHT_KEY])
+    _check_maskable(trained, examples, float(config[SECAGG_MAX_WEIGHT]),
+                    float(config[SECAGG_CLIPPING_RANGE]))
     fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(trained), examples, metrics)
     return Message(compat.fitres_to_recorddict(fit_res, keep_input=False), reply_to=fit)
 

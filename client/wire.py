@@ -32,7 +32,8 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
-from fedge.models.exchange import PROGRAM_KEY, read_manifest
+from fedge.models.exchange import read_manifest
+from fedge.protocol import MODEL_SPEC, PROGRAM_KEY, SERVER_ROUND
 
 FORMAT = "fedge-wire/1"
 FOLDER_KEY = "record-wire"  # node-config entry naming the folder (deployment)
@@ -130,7 +131,7 @@ def _received_config(instruction: Message) -> dict[str, Any]:
 def _round_of(instruction: Message, received: dict[str, Any]) -> int | None:
     """The server round: Flower's strategies send it in the config, its workflows (e.g.
     SecAgg+'s key exchange) as the message's group id."""
-    server_round = received.get("server-round")
+    server_round = received.get(SERVER_ROUND)
     if isinstance(server_round, int):
         return server_round
     group = instruction.metadata.group_id
@@ -356,7 +357,7 @@ def _structure_violations(message: SentMessage, samples: np.ndarray) -> Iterator
 
 
 def _model_spec_of(message: SentMessage) -> str:
-    spec = message.received.get("model-spec")
+    spec = message.received.get(MODEL_SPEC)
     if not isinstance(spec, str):
         raise FedgeError(f"recorded message {message.name} sent arrays, but the instruction "
                          "it answered carried no model-spec to check them against")

@@ -17,13 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedge.errors import FedgeError
+from fedge.protocol import FROZEN_KEY
 
-FROZEN_KEY = "frozen"  # train-config entry: the names of the frozen entries
-PROGRAM_KEY = "model-program"  # train-config entry: your own model's program archive
 PROGRAM_FORMAT = 1  # of the archive (fedge.models.program)
-# Train-config entries of a run with device programs (fedge.models.edge): the manifest
-# (JSON text) and the two ExecuTorch programs, for `fedge gateway` to hand to devices.
-EDGE_MANIFEST_KEY, EDGE_TRAIN_KEY, EDGE_PREDICT_KEY = "edge-manifest", "edge-train", "edge-predict"
 
 
 def exchanged_names(dtypes: Mapping[str, object], frozen: Collection[str]) -> list[str]:

@@ -23,12 +23,11 @@ from flwr.serverapp.strategy import Strategy
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
+from fedge.protocol import COMPRESS_KEY, COMPRESSION_RECORD
 from fedge.server.strategies import StrategyWrapper
 
 log = logging.getLogger("fedge.server")
 
-CONFIG_KEY = "compress"  # train-config entry the clients follow
-RECORD = "compression"  # reply record: the scheme used and the int8 scales
 SCHEMES = ("fp16", "int8")
 
 
@@ -47,7 +46,7 @@ def check_compression(config: RunConfig) -> None:
 
 def compression_config(config: RunConfig) -> dict[str, str]:
     """The train-config entry that tells clients which compression to use (none: none)."""
-    return {} if config.compress == "none" else {CONFIG_KEY: config.compress}
+    return {} if config.compress == "none" else {COMPRESS_KEY: config.compress}
 
 
 def decode_update(quantized: np.ndarray, scale: float) -> np.ndarray:
@@ -97,7 +96,7 @@ class DecodeUpdates(StrategyWrapper):
         answered = [reply for reply in replies if not reply.has_error()]
         self.on_bytes(float(np.mean([sent_bytes(r) for r in answered])) if answered else None)
         for reply in answered:
-            if RECORD in reply.content:
+            if COMPRESSION_RECORD in reply.content:
                 reply.content = decoded_content(reply, self.sent)
         return self.strategy.aggregate_train(server_round, replies)
 
@@ -106,8 +105,8 @@ def decoded_content(reply: Message, sent: dict[str, np.ndarray]) -> RecordDict:
     """A compressed reply's records with its update decoded to weights w + Δ̂ (``sent``:
     the arrays w it was sent); without arrays if it cannot be decoded."""
     content = reply.content
-    records = {name: record for name, record in content.items() if name != RECORD}
-    how = content[RECORD]
+    records = {name: record for name, record in content.items() if name != COMPRESSION_RECORD}
+    how = content[COMPRESSION_RECORD]
     arrays = [name for name in records if isinstance(records[name], ArrayRecord)]
     try:
         if not isinstance(how, ConfigRecord) or len(arrays) != 1:

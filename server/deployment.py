@@ -30,6 +30,7 @@ from fedge.files import write_atomic, write_json
 from fedge.logs import LogFormat, show_fedge_logs
 from fedge.models.source import with_file_path
 from fedge.processes import Children, check_listen_host, check_port_free, flower_command
+from fedge.protocol import CONFIG, FEDGE_NODE, RUN_FINISHED, SUMMARY_KEY
 from fedge.server.certs import (
     check_authorized_key,
     check_certificate_names,
@@ -55,9 +56,6 @@ STOPPED_FILE = Path(".flower") / "stopped.json"
 # The last message to every client (fedge.client.relay answers it): a query whose config
 # carries a one-line summary of the finished run. A node that answered without the
 # FEDGE_NODE record runs another ClientApp, which would raise on it: it is not sent.
-RUN_FINISHED = "query.run_finished"
-SUMMARY_KEY = "summary"
-FEDGE_NODE = "fedge-node"
 FAREWELL_TIMEOUT = 10.0  # seconds the finished server waits for clients to acknowledge
 SERVERAPP, CLIENTAPP = "fedge.server.deployment:app", "fedge.client.relay:app"
 # Flower's commands a server runs: fedge starts the first two, Flower the others.
@@ -170,7 +168,7 @@ def announce_run_finished(grid: Grid, summary: str, other_clientapps: Collection
     nodes = [node for node in connected if node not in other_clientapps]
     if not nodes:
         return
-    content = RecordDict({"config": ConfigRecord({SUMMARY_KEY: summary})})
+    content = RecordDict({CONFIG: ConfigRecord({SUMMARY_KEY: summary})})
     messages = [Message(content, node, RUN_FINISHED, ttl=timeout) for node in nodes]
     try:
         pending = {i for i in grid.push_messages(messages) if i}

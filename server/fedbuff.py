@@ -56,12 +56,11 @@ from flwr.serverapp.strategy import Result
 from fedge.config import RunConfig, server_learning_rate
 from fedge.errors import FedgeError
 from fedge.models.exchange import exchanged_names
-from fedge.server.compression import RECORD, decoded_content, sent_bytes
+from fedge.protocol import ARRAYS, COMPRESSION_RECORD, CONFIG, SEED, SERVER_ROUND, WEIGHT_KEY
+from fedge.server.compression import decoded_content, sent_bytes
 from fedge.server.grid import MISSED_DEADLINE, RoundGrid, RoundStats
 from fedge.server.privacy import clients_per_round
 from fedge.server.screening import (
-    ARRAYS,
-    WEIGHT_KEY,
     norm_outliers,
     screen_replies,
     uniform_content,
@@ -282,9 +281,9 @@ class FedBuff:
         free = self.settings.concurrency - len(busy)
         if len(nodes) < self.min_nodes or free <= 0 or not idle:
             return []
-        return [Message(content=RecordDict({ARRAYS: arrays, "config": ConfigRecord({
-                            **config, "server-round": server_round,
-                            "seed": self._task_seed()})}),
+        return [Message(content=RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({
+                            **config, SERVER_ROUND: server_round,
+                            SEED: self._task_seed()})}),
                         message_type=MessageType.TRAIN, dst_node_id=node,
                         group_id=str(server_round))
                 for node in self._rng.sample(idle, min(free, len(idle)))]
@@ -333,7 +332,7 @@ class FedBuff:
             self._count("dropped_stale")
             return
         self._since_evaluation.sent_bytes.append(sent_bytes(reply))
-        if RECORD in reply.content:
+        if COMPRESSION_RECORD in reply.content:
             reply.content = decoded_content(reply, base)
         _, rejections = screen_replies(base, [reply], 0.0)
         if rejections:

@@ -18,16 +18,24 @@ from fedge.config import DEFAULT_DATASET, RunConfig, default_server_lr, step_nam
 from fedge.errors import FedgeError
 from fedge.files import write_json
 from fedge.models.edge import write_edge_folder
-from fedge.models.exchange import (
-    EDGE_MANIFEST_KEY,
-    EDGE_PREDICT_KEY,
-    EDGE_TRAIN_KEY,
-    FROZEN_KEY,
-    PROGRAM_KEY,
-)
 from fedge.models.export import export_onnx
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import build_model
+from fedge.protocol import (
+    BATCH_SIZE,
+    EDGE_MANIFEST_KEY,
+    EDGE_PREDICT_KEY,
+    EDGE_TRAIN_KEY,
+    EXPECTED_CLIENT_KEY,
+    FROZEN_KEY,
+    LOCAL_EPOCHS,
+    LOCAL_PATIENCE,
+    LR,
+    MODEL_SPEC,
+    OPTIMIZER,
+    PROGRAM_KEY,
+    SEED,
+)
 from fedge.server.checkpoint import Checkpoint, load_checkpoint
 from fedge.server.compression import DecodeUpdates, check_compression, compression_config
 from fedge.server.fedbuff import BufferSettings, FedBuff, check_fedbuff
@@ -41,7 +49,7 @@ from fedge.server.privacy import (
 )
 from fedge.server.rounds import GlobalEarlyStop, RoundRecord, RoundTracker
 from fedge.server.run_folder import plot_curves
-from fedge.server.screening import EXPECTED_CLIENT, EXPECTED_CLIENT_KEY, UpdateScreen
+from fedge.server.screening import EXPECTED_CLIENT, UpdateScreen
 from fedge.server.secagg import check_secagg, run_secure_rounds, secure_round_stats
 from fedge.server.starting_model import StartingModel, starting_model
 from fedge.server.strategies import (
@@ -256,7 +264,7 @@ class Federation:
 
     def _train_config(self) -> ConfigRecord:
         c = self.config
-        model = {"model-spec": self.spec.to_json()}
+        model = {MODEL_SPEC: self.spec.to_json()}
         if self.spec.program is not None:
             model[PROGRAM_KEY] = self.spec.program
         if self.start.frozen:
@@ -266,9 +274,9 @@ class Federation:
                           EDGE_TRAIN_KEY: self.start.edge.train,
                           EDGE_PREDICT_KEY: self.start.edge.predict})
         return ConfigRecord({
-            **model, "local-epochs": c.local_epochs,
-            "batch-size": c.batch_size, "lr": c.lr, "optimizer": c.optimizer,
-            "local-patience": c.local_patience, "seed": c.seed, **compression_config(c),
+            **model, LOCAL_EPOCHS: c.local_epochs, BATCH_SIZE: c.batch_size, LR: c.lr,
+            OPTIMIZER: c.optimizer, LOCAL_PATIENCE: c.local_patience, SEED: c.seed,
+            **compression_config(c),
             EXPECTED_CLIENT_KEY: EXPECTED_CLIENT,
         })
 

@@ -40,6 +40,7 @@ import numpy as np
 from fedge.errors import FedgeError
 from fedge.files import check_output_folder, refuse_overwrite, write_all_or_none
 from fedge.models.blob import pack, read_json, unpack
+from fedge.protocol import DEVICES_KEY
 
 log = logging.getLogger("fedge.gateway")
 
@@ -609,7 +610,7 @@ def _aggregate(accepted: dict[str, _Accepted], trained: dict[str, tuple[int, ...
         else:
             metrics[key] = (sum(value * n for value, n in reports)
                             / sum(n for _, n in reports))
-    metrics["devices"] = float(len(accepted))
+    metrics[DEVICES_KEY] = float(len(accepted))
     return RoundResult(arrays=arrays, num_examples=total, metrics=metrics, report=report)
 
 

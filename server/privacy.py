@@ -31,12 +31,12 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
+from fedge.protocol import DP_WEIGHT_KEY
 
 log = logging.getLogger("fedge.server")
 
 # Each client's weight in a DP average: the clients' privacy mod reports 1, so that no
 # client moves the mean more than C/m (FedAvg's example counts would let a large client).
-DP_WEIGHT_KEY = "dp-weight"
 # Strategies whose aggregate is FedAvg's mean, the only one the noise is calibrated for.
 DP_STRATEGIES = ("fedavg", "fedprox")
 # FedAvg samples max(⌊fraction_train · connected⌋, min_train_nodes) clients: with a

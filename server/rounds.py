@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import ModelSpec, build_model
+from fedge.protocol import DEVICES_KEY
 from fedge.server.grid import RoundStats
 from fedge.server.screening import average_client_metrics, client_metrics
 
@@ -53,7 +54,6 @@ class RoundRecord:
 
 
 OnRound = Callable[[RoundRecord, ArrayRecord, bool], None]
-DEVICES_KEY = "devices"  # a gateway's reply: how many devices' results it aggregated
 
 
 def contributions(replies: list[RecordDict], weight_key: str) -> dict:

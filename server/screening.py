@@ -41,15 +41,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from fedge.protocol import ARRAYS, METRICS, WEIGHT_KEY
 from fedge.server.strategies import StrategyWrapper
 
 log = logging.getLogger("fedge.server")
 
-WEIGHT_KEY = "num-examples"  # the weight Flower's strategies average by
-ARRAYS, METRICS = "arrays", "metrics"  # the record names the wrapped strategy sees
 CLIENT_METRICS = "client-metrics"  # a screened reply's own metrics, all of them
-# An entry of every train config, for whoever reads it in a ClientApp that is not fedge's.
-EXPECTED_CLIENT_KEY = "expected-client"
+# The train config's EXPECTED_CLIENT_KEY entry.
 EXPECTED_CLIENT = (
     "this federation's devices run `fedge client --server HOST:PORT --data FILE`; another "
     "ClientApp takes part when its train reply holds one ArrayRecord with the arrays it "

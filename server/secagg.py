@@ -45,7 +45,18 @@ from flwr.serverapp import Grid
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
-from fedge.models.exchange import FROZEN_KEY, exchanged_names
+from fedge.models.exchange import exchanged_names
+from fedge.protocol import (
+    ARRAY_NAMES,
+    FIXED_ARRAYS,
+    FROZEN_KEY,
+    METRICS,
+    PROXIMAL_MU,
+    SECAGG_CLIPPING_RANGE,
+    SECAGG_MAX_WEIGHT,
+    SERVER_ROUND,
+    WEIGHT_KEY,
+)
 from fedge.server.grid import NotEnoughClients, RoundGrid, RoundStats
 from fedge.server.rounds import GlobalEarlyStop, RoundTracker
 
@@ -55,13 +66,6 @@ log = logging.getLogger("fedge.server")
 # needs each client's update, which secure aggregation exists to hide; FedAdam would need
 # Flower's legacy FedAdam, whose moments fedge's checkpoints do not hold.
 SECURE_STRATEGIES = ("fedavg", "fedprox")
-# Fit-config entries for the client's side (fedge.client.secagg): the legacy format sends
-# arrays without names, and the client refuses weights SecAgg+ would clip or overflow.
-ARRAY_NAMES, MAX_WEIGHT, CLIPPING_RANGE = ("array-names", "secagg-max-weight",
-                                           "secagg-clipping-range")
-# The entries clients do not send back (frozen, integer), as an .npz archive: the legacy
-# format carries the exchanged arrays only, and a client needs the whole model to train.
-FIXED_ARRAYS = "fixed-arrays"
 MODULUS_RANGE = 2**32  # Flower's default and maximum range of the masks
 
 
@@ -148,7 +152,8 @@ class _SecureFedAvg(FedAvg):
         self.early_stop: GlobalEarlyStop | None = None
         fit_config: dict[str, Scalar] = {
             **train_config, ARRAY_NAMES: json.dumps(self.names),
-            MAX_WEIGHT: config.secagg_max_weight, CLIPPING_RANGE: config.secagg_clipping_range,
+            SECAGG_MAX_WEIGHT: config.secagg_max_weight,
+            SECAGG_CLIPPING_RANGE: config.secagg_clipping_range,
         }
         if FROZEN_KEY in fit_config:  # the legacy format carries no lists
             fit_config[FROZEN_KEY] = json.dumps(list(fit_config[FROZEN_KEY]))
@@ -157,13 +162,13 @@ class _SecureFedAvg(FedAvg):
             np.savez(archive, **self.fixed)
             fit_config[FIXED_ARRAYS] = archive.getvalue()
         if config.strategy == "fedprox":  # as Flower's FedProx sends it
-            fit_config["proximal-mu"] = config.proximal_mu
+            fit_config[PROXIMAL_MU] = config.proximal_mu
         super().__init__(
             fraction_fit=config.fraction, fraction_evaluate=0.0,
             min_fit_clients=config.min_clients, min_available_clients=config.min_clients,
             initial_parameters=ndarrays_to_parameters(exchanged),
             on_fit_config_fn=lambda server_round: {
-                **fit_config, "server-round": server_round + self.offset},
+                **fit_config, SERVER_ROUND: server_round + self.offset},
             evaluate_fn=self._evaluate, fit_metrics_aggregation_fn=self._client_metrics,
         )
 
@@ -203,9 +208,9 @@ class _SecureFedAvg(FedAvg):
 
     def _client_metrics(self, results: list[tuple[int, dict[str, Scalar]]]
                         ) -> dict[str, Scalar]:
-        replies = [RecordDict({"metrics": MetricRecord({**metrics, "num-examples": examples})})
+        replies = [RecordDict({METRICS: MetricRecord({**metrics, WEIGHT_KEY: examples})})
                    for examples, metrics in results]
-        return dict(self.tracker.aggregate_train_metrics(replies, "num-examples"))
+        return dict(self.tracker.aggregate_train_metrics(replies, WEIGHT_KEY))
 
 
 class _BoundedClientManager(SimpleClientManager):

@@ -39,6 +39,7 @@ from flwr.serverapp import Grid
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
+from fedge.protocol import METRICS, WEIGHT_KEY
 from fedge.server.grid import MISSED_DEADLINE, GridWrapper
 
 # Flower's ErrorCode.NODE_UNAVAILABLE: the SuperLink's reply for a node that went away.
@@ -161,9 +162,9 @@ class HeterogeneousGrid(GridWrapper):
                                                    "mid-round"), reply_to=message), sent
         if reply.has_error():
             return reply, sent
-        metrics = reply.content["metrics"]
+        metrics = reply.content[METRICS]
         seconds = self.fleet.training_seconds(client, float(metrics["epochs"]),
-                                              float(metrics["num-examples"]))
+                                              float(metrics[WEIGHT_KEY]))
         if seconds > self.round_timeout:
             return Message(Error(MISSED_DEADLINE, f"simulated: client {client} needed "
                                                   f"{seconds:.1f} s, the deadline is "

@@ -91,6 +91,7 @@ from fedge.errors import FedgeError
 from fedge.models.exchange import frozen_from_config
 from fedge.models.program import ProgramModel
 from fedge.models.registry import ModelSpec, as_input_tensor
+from fedge.protocol import ARRAYS, CONFIG
 from fedge.simulations.inprocess import (
     CLIENT_APP_ERROR,
     FIRST_CLIENT_NODE_ID,
@@ -219,7 +220,7 @@ class VectorizedGrid(SimulatedNodes):
         for message in group:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         content = group[0].content
-        config = content["config"]
+        config = content[CONFIG]
         try:
             spec, model = federation_model(config)
         except FedgeError as error:
@@ -227,7 +228,7 @@ class VectorizedGrid(SimulatedNodes):
                 self._fail(message, error)
             return True
         frozen = frozen_from_config(config)
-        model.load_state_dict(content["arrays"].to_torch_state_dict())
+        model.load_state_dict(content[ARRAYS].to_torch_state_dict())
         device = pick_device(self.device)
         key = (spec.to_json(), tuple(sorted(frozen)))
         if key not in self._problems:
@@ -280,9 +281,9 @@ def _model_key(message: Message) -> tuple:
     """Messages with equal keys train the same model from the same weights and settings
     (a round's messages share them; bytes hash once per object)."""
     config = tuple(sorted((name, tuple(value) if isinstance(value, list) else value)
-                          for name, value in message.content["config"].items()))
+                          for name, value in message.content[CONFIG].items()))
     arrays = tuple((name, array.dtype, tuple(array.shape), array.data)
-                   for name, array in message.content["arrays"].items())
+                   for name, array in message.content[ARRAYS].items())
     return config, arrays
 
 

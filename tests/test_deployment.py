@@ -22,7 +22,6 @@ from fedge.client.deployment import ENDED_GRACE, SuperNodeWatch
 from fedge.client.relay import (
     AUTHKEY_KEY,
     NOT_FEDGE_CLIENT,
-    RUN_FINISHED,
     TrainerFailed,
     relay,
     serve_trainer,
@@ -30,6 +29,7 @@ from fedge.client.relay import (
 from fedge.client.relay import app as relay_app
 from fedge.models.registry import build_model, spec_from_data
 from fedge.processes import STOP_BOUND, free_port, plain
+from fedge.protocol import RUN_FINISHED
 from fedge.simulations.datasets import load_dataset, split_federated
 from fedge.simulations.inprocess import FIRST_CLIENT_NODE_ID, InProcessGrid
 from fedge.simulations.partition import PartitionSpec, partition_indices

@@ -22,11 +22,11 @@ from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import ModelSpec, build_model
+from fedge.protocol import EXPECTED_CLIENT_KEY
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation
 from fedge.server.screening import (
     EXPECTED_CLIENT,
-    EXPECTED_CLIENT_KEY,
     average_client_metrics,
     uniform_content,
 )
