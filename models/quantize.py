@@ -36,7 +36,7 @@ Method = Literal["static", "dynamic"]
 LATENCY_RUNS = 200
 
 
-class _Samples(CalibrationDataReader):
+class _CalibrationSamples(CalibrationDataReader):
     """One held-out sample per calibration step, as onnxruntime's calibrator expects."""
 
     def __init__(self, input_name: str, samples: np.ndarray) -> None:
@@ -63,7 +63,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray,
     try:
         quant_pre_process(str(fp32), str(prepared))
         if method == "static":
-            quantize_static(str(prepared), str(tmp), _Samples(model_input.name, samples),
+            quantize_static(str(prepared), str(tmp), _CalibrationSamples(model_input.name, samples),
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
                             # An int32 bias needs an fp32 scale and an int32 zero point

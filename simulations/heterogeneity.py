@@ -49,7 +49,7 @@ _SLOW, _OFFLINE, _DROP = 1, 2, 3
 
 
 @dataclass(frozen=True)
-class DeviceFleet:
+class SimulatedFleet:
     """The seeded behaviour of ``clients`` simulated devices (see the module docstring)."""
 
     clients: int
@@ -62,7 +62,7 @@ class DeviceFleet:
     min_online: int = 1
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> "DeviceFleet":
+    def from_config(cls, config: RunConfig) -> "SimulatedFleet":
         return cls(clients=config.clients, seed=config.seed,
                    offline_fraction=config.offline_fraction,
                    drop_fraction=config.drop_fraction, slow_fraction=config.slow_fraction,
@@ -112,7 +112,7 @@ class HeterogeneousGrid(GridWrapper):
     round and skip Flower's evaluate round-trip.
     """
 
-    def __init__(self, grid: Grid, fleet: DeviceFleet, round_timeout: float,
+    def __init__(self, grid: Grid, fleet: SimulatedFleet, round_timeout: float,
                  first_round: int = 1) -> None:
         super().__init__(grid)
         self.fleet, self.round_timeout = fleet, round_timeout
@@ -180,7 +180,7 @@ class AsynchronousDevices(HeterogeneousGrid):
     replies still to come (all of those that arrive then), moving the clock to that time:
     the server's wait for its next result takes no real time."""
 
-    def __init__(self, grid: Grid, fleet: DeviceFleet, round_timeout: float,
+    def __init__(self, grid: Grid, fleet: SimulatedFleet, round_timeout: float,
                  first_round: int = 1) -> None:
         super().__init__(grid, fleet, round_timeout, first_round)
         self._arrivals: dict[str, tuple[float, int, Message]] = {}  # id → (time, order, reply)
@@ -212,7 +212,7 @@ def check_heterogeneity(config: RunConfig) -> None:
     if config.strategy == "fedbuff" and config.backend == "ray":
         raise FedgeError("--strategy fedbuff needs backend inprocess: its simulation runs "
                          "on the simulated clock, which the Ray backend has not")
-    if not DeviceFleet.from_config(config).heterogeneous:
+    if not SimulatedFleet.from_config(config).heterogeneous:
         return
     if config.backend == "ray":
         raise FedgeError("offline_fraction, drop_fraction and slow_fraction need backend "
@@ -224,7 +224,7 @@ def check_heterogeneity(config: RunConfig) -> None:
 
 def describe_devices(config: RunConfig) -> str | None:
     """One line for the start of a run, or None when every device is alike."""
-    fleet = DeviceFleet.from_config(config)
+    fleet = SimulatedFleet.from_config(config)
     if not fleet.heterogeneous:
         return None
     slow = len(fleet.slow_clients())
@@ -240,7 +240,7 @@ def with_devices(grid: Grid, config: RunConfig,
     ``grid`` itself and no clock when every device is alike and rounds are synchronous.
     FedBuff always runs on the simulated clock: without rounds, the order in which
     results arrive is the run."""
-    fleet = DeviceFleet.from_config(config)
+    fleet = SimulatedFleet.from_config(config)
     if config.strategy == "fedbuff":
         devices = AsynchronousDevices(grid, fleet, config.round_timeout, first_round)
         return devices, devices.clock

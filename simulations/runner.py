@@ -35,7 +35,7 @@ from fedge.server.strategies import check_strategy_name
 from fedge.simulations.attacks import check_attack
 from fedge.simulations.clients import SimulatedClients
 from fedge.simulations.datasets import load_dataset, split_federated
-from fedge.simulations.heterogeneity import DeviceFleet, check_heterogeneity, with_devices
+from fedge.simulations.heterogeneity import SimulatedFleet, check_heterogeneity, with_devices
 from fedge.simulations.partition import PartitionSpec
 from fedge.simulations.ray import check_ray_settings
 from fedge.simulations.userdata import (
@@ -170,7 +170,7 @@ def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
         # A simulated clock keeps the round's deadline in simulated seconds; workers then
         # get the default deadline in real ones before they count as hung.
         hung_after = (RunConfig.model_fields["round_timeout"].default
-                      if DeviceFleet.from_config(config).heterogeneous else config.round_timeout)
+                      if SimulatedFleet.from_config(config).heterogeneous else config.round_timeout)
 
         def clients_grid() -> Grid:
             if workers == 1:

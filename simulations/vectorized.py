@@ -350,7 +350,7 @@ def _first_line(error: Exception) -> str:
 # --- training K clients together ---------------------------------------------------------
 
 @dataclass
-class _Samples:
+class _StackedSamples:
     """K clients' samples in one tensor; client k's are rows ``offsets[k] + 0..n_k-1``."""
 
     x: torch.Tensor
@@ -360,7 +360,7 @@ class _Samples:
 
     @classmethod
     def of(cls, spec: ModelSpec, parts: list[tuple[np.ndarray, np.ndarray]],
-           device: torch.device) -> "_Samples":
+           device: torch.device) -> "_StackedSamples":
         sizes = [len(x) for x, _ in parts]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
         x = torch.cat([training_inputs(spec, x) for x, _ in parts]).to(device)
@@ -435,8 +435,8 @@ def train_together(model: nn.Module | ProgramModel, spec: ModelSpec, data: list[
     weights = {n: w.expand(clients, *w.shape).clone() for n, w in anchor.items()}
     best = {n: w.clone() for n, w in weights.items()}
     optimizer = _Optimizer(weights, common)
-    train = _Samples.of(spec, [(d.train_x, d.train_y) for d in data], device)
-    val = _Samples.of(spec, [(d.val_x, d.val_y) for d in data], device)
+    train = _StackedSamples.of(spec, [(d.train_x, d.train_y) for d in data], device)
+    val = _StackedSamples.of(spec, [(d.val_x, d.val_y) for d in data], device)
     forward = vmap(lambda w, x: functional_call(_module(model, True), w, (x,)),
                    randomness="different")
     batches = [shuffled_batches(n, s) for n, s in zip(train.sizes, settings, strict=True)]
@@ -508,7 +508,7 @@ def train_together(model: nn.Module | ProgramModel, spec: ModelSpec, data: list[
     return results
 
 
-def _epoch_order(train: _Samples, running: list[int], loaders: list, size: int
+def _epoch_order(train: _StackedSamples, running: list[int], loaders: list, size: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """This epoch's sample rows of each running client in its mini-batch order, padded to
     whole batches of ``size`` (``(len(running), steps · size)``), and their 0/1 mask."""
@@ -525,7 +525,7 @@ def _epoch_order(train: _Samples, running: list[int], loaders: list, size: int
 
 @torch.no_grad()
 def _evaluate(model: nn.Module | ProgramModel, weights: dict[str, torch.Tensor],
-              val: _Samples, clients: list[int]) -> list[tuple[float, float]]:
+              val: _StackedSamples, clients: list[int]) -> list[tuple[float, float]]:
     """Each client's mean cross-entropy and accuracy on its validation samples, in eval
     mode, with its own weights (as :func:`fedge.models.metrics.evaluate_classifier`)."""
     if not clients:

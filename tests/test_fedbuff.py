@@ -15,7 +15,7 @@ from fedge.config import RunConfig
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.fedbuff import BufferSettings, FedBuff, buffered_step, staleness_weight
 from fedge.simulations.attacks import attacker_partitions
-from fedge.simulations.heterogeneity import AsynchronousDevices, DeviceFleet
+from fedge.simulations.heterogeneity import AsynchronousDevices, SimulatedFleet
 from fedge.simulations.inprocess import InProcessGrid
 from fedge.simulations.runner import plan_simulation, simulate
 
@@ -52,7 +52,7 @@ def run_fedbuff(settings: BufferSettings, versions: int, clients: int = 2,
     """The global ``w`` after each version, evaluated every version."""
     grid = AsynchronousDevices(
         InProcessGrid(known_update_app(configs), clients),
-        DeviceFleet(clients=clients, seed=0, samples_per_second=SAMPLES_PER_SECOND),
+        SimulatedFleet(clients=clients, seed=0, samples_per_second=SAMPLES_PER_SECOND),
         round_timeout=100.0)
     seen: dict[int, np.ndarray] = {}
 
@@ -144,7 +144,7 @@ def without_wall_time(metrics: dict) -> dict:
 
 def test_slow_clients_updates_arrive_stale_and_count_and_the_seed_fixes_the_run(tmp_path):
     config = fedbuff_config(slow_fraction=0.3, offline_fraction=0.2)
-    slow = {1001 + k for k in DeviceFleet.from_config(config).slow_clients()}
+    slow = {1001 + k for k in SimulatedFleet.from_config(config).slow_clients()}
     runs = []
     for name in ("first", "again"):
         simulate(plan_simulation(config), tmp_path / name)

@@ -9,7 +9,7 @@ from flwr.app import Context, RecordDict
 from fedge.client.app import build_client_app
 from fedge.config import RunConfig
 from fedge.server.federation import Federation
-from fedge.simulations.heterogeneity import DeviceFleet, with_devices
+from fedge.simulations.heterogeneity import SimulatedFleet, with_devices
 from fedge.simulations.inprocess import InProcessGrid
 from fedge.simulations.runner import plan_simulation, simulate
 
@@ -36,7 +36,7 @@ def test_with_30_percent_of_clients_dropping_per_round_the_run_completes_and_rep
     outcome = simulate(plan_simulation(config), tmp_path)
     rounds = rounds_of(tmp_path)
 
-    fleet = DeviceFleet.from_config(config)
+    fleet = SimulatedFleet.from_config(config)
     dropped = [sum(fleet.drops(r, k) for k in range(10)) for r in (1, 2, 3)]
     assert sum(dropped) > 0
     assert [r["failures"] for r in rounds] == dropped
@@ -58,7 +58,7 @@ def test_offline_clients_are_not_sampled(tmp_path):
     grid, clock = with_devices(InProcessGrid(build_client_app(counting), 6), config)
     Federation(plan.config, plan.server_data, tmp_path).run(grid, clock=clock)
 
-    fleet = DeviceFleet.from_config(config)
+    fleet = SimulatedFleet.from_config(config)
     online = [fleet.online(r) for r in (1, 2, 3)]
     assert any(len(o) < 6 for o in online), "the seed should take some clients offline"
     # fraction 1.0: every online client trains, no offline one does
@@ -90,7 +90,7 @@ def test_a_round_without_late_clients_lasts_as_long_as_its_slowest_result(tmp_pa
     plan = plan_simulation(config)
     simulate(plan, tmp_path)
     (record,) = rounds_of(tmp_path)
-    fleet = DeviceFleet.from_config(config)
+    fleet = SimulatedFleet.from_config(config)
     (slow,) = fleet.slow_clients()
     train_samples = [len(plan.clients.local_data(node_context(k)).train_x) for k in range(3)]
     # one local epoch (local_epochs=1): t_k = slowdown_k · n_k / samples_per_second
@@ -100,14 +100,14 @@ def test_a_round_without_late_clients_lasts_as_long_as_its_slowest_result(tmp_pa
 
 
 def test_the_seed_fixes_the_devices_drops_match_their_rate_and_min_clients_stay_online():
-    fleet = DeviceFleet(clients=20, seed=7, offline_fraction=0.5, drop_fraction=0.3,
+    fleet = SimulatedFleet(clients=20, seed=7, offline_fraction=0.5, drop_fraction=0.3,
                         slow_fraction=0.25, min_online=4)
-    again = DeviceFleet(clients=20, seed=7, offline_fraction=0.5, drop_fraction=0.3,
+    again = SimulatedFleet(clients=20, seed=7, offline_fraction=0.5, drop_fraction=0.3,
                         slow_fraction=0.25, min_online=4)
-    other = DeviceFleet(clients=20, seed=8, offline_fraction=0.5, drop_fraction=0.3,
+    other = SimulatedFleet(clients=20, seed=8, offline_fraction=0.5, drop_fraction=0.3,
                         slow_fraction=0.25, min_online=4)
 
-    def pattern(f: DeviceFleet) -> tuple:
+    def pattern(f: SimulatedFleet) -> tuple:
         return (f.slow_clients(), [f.online(r) for r in range(1, 30)],
                 [[f.drops(r, k) for k in range(20)] for r in range(1, 30)])
 
@@ -115,7 +115,7 @@ def test_the_seed_fixes_the_devices_drops_match_their_rate_and_min_clients_stay_
     assert len(fleet.slow_clients()) == 5
     dropped = sum(fleet.drops(r, k) for r in range(1, 201) for k in range(20))
     assert 0.27 <= dropped / 4000 <= 0.33
-    assert all(len(DeviceFleet(clients=6, seed=s, offline_fraction=0.99, min_online=4)
+    assert all(len(SimulatedFleet(clients=6, seed=s, offline_fraction=0.99, min_online=4)
                    .online(r)) == 4 for s in range(5) for r in range(1, 20))
 
 
