@@ -380,7 +380,16 @@ class _StackedSamples:
 
 class _Optimizer:
     """Adam or SGD (momentum) as :func:`fedge.client.training._optimizer` configures them,
-    over stacked weights, stepping only the clients it is given (module docstring)."""
+    over stacked weights, stepping only the clients it is given (module docstring).
+
+    Not ``torch.optim``: its optimizers keep one step count per parameter tensor and step
+    the whole tensor, while one stacked tensor here holds ``K`` clients that step at
+    different times (a client out of batches, stopped early or failed is not stepped, and
+    Adam's bias correction needs each client's own ``t_k``). With ``torch.optim`` each
+    client's weights would have to be a tensor of their own, copied into the stacked
+    weights at every step. The arithmetic is torch's (the formulas above, in its order of
+    operations); tests/test_vectorized.py checks it against ``torch.optim`` through the
+    sequential path, which uses it."""
 
     def __init__(self, weights: dict[str, torch.Tensor], settings: LocalTraining) -> None:
         self.kind, self.lr = settings.optimizer, settings.lr
