@@ -29,6 +29,17 @@ FLOWER_ENV = {
 }
 
 
+UNIT_TESTS = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests outside tests/unit run real federations, processes or training: they are the
+    slow tier, which `pytest -m "not slow"` leaves out."""
+    for item in items:
+        if UNIT_TESTS not in item.path.parents:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_flower_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Flower writes its config under FLWR_HOME; tests never touch the user's ~/.flwr."""
