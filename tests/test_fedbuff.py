@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 
 from fedge.config import RunConfig
 from fedge.server.checkpoint import load_checkpoint
-from fedge.server.fedbuff import BufferSettings, FedBuff, buffered_step, staleness_weight
+from fedge.server.fedbuff import BufferSettings, FedBuff
 from fedge.simulations.attacks import attacker_partitions
 from fedge.simulations.heterogeneity import AsynchronousDevices, SimulatedFleet
 from fedge.simulations.inprocess import InProcessGrid
@@ -65,20 +65,6 @@ def run_fedbuff(settings: BufferSettings, versions: int, clients: int = 2,
     fedbuff.start(grid, ArrayRecord(array_dict={"w": Array(np.zeros(2, np.float32))}),
                   num_rounds=versions, evaluate_fn=evaluate)
     return seen, fedbuff
-
-
-def test_the_staleness_weight_is_fedbuffs_inverse_square_root():
-    assert [staleness_weight(tau) for tau in (0, 1, 3, 8)] == [1.0, 1 / math.sqrt(2), 0.5,
-                                                                 1 / 3]
-
-
-def test_a_step_averages_staleness_weighted_updates_over_the_buffer():
-    current = {"w": np.array([1.0, 1.0], np.float32), "count": np.array(7)}
-    updates = [({"w": np.array([2.0, 0.0])}, 0), ({"w": np.array([0.0, 4.0])}, 3)]
-    stepped = buffered_step(current, updates, server_lr=0.5)
-    # w + 0.5 · (1/2) · (1 · [2, 0] + (1/2) · [0, 4])
-    np.testing.assert_allclose(stepped["w"], [1.5, 1.5])
-    assert stepped["w"].dtype == np.float32 and stepped["count"] == 7
 
 
 def test_a_slow_clients_stale_update_counts_less_than_a_fresh_one():
