@@ -1,17 +1,18 @@
-"""The edge gateway's device side: devices without Python train over HTTPS.
+"""The edge gateway's rounds: devices without Python train over HTTPS.
 
 Toward the federation the gateway is one Flower client node (its adapter calls
 :meth:`DeviceFleet.run_round` once per round); toward devices it serves the protocol in
-``client/device/PROTOCOL.md``. Each round's task goes to every device that asks for it; the
-round waits until every device that took it, or is polling, has answered (a result or a
-failure) or its deadline passes, then averages the accepted results weighted by their
-examples. A result is screened before it counts, as the server screens its clients: it must
-be for the round's train program, carry exactly the trained (not frozen) state entries with
-the task's shapes as finite float32, and a positive integer ``num_examples``.
+``client/device/PROTOCOL.md`` through its HTTP API (``fedge.server.gateway_http``). Each
+round's task goes to every device that asks for it; the round waits until every device that
+took it, or is polling, has answered (a result or a failure) or its deadline passes, then
+averages the accepted results weighted by their examples. A result is screened before it
+counts, as the server screens its clients: it must be for the round's train program, carry
+exactly the trained (not frozen) state entries with the task's shapes as finite float32, and
+a positive integer ``num_examples``.
 
-Devices authenticate with bearer tokens made by :func:`make_tokens`; the gateway keeps only
-their SHA-256 digests. stdlib HTTP and TLS, numpy; every wait is bounded, and no thread
-outlives :meth:`DeviceFleet.serving`.
+Devices authenticate with bearer tokens (``fedge.server.device_tokens``); the gateway keeps
+only their SHA-256 digests. numpy; every wait is bounded, and no thread outlives
+:meth:`DeviceFleet.serving`.
 """
 
 import hashlib
@@ -19,44 +20,32 @@ import hmac
 import json
 import logging
 import math
-import re
 import secrets
 import socket
-import socketserver
 import ssl
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import numpy as np
 
 from fedge.errors import FedgeError
-from fedge.files import check_output_folder, refuse_overwrite, write_all_or_none
-from fedge.models.blob import pack, read_json, unpack
+from fedge.models.blob import pack, unpack
 from fedge.protocol import DEVICES_KEY
+from fedge.server.device_tokens import HEX_DIGEST, check_device_name
+from fedge.server.gateway_http import DeviceHTTPServer, Refusal, one_line
 
 log = logging.getLogger("fedge.gateway")
 
-MAX_RESULT_BYTES = 64 * 2**20  # a result blob; larger ones get 413 unread
-MAX_JSON_BYTES = 2**20  # a hello or a failure
-IDLE_SECONDS = 30.0  # a connection's socket timeout: an idle keep-alive, a stalled upload
 # A device that made a request this recently counts as present: a round ends early only
 # once every present device (and every one that took the task) has answered.
 PRESENCE_SECONDS = 5.0
 PRESENCE_CHECK = 0.25  # how often a waiting round looks whether presence has lapsed
 MAX_EXAMPLES = 2**53  # num_examples beyond it would not be exact as a float64 weight
-DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
-HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
-TASK_PATH = re.compile(r"/v1/tasks/([^/]+)/(weights|result|failure)")
-PROGRAM_PATH = re.compile(r"/v1/programs/([^/]+)")
-JSON_TYPE, BLOB_TYPE = "application/json", "application/octet-stream"
 
 
 def _finite_number(value: object) -> bool:
@@ -67,20 +56,6 @@ def _finite_number(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
-
-
-def _size(text: str) -> int | None:
-    """A Content-Length's number of bytes, or None when it is not one: ASCII digits only
-    (int() would take "²" and "+5", or fail on thousands of digits)."""
-    text = text.strip()
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else None
-
-
-def _one_line(value: object, limit: int) -> str:
-    """Text a device sent, safe for one log or error line."""
-    text = value if isinstance(value, str) else repr(value)
-    text = "".join(c if c.isprintable() else " " for c in text).strip()
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -100,73 +75,6 @@ class GatewaySettings:
             raise FedgeError(f"gateway min_devices must be a positive integer, got "
                              f"{self.min_devices!r}")
 
-
-# -- tokens -------------------------------------------------------------------------------
-
-def token_digest(token: str) -> str:
-    """The SHA-256 hex digest of a token, which is all the gateway keeps of it."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def make_tokens(names: Sequence[str], out_dir: Path) -> list[Path]:
-    """For each device name, ``NAME.token`` (the secret, for the device: 32 random bytes as
-    URL-safe text, no newline; mode 0600) and ``NAME.sha256`` (its SHA-256 hex digest, for
-    the gateway). Returns the files written, each name's token then its digest. Names are
-    checked and nothing is overwritten: a refused call writes nothing."""
-    names = list(names)
-    if not names:
-        raise FedgeError("give at least one device name to make tokens for")
-    for name in names:
-        _check_device_name(name)
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise FedgeError(f"device names must differ; given more than once: "
-                         f"{', '.join(duplicates)}")
-    check_output_folder(out_dir)
-    files: dict[Path, tuple[bytes, int]] = {}
-    for name in names:
-        token = secrets.token_urlsafe(32)
-        files[out_dir / f"{name}.token"] = (token.encode(), 0o600)
-        files[out_dir / f"{name}.sha256"] = (f"{token_digest(token)}\n".encode(), 0o644)
-    refuse_overwrite(files)
-    write_all_or_none(files)
-    return list(files)
-
-
-def read_token_digests(folder: Path) -> dict[str, str]:
-    """Device name -> token digest, from every ``NAME.sha256`` in ``folder``."""
-    if not folder.is_dir():
-        raise FedgeError(f"token folder {folder} does not exist; make the devices' tokens "
-                         "with `fedge tokens`")
-    digests: dict[str, str] = {}
-    for path in sorted(folder.glob("*.sha256")):
-        name = path.name.removesuffix(".sha256")
-        if not DEVICE_NAME.fullmatch(name):
-            raise FedgeError(f"{path}: {name!r} is not a device name (letters, digits, "
-                             "'_', '.', '-')")
-        try:
-            text = path.read_bytes().decode("ascii").strip()
-        except OSError as error:
-            raise FedgeError(f"cannot read {path}: {error.strerror}") from None
-        except UnicodeDecodeError:
-            text = ""
-        if not HEX_DIGEST.fullmatch(text):
-            raise FedgeError(f"{path} does not hold a SHA-256 hex digest (64 hex digits); "
-                             "`fedge tokens` writes them")
-        digests[name] = text.lower()
-    if not digests:
-        raise FedgeError(f"{folder} holds no NAME.sha256 token digests; make the devices' "
-                         "tokens with `fedge tokens`")
-    return digests
-
-
-def _check_device_name(name: object) -> None:
-    if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
-        raise FedgeError(f"{name!r} is not a device name: use 1 to 100 letters, digits, "
-                         "'_', '.' or '-'")
-
-
-# -- rounds -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class RoundResult:
@@ -208,14 +116,6 @@ class _Round:
     closed: bool = False
 
 
-class _Refusal(Exception):
-    """An HTTP answer other than success: status and the one line saying why."""
-
-    def __init__(self, status: int, reason: str, close: bool = False) -> None:
-        super().__init__(reason)
-        self.status, self.reason, self.close = status, reason, close
-
-
 class DeviceFleet:
     """The devices behind one gateway: serves them the protocol and runs their rounds."""
 
@@ -225,7 +125,7 @@ class DeviceFleet:
             raise FedgeError("the gateway knows no devices: give it their token digests")
         digests: dict[str, str] = {}
         for name, digest in tokens.items():
-            _check_device_name(name)
+            check_device_name(name)
             if not isinstance(digest, str) or not HEX_DIGEST.fullmatch(digest):
                 raise FedgeError(f"device {name}'s token digest is not 64 hex digits")
             digests[name] = digest.lower()
@@ -269,7 +169,7 @@ class DeviceFleet:
             self._serving, self._closing = True, False
         try:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            server = _Server((host, port), self, context, family)
+            server = DeviceHTTPServer((host, port), self, context, family)
         except (OSError, OverflowError) as error:
             with self._cond:
                 self._serving = False
@@ -388,13 +288,13 @@ class DeviceFleet:
     def _hello(self, name: str, body: object) -> dict:
         samples = body.get("samples") if isinstance(body, dict) else None
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
-            raise _Refusal(400, 'hello needs "samples": the number of the device\'s local '
-                                "samples")
+            raise Refusal(400, 'hello needs "samples": the number of the device\'s local '
+                               "samples")
         with self._cond:
             device = self._devices[name]
             first, device.hello, device.samples = not device.hello, True, samples
         if first:
-            described = ", ".join(_one_line(body.get(key), 60) for key in ("runtime", "client")
+            described = ", ".join(one_line(body.get(key), 60) for key in ("runtime", "client")
                                   if isinstance(body.get(key), str))
             log.info("device %s said hello: %d samples%s", name, samples,
                      f" ({described})" if described else "")
@@ -437,7 +337,7 @@ class DeviceFleet:
         with self._cond:
             program = self._programs.get(sha256.lower())
         if program is None:
-            raise _Refusal(404, f"no program {_one_line(sha256, 80)}")
+            raise Refusal(404, f"no program {one_line(sha256, 80)}")
         return program
 
     def _given(self, name: str, task: str) -> _Round:
@@ -445,13 +345,13 @@ class DeviceFleet:
         current = self._round
         if current is None or current.task != task:
             if task in self._past:
-                raise _Refusal(409, f"round {self._past[task]} is over: its results were "
-                                    "aggregated")
-            raise _Refusal(404, f"no task {_one_line(task, 40)}")
+                raise Refusal(409, f"round {self._past[task]} is over: its results were "
+                                   "aggregated")
+            raise Refusal(404, f"no task {one_line(task, 40)}")
         if current.closed:
-            raise _Refusal(409, f"round {current.number} is over: its results were aggregated")
+            raise Refusal(409, f"round {current.number} is over: its results were aggregated")
         if name not in current.taken:
-            raise _Refusal(404, f"task {task} was not given to {name}")
+            raise Refusal(404, f"task {task} was not given to {name}")
         return current
 
     def _weights(self, name: str, task: str) -> bytes:
@@ -464,12 +364,12 @@ class DeviceFleet:
         with self._cond:
             current = self._given(name, task)
             if name in current.answers:
-                raise _Refusal(409, f"{name} has already answered round {current.number} "
-                                    f"({current.answers[name].split(':')[0]})")
+                raise Refusal(409, f"{name} has already answered round {current.number} "
+                                   f"({current.answers[name].split(':')[0]})")
             if time.monotonic() >= current.deadline:
                 current.answers[name] = "late"
                 self._cond.notify_all()
-                raise _Refusal(409, f"round {current.number}'s deadline has passed")
+                raise Refusal(409, f"round {current.number}'s deadline has passed")
             return current
 
     def _answer(self, name: str, task: str, outcome: str,
@@ -487,7 +387,7 @@ class DeviceFleet:
         current = self._open_for_answer(name, task)
         try:
             accepted = _screen(body, current)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             self._answer(name, task, f"rejected: {refusal.reason}")
             raise
         self._answer(name, task, "accepted", accepted)
@@ -554,38 +454,38 @@ def _screen(body: bytes, current: _Round) -> _Accepted:
     try:
         header, arrays = unpack(body, "the result")
     except FedgeError as error:
-        raise _Refusal(400, f"malformed result: {_one_line(str(error), 300)}") from None
+        raise Refusal(400, f"malformed result: {one_line(str(error), 300)}") from None
     program = header.get("program")
     if program != current.train_sha:
-        raise _Refusal(400, f"program hash mismatch: the result is for program "
-                            f"{_one_line(program, 70)}, round {current.number} trains with "
-                            f"{current.train_sha}")
+        raise Refusal(400, f"program hash mismatch: the result is for program "
+                           f"{one_line(program, 70)}, round {current.number} trains with "
+                           f"{current.train_sha}")
     examples = header.get("num_examples")
     if (not isinstance(examples, int) or isinstance(examples, bool)
             or not 0 < examples <= MAX_EXAMPLES):
-        raise _Refusal(422, f"num_examples is {_one_line(examples, 40)}, not a positive "
-                            "integer")
+        raise Refusal(422, f"num_examples is {one_line(examples, 40)}, not a positive "
+                           "integer")
     metrics = header.get("metrics", {})
     if not isinstance(metrics, dict):
-        raise _Refusal(422, "metrics is not a JSON object")
+        raise Refusal(422, "metrics is not a JSON object")
     for name in current.trained:
         if name not in arrays:
-            raise _Refusal(422, f"array {name!r} is missing")
+            raise Refusal(422, f"array {name!r} is missing")
     for name in arrays:
         if name not in current.trained:
-            raise _Refusal(422, f"array {_one_line(name, 80)!r} is not a trained state entry "
-                                "of the model (unknown or frozen)")
+            raise Refusal(422, f"array {one_line(name, 80)!r} is not a trained state entry "
+                               "of the model (unknown or frozen)")
     for name, shape in current.trained.items():
         array = arrays[name]
         if array.dtype != np.float32:
-            raise _Refusal(422, f"array {name!r} is {array.dtype}, not float32")
+            raise Refusal(422, f"array {name!r} is {array.dtype}, not float32")
         if array.shape != shape:
-            raise _Refusal(422, f"array {name!r} has shape {list(array.shape)}, the task's "
-                                f"is {list(shape)}")
+            raise Refusal(422, f"array {name!r} has shape {list(array.shape)}, the task's "
+                               f"is {list(shape)}")
         if np.isnan(array).any():
-            raise _Refusal(422, f"array {name!r} holds NaN")
+            raise Refusal(422, f"array {name!r} holds NaN")
         if not np.isfinite(array).all():
-            raise _Refusal(422, f"array {name!r} holds Inf")
+            raise Refusal(422, f"array {name!r} holds Inf")
     # A metric that is not a finite number does not count (as the server averages them).
     kept = {str(key): float(value) for key, value in metrics.items() if _finite_number(value)}
     return _Accepted(examples, arrays, kept)
@@ -612,217 +512,3 @@ def _aggregate(accepted: dict[str, _Accepted], trained: dict[str, tuple[int, ...
                             / sum(n for _, n in reports))
     metrics[DEVICES_KEY] = float(len(accepted))
     return RoundResult(arrays=arrays, num_examples=total, metrics=metrics, report=report)
-
-
-# -- HTTP ---------------------------------------------------------------------------------
-
-class _Server(ThreadingHTTPServer):
-    """Threads per connection, TLS handshakes in those threads, and a way to cut every
-    connection so that closing the server never waits on a device."""
-
-    daemon_threads = False
-    block_on_close = True  # server_close() joins every connection's thread
-    request_queue_size = 64
-
-    def __init__(self, address: tuple[str, int], fleet: DeviceFleet,
-                 context: ssl.SSLContext | None, family: socket.AddressFamily) -> None:
-        self.address_family = family
-        self.fleet = fleet
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        self._cut = False
-        super().__init__(address, _Handler)
-        if context is not None:
-            # Handshakes happen in each connection's thread, not in the accepting loop.
-            self.socket = context.wrap_socket(self.socket, server_side=True,
-                                              do_handshake_on_connect=False)
-
-    def server_bind(self) -> None:
-        # HTTPServer's own looks the host up in DNS (getfqdn), which may hang.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-
-    def finish_request(self, request: socket.socket, client_address: object) -> None:
-        with self._connections_lock:
-            if self._cut:
-                return
-            self._connections.add(request)
-        try:
-            request.settimeout(IDLE_SECONDS)
-            if isinstance(request, ssl.SSLSocket):
-                request.do_handshake()
-            self.RequestHandlerClass(request, client_address, self)
-        except OSError as error:  # a device that went away, a failed handshake, a timeout
-            log.debug("connection from %s ended: %s", client_address, error)
-        finally:
-            with self._connections_lock:
-                self._connections.discard(request)
-
-    def cut_connections(self) -> None:
-        """Shut every open connection down, waking the threads that read from them."""
-        with self._connections_lock:
-            self._cut = True
-            connections = list(self._connections)
-        for connection in connections:
-            with suppress(OSError):
-                socket.socket.shutdown(connection, socket.SHUT_RDWR)  # below TLS
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "fedge-gateway/1"
-    timeout = IDLE_SECONDS
-    disable_nagle_algorithm = True  # headers and body are two writes: send both at once
-    server: _Server
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("%s: %s", self.address_string(), format % args)
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """http.server's own errors (a malformed request line, a method it lacks), as JSON."""
-        self.log_error("code %d, message %s", code, message)
-        self._send(code, {"error": message or HTTPStatus(code).phrase}, close=True)
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
-        self._body_read = False
-        fleet = self.server.fleet
-        try:
-            name = fleet._authenticate(self.headers.get("Authorization"))
-            if name is None:
-                raise _Refusal(401, "missing or unknown token: send 'Authorization: Bearer "
-                                    "<token>' with this device's token")
-            fleet._seen(name)
-            status, payload = self._route(fleet, name, method, self._url())
-        except _Refusal as refusal:
-            close = refusal.close or (method == "POST" and not self._drained())
-            self._send(refusal.status, {"error": refusal.reason}, close=close)
-            return
-        self._send(status, payload)
-
-    def _route(self, fleet: DeviceFleet, name: str, method: str, url: SplitResult
-               ) -> tuple[int, object]:
-        path = url.path
-        task_path, program_path = TASK_PATH.fullmatch(path), PROGRAM_PATH.fullmatch(path)
-        if path == "/v1/hello":
-            self._need(method, "POST")
-            return 200, fleet._hello(name, self._read_json())
-        if path == "/v1/task":
-            self._need(method, "GET")
-            return fleet._next_task(name, self._wait_seconds(url.query, fleet))
-        if program_path:
-            self._need(method, "GET")
-            return 200, fleet._program(program_path[1])
-        if task_path:
-            task, what = task_path[1], task_path[2]
-            if what == "weights":
-                self._need(method, "GET")
-                return 200, fleet._weights(name, task)
-            self._need(method, "POST")
-            fleet._open_for_answer(name, task)
-            try:
-                body = self._failure() if what == "failure" else self._read_body(
-                    MAX_RESULT_BYTES)
-            except _Refusal as refusal:  # an answer all the same: the round need not wait
-                fleet._answer(name, task, f"rejected: {refusal.reason}")
-                raise
-            if isinstance(body, str):
-                fleet._answer(name, task, f"failed: {body}")
-                return 200, {"recorded": True}
-            fleet._result(name, task, body)
-            return 200, {"accepted": True}
-        raise _Refusal(404, f"no such path: {_one_line(path, 80)}")
-
-    def _url(self) -> SplitResult:
-        try:
-            return urlsplit(self.path)
-        except ValueError:  # "http://[::1/v1/task": a bracket that does not close
-            raise _Refusal(400, f"{_one_line(self.path, 80)} is not a URL") from None
-
-    @staticmethod
-    def _need(method: str, expected: str) -> None:
-        if method != expected:
-            raise _Refusal(405, f"use {expected} for this path")
-
-    @staticmethod
-    def _wait_seconds(query: str, fleet: DeviceFleet) -> float:
-        values = parse_qs(query).get("wait", ["0"])
-        try:
-            wait = float(values[-1])
-        except ValueError:
-            wait = math.nan
-        if not math.isfinite(wait) or wait < 0:
-            raise _Refusal(400, "wait must be a non-negative number of seconds")
-        return min(wait, fleet.settings.poll_seconds)
-
-    def _read_body(self, limit: int) -> bytes:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            raise _Refusal(411, "send the body with a Content-Length, not chunked", close=True)
-        text = self.headers.get("Content-Length")
-        if text is None:
-            raise _Refusal(411, "the body needs a Content-Length", close=True)
-        length = _size(text)
-        if length is None:
-            raise _Refusal(400, f"Content-Length {_one_line(text, 30)} is not a size",
-                           close=True)
-        if length > limit:
-            raise _Refusal(413, f"the body is {length} bytes, over the limit of {limit}",
-                           close=True)
-        data = self.rfile.read(length)
-        self._body_read = True
-        if len(data) != length:
-            raise _Refusal(400, f"the body ended after {len(data)} of {length} bytes",
-                           close=True)
-        return data
-
-    def _drained(self) -> bool:
-        """Whether the body of a refused request is read (a small unread one is read and
-        dropped, so the device gets its answer rather than a reset connection)."""
-        if self._body_read:
-            return True
-        length = _size(self.headers.get("Content-Length") or "")
-        if length is None or length > MAX_JSON_BYTES or self.headers.get("Transfer-Encoding"):
-            return False
-        return len(self.rfile.read(length)) == length
-
-    def _read_json(self) -> object:
-        data = self._read_body(MAX_JSON_BYTES)
-        try:
-            return read_json(data, "the body")
-        except FedgeError as error:
-            raise _Refusal(400, _one_line(str(error), 300)) from None
-
-    def _failure(self) -> str:
-        """Why the device cannot train, from a failure's body."""
-        body = self._read_json()
-        error = body.get("error") if isinstance(body, dict) else None
-        if not isinstance(error, str):
-            raise _Refusal(400, 'a failure needs "error": why this device cannot train')
-        return _one_line(error, 300)
-
-    def _send(self, status: int, payload: object, close: bool = False) -> None:
-        if isinstance(payload, bytes):
-            body, content_type = payload, BLOB_TYPE
-        elif payload is None:
-            body, content_type = b"", None
-        else:
-            body, content_type = json.dumps(payload, allow_nan=False).encode(), JSON_TYPE
-        self.send_response(status)
-        if content_type:
-            self.send_header("Content-Type", content_type)
-        if status != 204:
-            self.send_header("Content-Length", str(len(body)))
-        if status == 401:
-            self.send_header("WWW-Authenticate", "Bearer")
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if body:
-            self.wfile.write(body)

@@ -344,12 +344,8 @@ def test_bad_input_is_one_error_line_and_exit_2(device_binary: Path, cnn: dict,
 
 def test_a_gateway_round_over_http_with_one_device(device_binary: Path, no_dropout: dict,
                                                    tmp_path: Path) -> None:
-    from fedge.server.gateway import (
-        DeviceFleet,
-        GatewaySettings,
-        make_tokens,
-        read_token_digests,
-    )
+    from fedge.server.device_tokens import make_tokens, read_token_digests
+    from fedge.server.gateway import DeviceFleet, GatewaySettings
 
     case = no_dropout["mlp"]
     folder, manifest = case["folder"], case["manifest"]

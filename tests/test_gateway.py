@@ -24,12 +24,8 @@ import pytest
 from fedge.errors import FedgeError
 from fedge.models.blob import pack, unpack
 from fedge.server.certs import make_certificates
-from fedge.server.gateway import (
-    DeviceFleet,
-    GatewaySettings,
-    make_tokens,
-    read_token_digests,
-)
+from fedge.server.device_tokens import make_tokens, read_token_digests
+from fedge.server.gateway import DeviceFleet, GatewaySettings
 
 pytestmark = pytest.mark.edge
 
