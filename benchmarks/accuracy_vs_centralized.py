@@ -59,8 +59,8 @@ def centralized(config: RunConfig) -> dict:
     torch.manual_seed(config.seed)
     model = build_model(spec)
     report = train_locally(model, spec, union_of_clients(plan), LocalTraining(
-        epochs=100, batch_size=config.batch_size, lr=config.lr, optimizer=config.optimizer,
-        patience=5, seed=config.seed), torch.device("cpu"))
+        config.training.model_copy(update={"local_epochs": 100, "local_patience": 5}),
+        seed=config.seed), torch.device("cpu"))
     data = plan.server_data
     _, val_accuracy = evaluate_classifier(model, spec, data.val_x, data.val_y)
     _, test_accuracy = evaluate_classifier(model, spec, data.test_x, data.test_y)
@@ -100,13 +100,13 @@ def main() -> None:
                      proximal_mu=args.proximal_mu)
     # The reference is centralized training with fedge's default settings, whatever the
     # federated runs are tuned to: a tuned run must not move its own target.
-    central = centralized(base.model_copy(update={"lr": RunConfig().lr,
+    central = centralized(base.updated(**{"lr": RunConfig().lr,
                                                   "batch_size": RunConfig().batch_size}))
     target = central["val"] - POINTS
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         for strategy in args.strategies.split(","):
-            config = base.model_copy(update={"strategy": strategy})
+            config = base.updated(**{"strategy": strategy})
             rows[strategy] = federated(config, target, Path(folder) / strategy)
     print(f"\ndigits, 20 clients, Dirichlet(0.3), {args.local_epochs} local epochs per round "
           f"(local early stopping on), lr {args.lr}, batch {args.batch_size}, server lr "

@@ -71,10 +71,10 @@ def base_config(args: argparse.Namespace, slow_fraction: float) -> RunConfig:
 def run_config(base: RunConfig, strategy: str, args: argparse.Namespace) -> RunConfig:
     if strategy == "fedavg":
         steps = args.updates // args.concurrency
-        return base.model_copy(update={"strategy": "fedavg", "rounds": steps,
+        return base.updated(**{"strategy": "fedavg", "rounds": steps,
                                        "patience": steps + 1})
     steps = args.updates // args.buffer
-    return base.model_copy(update={"strategy": "fedbuff", "rounds": steps,
+    return base.updated(**{"strategy": "fedbuff", "rounds": steps,
                                    "patience": steps + 1, "concurrency": args.concurrency,
                                    "buffer": args.buffer, "server_lr": args.server_lr,
                                    "eval_every": 1})
@@ -85,7 +85,7 @@ def measure(config: RunConfig, target: float, folder: Path) -> dict:
     outcome = simulate(plan_simulation(config), folder)
     metrics = json.loads((folder / "metrics.json").read_text())
     rounds = metrics["rounds"]
-    if config.strategy == "fedbuff":  # results aggregated in each version
+    if config.strategy.name == "fedbuff":  # results aggregated in each version
         used = {v["version"]: v["updates"] for v in metrics["versions"]}
     else:
         used = {r["round"]: r["num_clients"] for r in rounds}

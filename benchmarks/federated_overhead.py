@@ -78,10 +78,10 @@ def centralized(config: RunConfig) -> dict:
     spec = Federation(plan.config, plan.server_data, Path("unused")).spec
     torch.manual_seed(config.seed)
     model = build_model(spec)
-    epochs = config.rounds * config.local_epochs
+    epochs = config.strategy.rounds * config.training.local_epochs
     report = train_locally(model, spec, data, LocalTraining(
-        epochs=epochs, batch_size=config.batch_size, lr=config.lr, optimizer=config.optimizer,
-        patience=epochs + 1, seed=config.seed), torch.device("cpu"))
+        config.training.model_copy(update={"local_epochs": epochs, "local_patience": epochs + 1}),
+        seed=config.seed), torch.device("cpu"))
     _, accuracy = evaluate_classifier(model, spec, plan.server_data.test_x,
                                       plan.server_data.test_y)
     return {"wall": time.perf_counter() - started, "accuracy": accuracy,
@@ -97,14 +97,14 @@ def clients_without_flower(config: RunConfig) -> dict:
     torch.manual_seed(config.seed)
     model = build_model(spec)
     started = time.perf_counter()
-    for server_round in range(config.rounds):
+    for server_round in range(config.strategy.rounds):
         states, weights = [], []
         for client, data in enumerate(parts):
             model_k = build_model(spec)
             model_k.load_state_dict(model.state_dict())
             train_locally(model_k, spec, data, LocalTraining(
-                epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
-                optimizer=config.optimizer, patience=config.local_epochs + 1,
+                config.training.model_copy(
+                    update={"local_patience": config.training.local_epochs + 1}),
                 seed=config.seed + 1000 * server_round + client), torch.device("cpu"))
             states.append(model_k.state_dict())
             weights.append(len(data.train_y))
@@ -145,7 +145,7 @@ def main() -> None:
     vectorized = None
     if args.vectorize:
         with tempfile.TemporaryDirectory() as folder:
-            vectorized = federated(config.model_copy(update={"vectorize": True}),
+            vectorized = federated(config.updated(**{"vectorize": True}),
                                    Path(folder))
     central = centralized(config)
     by_hand = clients_without_flower(config)

@@ -19,6 +19,7 @@ import torch
 
 from fedge.client.data import split_train_val
 from fedge.client.training import LocalTraining, train_locally
+from fedge.config import TrainingSettings
 from fedge.models.export import export_onnx
 from fedge.models.inference import predict
 from fedge.models.quantize import latency_us, quantize_int8
@@ -53,7 +54,7 @@ def measure(name: str, runs: int, folder: Path) -> dict:
     torch.manual_seed(0)
     model = build_model(spec)
     train_locally(model, spec, split_train_val(*split.clients, 0.2, 0),
-                  LocalTraining(epochs=10, batch_size=32, lr=0.003, patience=3, seed=0),
+                  LocalTraining(TrainingSettings(local_epochs=10, local_patience=3)),
                   torch.device("cpu"))
     model.eval()
     fp32, int8 = folder / f"{name}.onnx", folder / f"{name}.int8.onnx"

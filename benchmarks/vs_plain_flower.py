@@ -59,8 +59,8 @@ def plain_flower(clients: int, rounds: int, local_epochs: int, result: Path) -> 
 
     plan = plan_simulation(RunConfig(clients=clients, **SETTINGS))
     data = plan.server_data
-    spec = spec_from_data(plan.config.model, data.val_x, data.num_classes,
-                          plan.config.dropout)
+    spec = spec_from_data(plan.config.model.name, data.val_x, data.num_classes,
+                          plan.config.model.dropout)
 
     def accuracy(model: torch.nn.Module, x, y) -> tuple[float, float]:
         model.eval()

@@ -16,20 +16,16 @@ from torch import nn
 
 from fedge.client.data import LocalData, node_seed
 from fedge.client.training import LocalTraining, TrainReport, pick_device, train_locally
+from fedge.config import TrainingSettings, default
 from fedge.datafiles import remap_labels
 from fedge.errors import FedgeError
 from fedge.models.exchange import exchanged_names, frozen_from_config
 from fedge.models.registry import ModelSpec, build_model
 from fedge.protocol import (
     ARRAYS,
-    BATCH_SIZE,
     CONFIG,
-    LOCAL_EPOCHS,
-    LOCAL_PATIENCE,
-    LR,
     METRICS,
     MODEL_SPEC,
-    OPTIMIZER,
     PROGRAM_KEY,
     PROXIMAL_MU,
     SEED,
@@ -45,16 +41,9 @@ class CannotTakePart(FedgeError):
 
 
 def local_training_from_config(config: dict, node_seed: int) -> LocalTraining:
-    """The server's ``train`` ConfigRecord as local-training settings."""
-    return LocalTraining(
-        epochs=int(config[LOCAL_EPOCHS]),
-        batch_size=int(config[BATCH_SIZE]),
-        lr=float(config[LR]),
-        optimizer=str(config[OPTIMIZER]),
-        patience=int(config[LOCAL_PATIENCE]),
-        proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
-        seed=node_seed,
-    )
+    """The server's ``train`` ConfigRecord as this node's local training."""
+    return LocalTraining(TrainingSettings.from_config(config), seed=node_seed,
+                         proximal_mu=float(config.get(PROXIMAL_MU, 0.0)))
 
 
 def fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
@@ -151,7 +140,7 @@ def train_reply(state: dict, frozen: set[str], num_examples: int, report: TrainR
                        METRICS: metrics})
 
 
-def build_trainer(load_data: DataLoaderFn, device: str = "auto") -> Trainer:
+def build_trainer(load_data: DataLoaderFn, device: str = default("device")) -> Trainer:
     """Train on the samples ``load_data`` returns for the node, on ``device`` unless the
     node config names one: the records of a train message in, the reply's records out."""
 
@@ -167,7 +156,7 @@ def build_trainer(load_data: DataLoaderFn, device: str = "auto") -> Trainer:
     return train
 
 
-def build_client_app(load_data: DataLoaderFn, device: str = "auto",
+def build_client_app(load_data: DataLoaderFn, device: str = default("device"),
                      mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp that trains in its own process (simulation), through Flower ``mods``."""
     app = ClientApp(mods=list(mods))

@@ -82,7 +82,8 @@ def compress_arrays(local: ArrayRecord, received: ArrayRecord, scheme: str,
 
 def _compression_config(msg: Message) -> ConfigRecord | None:
     """The server's train config, if it asks for compression."""
-    return next((c for c in msg.content.config_records.values() if COMPRESS_KEY in c), None)
+    return next((c for c in msg.content.config_records.values()
+                 if c.get(COMPRESS_KEY, "none") != "none"), None)
 
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

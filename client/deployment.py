@@ -38,6 +38,7 @@ from fedge.client.keys import check_ca_certificate, check_private_key
 from fedge.client.relay import Trainer, serve_trainer
 from fedge.client.training import check_device
 from fedge.client.wire import FOLDER_KEY, check_wire_folder
+from fedge.config import default
 from fedge.datafiles import load_labelled_data
 from fedge.errors import FedgeError
 from fedge.processes import Children, flower_command, free_port, relay_output
@@ -60,8 +61,8 @@ SUPERNODE_HELPERS = ("flower-superexec", "flwr-clientapp")
 @dataclass(frozen=True)
 class DeviceData:
     path: Path
-    label_column: str = "label"
-    val_fraction: float = 0.2
+    label_column: str = default("label_column")
+    val_fraction: float = default("val_fraction")
     seed: int = 0
 
     def load(self) -> LocalData:
@@ -227,7 +228,7 @@ def supernode_args(server: str, ca: Path | None, key: Path | None, node_config: 
     return args
 
 
-def run_client(connection: Connection, data: DeviceData, device: str = "auto",
+def run_client(connection: Connection, data: DeviceData, device: str = default("device"),
                record_wire: Path | None = None, verbose: bool = False,
                started: float | None = None) -> str:
     """Check the settings and the data, then serve as a SuperNode until the server's run

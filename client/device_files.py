@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedge.config import default
 from fedge.datafiles import load_labelled_data
 from fedge.files import check_output_file, folder_for, write_atomic
 from fedge.models.blob import pack
@@ -11,7 +12,7 @@ from fedge.models.blob import pack
 DATA_FORMAT = "fedge-device-data/1"
 
 
-def write_device_data(source: Path, output: Path, label_column: str = "label",
+def write_device_data(source: Path, output: Path, label_column: str = default("label_column"),
                       overwrite: bool = False) -> int:
     """The samples of ``source`` (CSV, NPZ or image folder) written to ``output``; their
     number. Named labels become ids in sorted name order, and the names travel along."""

@@ -12,7 +12,6 @@ and gateways is FedAvg over every client and device (hierarchical aggregation).
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from typing import Protocol
 
 import numpy as np
@@ -25,10 +24,12 @@ from fedge.errors import FedgeError
 from fedge.protocol import (
     ARRAYS,
     CONFIG,
+    DEVICE_TRAINING,
     EDGE_MANIFEST_KEY,
     EDGE_PREDICT_KEY,
     EDGE_TRAIN_KEY,
     METRICS,
+    PROXIMAL_MU,
     SEED,
     SERVER_ROUND,
     WEIGHT_KEY,
@@ -63,9 +64,11 @@ def device_task(config: Mapping[str, object]) -> tuple[dict, dict[str, bytes]]:
 
 
 def training_settings(config: Mapping[str, object], seed: int) -> dict:
-    """The round's local-training settings as the device protocol names them: as
-    ``fedge client`` reads them, with the same names."""
-    return asdict(local_training_from_config(config, seed))
+    """The round's local training, read as ``fedge client`` reads it, in the names of the
+    device protocol (which a device's program reads)."""
+    local = local_training_from_config(config, seed)
+    read = {**local.training.as_config(), PROXIMAL_MU: local.proximal_mu, SEED: local.seed}
+    return {name: read[key] for name, key in DEVICE_TRAINING.items()}
 
 
 def build_gateway_trainer(run_round: RunRound) -> Trainer:

@@ -1,8 +1,7 @@
 """Local training: mini-batches, dropout, and early stopping on local validation loss."""
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedge.client.data import LocalData
+from fedge.config import TrainingSettings
 from fedge.errors import FedgeError
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import ModelSpec, as_input_tensor
@@ -18,15 +18,12 @@ from fedge.models.registry import ModelSpec, as_input_tensor
 
 @dataclass(frozen=True)
 class LocalTraining:
-    """One round's local-training settings, as sent by the server."""
+    """One round's local training: the run's training section as the server sent it, this
+    node's seed for the round, and FedProx's μ when the strategy sends one."""
 
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.003
-    optimizer: Literal["adam", "sgd"] = "adam"
-    patience: int = 2
-    proximal_mu: float = 0.0
+    training: TrainingSettings = field(default_factory=TrainingSettings)
     seed: int = 0
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,7 @@ def shuffled_batches(num_samples: int, settings: LocalTraining) -> DataLoader:
     """Each epoch's mini-batches as index tensors, reshuffled every time the loader is
     iterated, from a generator seeded by ``settings.seed``: one loader per client, kept
     across its epochs, gives the same order wherever that client trains."""
-    return DataLoader(range(num_samples), batch_size=settings.batch_size, shuffle=True,
+    return DataLoader(range(num_samples), batch_size=settings.training.batch_size, shuffle=True,
                       generator=torch.Generator().manual_seed(settings.seed))
 
 
@@ -130,9 +127,9 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def _optimizer(model: nn.Module, settings: LocalTraining) -> torch.optim.Optimizer:
     """Over the trainable parameters: frozen ones (``--freeze``) do not require grad."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(trainable, lr=settings.lr, momentum=SGD_MOMENTUM)
-    return torch.optim.Adam(trainable, lr=settings.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    if settings.training.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=settings.training.lr, momentum=SGD_MOMENTUM)
+    return torch.optim.Adam(trainable, lr=settings.training.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
 
 
 def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: LocalTraining,
@@ -140,7 +137,7 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
     """Train ``model`` in place and leave it holding the weights with the best local
     validation loss (the received weights count as epoch 0).
 
-    Stops once validation loss has not improved for ``settings.patience`` epochs, and
+    Stops once validation loss has not improved for ``settings.training.local_patience`` epochs, and
     refuses to go on (FedgeError) once the training loss is no longer finite.
     With ``proximal_mu > 0`` the loss gains ``mu/2 · ||w - w_global||²`` (FedProx).
     """
@@ -153,10 +150,10 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
     optimizer = _optimizer(model, settings)
 
     stopping = EarlyStopping(*evaluate_classifier(model, spec, data.val_x, data.val_y, device),
-                             settings.patience)
+                             settings.training.local_patience)
     best_state = _snapshot(model)
     epoch, train_loss = 0, float("nan")
-    for epoch in range(1, settings.epochs + 1):
+    for epoch in range(1, settings.training.local_epochs + 1):
         model.train()
         loss_sum, seen = 0.0, 0
         for batch in batches:
@@ -181,5 +178,5 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
     return TrainReport(
         train_loss=train_loss, val_loss=stopping.best_val_loss,
         val_accuracy=stopping.best_val_accuracy, epochs=epoch,
-        best_epoch=stopping.best_epoch, stopped_early=epoch < settings.epochs,
+        best_epoch=stopping.best_epoch, stopped_early=epoch < settings.training.local_epochs,
     )

@@ -29,6 +29,7 @@ from fedge.config import (
     check_flag,
     load_config,
 )
+from fedge.datafiles import LABEL_COLUMN
 from fedge.errors import FedgeError
 
 Data = str | Path | tuple[np.ndarray, np.ndarray]
@@ -96,7 +97,7 @@ def simulate(model: str | Callable[..., Any] | None = None, data: Data | None = 
         settings["data"] = str(data)
     elif data is not None:
         samples = _in_memory(data)
-    run_config = load_config(config, model=model, **settings)
+    run_config = load_config(config, "simulate", model=model, **settings)
     if resume and out is None:
         raise FedgeError("resume needs out: the run folder to continue")
     plan = plan_simulation(run_config, samples, factory=factory)
@@ -198,7 +199,7 @@ def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = Fals
 
 
 def predict(model: str | Path, inputs: str | Path | np.ndarray, *,
-            output: PredictOutput = "names", label_column: str = "label",
+            output: PredictOutput = "names", label_column: str = LABEL_COLUMN,
             ignore_columns: Sequence[str] = ()) -> list | np.ndarray:
     """Classify ``inputs`` (an array of samples, or a .npy, .csv, image file or image
     folder) with an ONNX model exported by fedge, in onnxruntime alone (no torch).
@@ -249,7 +250,8 @@ def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | N
     from fedge.client.deployment import Connection, parse_server_address, run_node
     from fedge.client.gateway import build_gateway_trainer
     from fedge.server.certs import check_server_certificates
-    from fedge.server.gateway import DeviceFleet, GatewaySettings, read_token_digests
+    from fedge.server.device_tokens import read_token_digests
+    from fedge.server.gateway import DeviceFleet, GatewaySettings
 
     started = time.monotonic() if started is None else started
     connection = Connection(server, None if ca is None else Path(ca),

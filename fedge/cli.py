@@ -2,20 +2,32 @@
 must run on a device that has onnxruntime but no torch."""
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
 import click
 import typer
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from fedge.config import Quantize, RunConfig, load_config, step_name
+from fedge.config import (
+    COMMAND_SECTIONS,
+    SECTIONS,
+    Command,
+    Quantize,
+    RunConfig,
+    default,
+    load_config,
+    settings_index,
+    step_name,
+)
 from fedge.errors import FedgeError
 from fedge.logs import LogFormat, show_fedge_logs
 
@@ -37,9 +49,23 @@ def _usage_errors_in_one_line() -> Iterator[None]:
     except click.ClickException as error:
         if type(error).__name__ == "NoArgsIsHelpError":  # `fedge` alone: the help, shown
             raise
-        message = error.format_message().rstrip(".")
+        message = _not_taken(error) or error.format_message().rstrip(".")
         _print_error(f"{message[:1].lower()}{message[1:]}")
         raise click.exceptions.Exit(error.exit_code) from None
+
+
+def _not_taken(error: click.ClickException) -> str | None:
+    """``fedge server --attack``: which command takes the setting, rather than only that
+    this one does not."""
+    if not isinstance(error, click.NoSuchOption) or error.ctx is None:
+        return None
+    name = error.option_name.removeprefix("--no-").removeprefix("--").replace("-", "_")
+    if name not in settings_index():
+        return None
+    section = settings_index()[name][0]
+    takers = [c for c, sections in COMMAND_SECTIONS.items() if section in sections]
+    return (f"{error.option_name} is a setting of [{section}], which fedge "
+            f"{error.ctx.info_name} does not take (fedge {' and fedge '.join(takers)} do)")
 
 
 class _Commands(TyperGroup):
@@ -119,93 +145,80 @@ def _check_transport(insecure: bool, tls_file: Path | None, tls_option: str,
         errors.print(f"[yellow]warning:[/] --insecure: {risk}; use it on loopback only")
 
 
-def _setting(name: str) -> Any:
-    """A command-line option documented, and defaulted, by the RunConfig field ``name``."""
-    field = RunConfig.model_fields[name]
-    shown = "" if field.default is None else f"  \\[default: {field.default}]"
-    return Opt(help=f"{field.description}{shown}", show_default=False)
+SECTION_HELP = {"run": "Run", "data": "Data", "model": "Model",
+                "training": "Local training (sent to clients)", "strategy": "Strategy and rounds",
+                "privacy": "Privacy", "simulation": "Simulation",
+                "devices": "Devices without Python"}
 
 
-InitOption = Annotated[str | None, _setting("init")]
-ResetOption = Annotated[list[str] | None, Opt(
-    "--reset", help="parameters (glob, e.g. 'head.*') left at fresh initialization instead "
-                    "of --init's weights (repeatable)")]
-FreezeOption = Annotated[list[str] | None, Opt(
-    "--freeze", help="parameters and buffers (glob, e.g. 'features.*') that are not "
-                     "trained, sent or aggregated (repeatable)")]
-ScaleInputsOption = Annotated[bool | None, Opt(
-    "--scale-inputs/--no-scale-inputs", help="put fedge's input scaling (mean and std of "
-    "the server's validation data) inside the model  \\[default: on for built-in models, "
-    "off for your own]", show_default=False)]
+def _option_type(annotation: Any) -> Any:
+    """The command-line type of a setting: choices and shapes are text, checked as a
+    file's values are."""
+    kinds = {t for t in (annotation, *get_args(annotation)) if t is not type(None)}
+    for kind in (bool, int, float):
+        if kind in kinds:
+            return kind | None
+    if any(get_origin(t) is list for t in kinds):
+        return list[str] | None
+    return str | None
+
+
+def _setting_option(name: str, field: FieldInfo, section: str) -> inspect.Parameter:
+    """The option of one setting, from its definition: type, help and default."""
+    shown = "" if field.default in (None, []) else f"  \\[default: {field.default}]"
+    repeat = " (repeatable)" if get_origin(field.annotation) is list else ""
+    option = Opt(f"--{name.replace('_', '-')}", help=f"{field.description}{repeat}{shown}",
+                 show_default=False, rich_help_panel=SECTION_HELP[section])
+    if field.annotation in (bool, bool | None):
+        option = Opt(f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}",
+                     help=f"{field.description}{shown}", show_default=False,
+                     rich_help_panel=SECTION_HELP[section])
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[_option_type(field.annotation), option])
+
+
+def _command_settings(command: Command) -> list[tuple[str, str, FieldInfo]]:
+    """(name, section, definition) of every setting ``fedge command`` takes."""
+    found = [("seed", "run", RunConfig.model_fields["seed"])]
+    for name, (section, field) in settings_index().items():
+        if section in COMMAND_SECTIONS[command]:
+            found.append((name, section, SECTIONS[section].model_fields[field]))
+    return found
+
+
+def _with_settings(command: Command) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Gives a command one option per setting it takes, grouped in --help by section; the
+    command receives those given as ``settings`` (by name)."""
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        settings = _command_settings(command)
+        names = {name for name, _, _ in settings}
+
+        @wraps(function)
+        def run(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in names}
+            return function(settings={k: v for k, v in given.items() if v is not None},
+                            **kwargs)
+
+        own = [p for p in inspect.signature(function).parameters.values()
+               if p.name != "settings"]
+        options = [_setting_option(*setting) for setting in
+                   ((name, field, section) for name, section, field in settings)]
+        run.__signature__ = inspect.Signature(own + options)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in own + options}
+        return run
+
+    return decorate
 
 
 @app.command()
 @_friendly_errors
+@_with_settings("simulate")
 def simulate(
+    settings: dict[str, Any],
     config: Annotated[Path | None, Opt("--config", "-c", help="TOML file of run settings "
-                                       "(keys as the options below); options override it")] = None,
-    dataset: Annotated[str | None, _setting("dataset")] = None,
-    data: Annotated[str | None, _setting("data")] = None,
-    client_data: Annotated[str | None, _setting("client_data")] = None,
-    val_data: Annotated[str | None, _setting("val_data")] = None,
-    test_data: Annotated[str | None, _setting("test_data")] = None,
-    label_column: Annotated[str | None, _setting("label_column")] = None,
-    val_share: Annotated[float | None, _setting("val_share")] = None,
-    test_share: Annotated[float | None, _setting("test_share")] = None,
-    model: Annotated[str | None, _setting("model")] = None,
-    init: InitOption = None,
-    reset: ResetOption = None,
-    freeze: FreezeOption = None,
-    scale_inputs: ScaleInputsOption = None,
-    clients: Annotated[int | None, _setting("clients")] = None,
-    rounds: Annotated[int | None, _setting("rounds")] = None,
-    fraction: Annotated[float | None, _setting("fraction")] = None,
-    min_clients: Annotated[int | None, _setting("min_clients")] = None,
-    strategy: Annotated[str | None, _setting("strategy")] = None,
-    partition: Annotated[str | None, _setting("partition")] = None,
-    local_epochs: Annotated[int | None, _setting("local_epochs")] = None,
-    batch_size: Annotated[int | None, _setting("batch_size")] = None,
-    lr: Annotated[float | None, _setting("lr")] = None,
-    optimizer: Annotated[str | None, _setting("optimizer")] = None,
-    dropout: Annotated[float | None, _setting("dropout")] = None,
-    patience: Annotated[int | None, _setting("patience")] = None,
-    min_delta: Annotated[float | None, _setting("min_delta")] = None,
-    local_patience: Annotated[int | None, _setting("local_patience")] = None,
-    proximal_mu: Annotated[float | None, _setting("proximal_mu")] = None,
-    server_lr: Annotated[float | None, _setting("server_lr")] = None,
-    concurrency: Annotated[int | None, _setting("concurrency")] = None,
-    buffer: Annotated[int | None, _setting("buffer")] = None,
-    max_staleness: Annotated[int | None, _setting("max_staleness")] = None,
-    eval_every: Annotated[int | None, _setting("eval_every")] = None,
-    trimmed_fraction: Annotated[float | None, _setting("trimmed_fraction")] = None,
-    krum_byzantine: Annotated[int | None, _setting("krum_byzantine")] = None,
-    multikrum_select: Annotated[int | None, _setting("multikrum_select")] = None,
-    max_norm_ratio: Annotated[float | None, _setting("max_norm_ratio")] = None,
-    byzantine: Annotated[float | None, _setting("byzantine")] = None,
-    attack: Annotated[str | None, _setting("attack")] = None,
-    attack_scale: Annotated[float | None, _setting("attack_scale")] = None,
-    seed: Annotated[int | None, _setting("seed")] = None,
-    backend: Annotated[str | None, _setting("backend")] = None,
-    device: Annotated[str | None, _setting("device")] = None,
-    workers: Annotated[int | None, _setting("workers")] = None,
-    vectorize: Annotated[bool | None, _setting("vectorize")] = None,
-    ray_address: Annotated[str | None, _setting("ray_address")] = None,
-    client_cpus: Annotated[float | None, _setting("client_cpus")] = None,
-    client_gpus: Annotated[float | None, _setting("client_gpus")] = None,
-    offline_fraction: Annotated[float | None, _setting("offline_fraction")] = None,
-    drop_fraction: Annotated[float | None, _setting("drop_fraction")] = None,
-    slow_fraction: Annotated[float | None, _setting("slow_fraction")] = None,
-    slowdown: Annotated[float | None, _setting("slowdown")] = None,
-    samples_per_second: Annotated[float | None, _setting("samples_per_second")] = None,
-    round_timeout: Annotated[float | None, _setting("round_timeout")] = None,
-    quarantine: Annotated[float | None, _setting("quarantine")] = None,
-    dp_clip_norm: Annotated[float | None, _setting("dp_clip_norm")] = None,
-    dp_noise_multiplier: Annotated[float | None, _setting("dp_noise_multiplier")] = None,
-    dp_delta: Annotated[float | None, _setting("dp_delta")] = None,
-    secagg: Annotated[bool | None, _setting("secagg")] = None,
-    secagg_num_shares: Annotated[int | None, _setting("secagg_num_shares")] = None,
-    secagg_threshold: Annotated[int | None, _setting("secagg_threshold")] = None,
-    compress: Annotated[str | None, _setting("compress")] = None,
+                                       "(tables as the sections below); options override "
+                                       "it")] = None,
     out: Annotated[Path | None, Opt("--out", "-o", help="run folder  "
                                                          "\\[default: runs/<timestamp>]")] = None,
     overwrite: Annotated[bool, Opt(help="replace an existing run folder")] = False,
@@ -215,29 +228,6 @@ def simulate(
     record_wire: RecordWireOption = None,
 ) -> None:
     """Run a federated training of many clients on this machine."""
-    overrides = dict(
-        dataset=dataset, init=init, reset=reset, freeze=freeze,
-        scale_inputs=scale_inputs, clients=clients, rounds=rounds,
-        fraction=fraction, min_clients=min_clients, strategy=strategy, partition=partition,
-        local_epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        dropout=dropout, patience=patience, min_delta=min_delta, local_patience=local_patience,
-        proximal_mu=proximal_mu, server_lr=server_lr, concurrency=concurrency,
-        buffer=buffer, max_staleness=max_staleness, eval_every=eval_every,
-        seed=seed, backend=backend,
-        device=device, workers=workers, vectorize=vectorize, ray_address=ray_address,
-        client_cpus=client_cpus, client_gpus=client_gpus,
-        trimmed_fraction=trimmed_fraction, krum_byzantine=krum_byzantine,
-        multikrum_select=multikrum_select, max_norm_ratio=max_norm_ratio, byzantine=byzantine,
-        attack=attack, attack_scale=attack_scale,
-        offline_fraction=offline_fraction, drop_fraction=drop_fraction,
-        slow_fraction=slow_fraction, slowdown=slowdown, samples_per_second=samples_per_second,
-        round_timeout=round_timeout, quarantine=quarantine,
-        dp_clip_norm=dp_clip_norm, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
-        secagg=secagg, secagg_num_shares=secagg_num_shares, secagg_threshold=secagg_threshold,
-        compress=compress, data=data, client_data=client_data, val_data=val_data,
-        test_data=test_data, label_column=label_column, val_share=val_share,
-        test_share=test_share,
-    )
     if resume and out is None:
         raise FedgeError("--resume needs --out: the run folder to continue")
     status = console.status("loading data, partitioning clients, building the model...")
@@ -250,8 +240,8 @@ def simulate(
 
     def show_plan(plan: Any) -> None:
         status.stop()
-        total[0] = plan.config.rounds
-        unit[0] = step_name(plan.config)
+        total[0] = plan.config.strategy.rounds
+        unit[0] = step_name(plan.config.strategy)
         _print_plan(plan)
 
     def show_start(initial: dict) -> None:
@@ -263,11 +253,10 @@ def simulate(
         console.print(_round_line(record, total[0], best, unit[0]), highlight=False)
 
     try:
-        result = run_simulation(model, config=config, out=out,
+        result = run_simulation(settings.pop("model", None), config=config, out=out,
                                 overwrite=overwrite, resume=resume, on_plan=show_plan,
                                 on_start=show_start, on_round=show, record_wire=record_wire,
-                                verbose=verbose,
-                                **{k: v for k, v in overrides.items() if v is not None})
+                                verbose=verbose, **settings)
     finally:
         status.stop()
     stop = ("stopped early (validation loss plateaued)" if result.stopped_early
@@ -289,15 +278,15 @@ def _print_plan(plan: Any) -> None:
     from fedge.simulations.heterogeneity import describe_devices
 
     settings, sizes = plan.config, plan.clients.partition_sizes()
+    simulation, strategy = settings.simulation, settings.strategy
     console.print(
-        f"[bold]fedge simulate[/]: {escape(plan.source)}, model {escape(settings.model)}, "
-        f"{settings.clients} clients ({escape(plan.partition)}, {min(sizes)}–{max(sizes)} "
-        f"samples each), {settings.strategy}, ≤{settings.rounds} {step_name(settings)}s, "
-        f"backend "
-        f"{settings.backend}", highlight=False)
-    if settings.init:
+        f"[bold]fedge simulate[/]: {escape(plan.source)}, model {escape(settings.model.name)}, "
+        f"{strategy.clients} clients ({escape(plan.partition)}, {min(sizes)}–{max(sizes)} "
+        f"samples each), {strategy.name}, ≤{strategy.rounds} {step_name(strategy)}s, "
+        f"backend {simulation.backend}", highlight=False)
+    if settings.model.init:
         frozen = f", {len(plan.start.frozen)} entries frozen" if plan.start.frozen else ""
-        console.print(f"[bold]starting weights[/]: {escape(settings.init)}{frozen}",
+        console.print(f"[bold]starting weights[/]: {escape(settings.model.init)}{frozen}",
                       highlight=False)
     if plan.holdouts:
         console.print(f"[bold]server hold-outs[/]: {escape(plan.holdouts)}", highlight=False)
@@ -305,13 +294,13 @@ def _print_plan(plan: Any) -> None:
         console.print(f"[bold red]attack[/]: {staged}", highlight=False)
     if devices := describe_devices(settings):
         console.print(f"[bold]devices[/]: {devices}", highlight=False)
-    if settings.vectorize:
+    if settings.simulation.vectorize:
         console.print("[bold]vectorized clients[/]: a round's clients train together, "
                       "batched by torch.func.vmap", highlight=False)
-    if settings.secagg:
+    if settings.privacy.secagg:
         console.print(f"[bold]secure aggregation[/]: SecAgg+, secrets shared among "
-                      f"{settings.secagg_num_shares} clients, {settings.secagg_threshold} "
-                      "rebuild one", highlight=False)
+                      f"{settings.privacy.secagg_num_shares} clients, "
+                      f"{settings.privacy.secagg_threshold} rebuild one", highlight=False)
 
 
 def _privacy_line(privacy: dict) -> str:
@@ -386,7 +375,7 @@ def predict(
         "--probabilities", help="print each class's probability instead: a CSV header "
                                 "naming the classes, then one row per sample")] = False,
     label_column: Annotated[str, Opt(help="a CSV header's column that holds labels: "
-                                          "ignored")] = "label",
+                                          "ignored")] = default("label_column"),
     ignore_columns: Annotated[list[str] | None, Opt(
         "--ignore-column", help="a CSV header's column that is no feature, e.g. a site or a "
                                 "timestamp: ignored (repeatable); the label and column:NAME "
@@ -467,22 +456,15 @@ def keys(
 
 @app.command()
 @_friendly_errors
+@_with_settings("server")
 def server(
+    settings: dict[str, Any],
     val_data: Annotated[Path, Opt(help="held-out samples for validation (CSV, NPZ or image "
                                        "folder)")],
     config: Annotated[Path | None, Opt("--config", "-c", help="TOML run settings, as for "
-                                                              "`fedge simulate`")] = None,
-    model: Annotated[str | None, _setting("model")] = None,
-    init: InitOption = None,
-    reset: ResetOption = None,
-    freeze: FreezeOption = None,
-    scale_inputs: ScaleInputsOption = None,
-    strategy: Annotated[str | None, _setting("strategy")] = None,
-    concurrency: Annotated[int | None, _setting("concurrency")] = None,
-    buffer: Annotated[int | None, _setting("buffer")] = None,
-    server_lr: Annotated[float | None, _setting("server_lr")] = None,
-    max_staleness: Annotated[int | None, _setting("max_staleness")] = None,
-    eval_every: Annotated[int | None, _setting("eval_every")] = None,
+                                                              "`fedge simulate`: the tables "
+                                                              "below ([simulation] is "
+                                                              "simulate's)")] = None,
     certs: Annotated[Path | None, Opt(help="folder made by `fedge certs`")] = None,
     authorized_keys: Annotated[list[Path] | None, Opt(
         "--authorized-key", help="a client's public key (repeatable)")] = None,
@@ -497,9 +479,6 @@ def server(
                                     "it resumes  \\[default: runs/<timestamp>]")] = None,
     insecure: Annotated[bool, Opt(help="no TLS, no node authentication: loopback tests "
                                        "only")] = False,
-    edge_programs: Annotated[bool, Opt(help="also export ExecuTorch training programs for "
-                                            "devices behind `fedge gateway` (needs pip "
-                                            "install 'fedge[edge]')")] = False,
     log_format: LogFormatOption = "text",
     verbose: VerboseFlowerOption = False,
 ) -> None:
@@ -511,17 +490,13 @@ def server(
     show_fedge_logs(log_format)
     _check_transport(insecure, certs, "--certs", "traffic is unencrypted and any client "
                                                  "may join")
-    run_config = load_config(config, model=model, init=init, reset=reset, freeze=freeze,
-                             scale_inputs=scale_inputs, edge_programs=edge_programs or None,
-                             strategy=strategy, concurrency=concurrency, buffer=buffer,
-                             server_lr=server_lr, max_staleness=max_staleness,
-                             eval_every=eval_every)
-    settings = ServerSettings(config=run_config, val_data=val_data,
-                              test_data=test_data, run_dir=out or new_run_dir(),
-                              log_format=log_format)
-    serve(settings, Listener(host, port, certs, tuple(authorized_keys or ()), health_port),
+    run_config = load_config(config, "server", **settings)
+    served = ServerSettings(config=run_config, val_data=val_data,
+                            test_data=test_data, run_dir=out or new_run_dir(),
+                            log_format=log_format)
+    serve(served, Listener(host, port, certs, tuple(authorized_keys or ()), health_port),
           verbose=verbose)
-    console.print(f"run finished: {settings.run_dir}", highlight=False)
+    console.print(f"run finished: {served.run_dir}", highlight=False)
 
 
 @app.command()
@@ -532,10 +507,11 @@ def client(
                                    "with x and y, or a folder of class sub-folders")],
     ca: Annotated[Path | None, Opt(help="the server's ca.pem (TLS)")] = None,
     key: Annotated[Path | None, Opt(help="this device's private key from `fedge keys`")] = None,
-    label_column: Annotated[str, Opt(help="CSV column holding the class id")] = "label",
+    label_column: Annotated[str, Opt(help="CSV column holding the class id")
+                            ] = default("label_column"),
     val_fraction: Annotated[float, Opt(help="share held out for local early "
-                                            "stopping")] = 0.2,
-    device: Annotated[str, Opt(help="auto | cpu | cuda | mps")] = "auto",
+                                            "stopping")] = default("val_fraction"),
+    device: Annotated[str, Opt(help="auto | cpu | cuda | mps")] = default("device"),
     join_timeout: Annotated[float, Opt(help="seconds to keep trying to join before giving "
                                             "up")] = 600.0,
     insecure: Annotated[bool, Opt(help="no TLS: loopback tests only")] = False,
@@ -604,7 +580,7 @@ def tokens(
                    ] = Path("tokens"),
 ) -> None:
     """Make devices' access tokens for `fedge gateway`."""
-    from fedge.server.gateway import make_tokens
+    from fedge.server.device_tokens import make_tokens
 
     paths = make_tokens(names, out)
     console.print(f"wrote {', '.join(str(p) for p in paths)}: give NAME.token to that device "
@@ -617,7 +593,8 @@ def device_data(
     data: Annotated[Path, typer.Argument(help="samples: CSV with a label column, NPZ with x "
                                               "and y, or a folder of class sub-folders")],
     output: Annotated[Path, Opt("--output", "-o", help="the device's data file to write")],
-    label_column: Annotated[str, Opt(help="CSV column holding the label")] = "label",
+    label_column: Annotated[str, Opt(help="CSV column holding the label")
+                            ] = default("label_column"),
     overwrite: Annotated[bool, Opt(help="replace an existing output file")] = False,
 ) -> None:
     """Write samples as the data file `fedge-device --data` reads."""
@@ -654,7 +631,8 @@ def audit_wire(
                                             "all of its samples")] = None,
     seed: Annotated[int, Opt(help="the simulation's --seed (synthetic data sets depend on "
                                   "it)")] = 0,
-    label_column: Annotated[str, Opt(help="CSV column holding the class id")] = "label",
+    label_column: Annotated[str, Opt(help="CSV column holding the class id")
+                            ] = default("label_column"),
 ) -> None:
     """Check a wire recording: model-shaped arrays and scalar metrics only, no raw samples
     (exit status 1 if not)."""

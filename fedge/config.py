@@ -1,25 +1,79 @@
-"""One run's configuration: defaults, a TOML file, and command-line overrides."""
+"""One run's configuration, by concern: each setting defined once (name, type, default,
+bounds, help), from which the command line's options, the TOML file's keys and the Python
+API's keywords come."""
 
+import logging
 import tomllib
+from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from fedge.datafiles import LABEL_COLUMN
 from fedge.errors import FedgeError, validation_problems
+from fedge.protocol import training_key
+
+log = logging.getLogger(__name__)
 
 
-class RunConfig(BaseModel):
-    """Everything that defines a federated run; stored in metrics.json and checkpoints."""
+class Section(BaseModel):
+    """One concern's settings; a component receives the sections it reads, nothing more."""
 
     # Infinity is no setting: an infinite learning rate or timeout is a typo, and JSON
     # (metrics.json keeps the config) cannot even write it down.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-    dataset: str | None = Field(None, description="digits | breast_cancer | synthetic-sensor "
-                                "| synthetic-text (default: digits, unless you give your "
-                                "own data)")
-    model: str | None = Field(None, description="cnn | mlp | sensor1d | tinytext, or your "
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, values: object) -> object:
+        if isinstance(values, dict):
+            _refuse_booleans_for_numbers(cls, values)
+        return values
+
+
+def _refuse_booleans_for_numbers(model: type[BaseModel], values: dict) -> None:
+    """TOML's ``rounds = true`` would otherwise be one round."""
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        if (isinstance(value, bool) and field
+                and bool not in (field.annotation, *get_args(field.annotation))):
+            raise ValueError(f"{key}: expected a number, not {str(value).lower()}")
+
+
+class DataSettings(Section):
+    """What one sample is: read by the server and by every client."""
+
+    label_column: str = Field(LABEL_COLUMN, description="CSV column holding the label")
+    input_shape: tuple[int, ...] | None = Field(None, description="shape of one sample, e.g. "
+                                                "[1, 8, 8] (1,8,8 on the command line) for "
+                                                "flat CSV rows of 8×8 images")
+    num_classes: int | None = Field(None, ge=2, description="default: largest label + 1")
+
+    @field_validator("input_shape", mode="before")
+    @classmethod
+    def _shape_as_text(cls, value: object) -> object:
+        """``--input-shape 1,8,8`` on the command line, ``[1, 8, 8]`` in TOML."""
+        if isinstance(value, str):
+            try:
+                return tuple(int(size) for size in value.replace("x", ",").split(","))
+            except ValueError:
+                raise ValueError(f"expected sizes such as 1,8,8, not {value!r}") from None
+        return value
+
+
+class ModelSettings(Section):
+    """The network the federation trains, and its starting weights."""
+
+    name: str | None = Field(None, description="cnn | mlp | sensor1d | tinytext, or your "
                               "own: FILE.py:NAME or package.module:NAME (default: the data "
                               "set's own)")
     scale_inputs: bool | None = Field(None, description="put fedge's input scaling (mean "
@@ -33,45 +87,64 @@ class RunConfig(BaseModel):
                              "initialization instead of --init's weights")
     freeze: list[str] = Field([], description="parameters and buffers (glob) that are not "
                               "trained, sent or aggregated")
-    data: str | None = Field(None, description="simulation: your labelled samples (CSV, NPZ "
-                             "or image folder), split among clients by --partition")
-    client_data: str | None = Field(None, description="simulation: a folder of one data "
-                                    "file or image folder per client (a natural federation)")
-    val_data: str | None = Field(None, description="simulation: the server's validation "
-                                 "samples (default: val_share of the data)")
-    test_data: str | None = Field(None, description="simulation: the test samples "
-                                  "(default: test_share of the data)")
-    label_column: str = Field("label", description="CSV column holding the label")
-    val_share: float = Field(0.15, gt=0.0, lt=1.0, description="simulation: share of the "
-                             "data (stratified) held out for the server's validation")
-    test_share: float = Field(0.15, gt=0.0, lt=1.0, description="simulation: share of the "
-                              "data (stratified) held out for testing")
-    input_shape: tuple[int, ...] | None = Field(None, description="shape of one sample, e.g. "
-                                                "[1, 8, 8] for flat CSV rows of 8×8 images")
-    num_classes: int | None = Field(None, ge=2, description="default: largest label + 1")
-    clients: int = Field(10, ge=1, description="simulated clients")
-    rounds: int = Field(20, ge=1, description="maximum rounds (fedbuff: model versions)")
-    fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients per round")
-    min_clients: int = Field(2, ge=1, description="minimum clients per round")
-    strategy: str = Field("fedavg", description="fedavg | fedprox | fedadam | fedmedian | "
-                                                "fedtrimmedavg | krum | multikrum | fedbuff "
-                                                "(asynchronous, no round barrier)")
-    partition: str = Field("dirichlet:0.5", description="iid | dirichlet:ALPHA | shards:K | "
-                                                    "column:NAME (one client per value of a "
-                                                    "CSV column, e.g. a device id)")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate")
+
+
+class TrainingSettings(Section):
+    """A client's local training: sent to every client in every train message,
+    each setting under its name spelt with ``-`` (``local-epochs``)."""
+
     local_epochs: int = Field(5, ge=1, description="local epoch budget per round")
     batch_size: int = Field(32, ge=1, description="local mini-batch size")
     lr: float = Field(0.003, gt=0.0, description="client learning rate")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="client optimizer: adam | sgd")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate")
+    local_patience: int = Field(2, ge=1, description="local epochs without improvement "
+                                                     "before a client stops")
+    compress: Literal["none", "fp16", "int8"] = Field("none", description="none | fp16 | "
+                                                      "int8: clients send their update "
+                                                      "w_local − w quantized (int8: one "
+                                                      "scale per array)")
+
+
+    # Sent only when not the default: earlier fedge clients take any ``compress`` entry
+    # for a request to compress, and a federation's devices are not all updated at once.
+    _only_when_set: ClassVar[tuple[str, ...]] = ("compress",)
+
+    def as_config(self) -> dict[str, str | int | float]:
+        """The settings as a train message's config entries (``local-epochs``: 5, ...)."""
+        defaults = TrainingSettings()
+        return {training_key(name): value for name, value in self.model_dump().items()
+                if name not in self._only_when_set or value != getattr(defaults, name)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> "TrainingSettings":
+        """The settings a train message carries; one it lacks (a server of an earlier
+        fedge) keeps its default."""
+        sent = {name: config[training_key(name)] for name in cls.model_fields
+                if training_key(name) in config}
+        try:
+            return cls(**sent)
+        except ValidationError as error:
+            raise FedgeError("the server sent local-training settings this client cannot "
+                             f"use: {validation_problems(error)}") from None
+
+
+class StrategySettings(Section):
+    """How the server runs rounds, aggregates, and stops."""
+
+    name: str = Field("fedavg", description="fedavg | fedprox | fedadam | fedmedian | "
+                                                "fedtrimmedavg | krum | multikrum | fedbuff "
+                                                "(asynchronous, no round barrier)")
+    clients: int = Field(10, ge=1, description="clients in the federation: how many a "
+                         "simulation runs; in a deployment, the devices that may take part "
+                         "(differential privacy and SecAgg+ size their rounds by it)")
+    rounds: int = Field(20, ge=1, description="maximum rounds (fedbuff: model versions)")
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients per round")
+    min_clients: int = Field(2, ge=1, description="minimum clients per round")
     patience: int = Field(3, ge=1, description="rounds without validation-loss improvement "
                                                "before the run stops")
     min_delta: float = Field(0.0, ge=0.0, description="smallest validation-loss drop that "
                                                       "counts as improvement")
-    local_patience: int = Field(2, ge=1, description="local epochs without improvement "
-                                                     "before a client stops")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of a client's samples "
-                                                                 "held out for early stopping")
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight μ")
     server_lr: float | None = Field(None, gt=0.0, description="server learning rate: "
                                     "fedadam's η (default 0.1), fedbuff's η_g (default 1.0)")
@@ -94,12 +167,6 @@ class RunConfig(BaseModel):
                                          "per round (default: clients per round − f)")
     max_norm_ratio: float = Field(10.0, ge=0.0, description="reject an update ‖w_k − w‖ larger "
                                   "than this many times the round's median (0: off)")
-    byzantine: float = Field(0.0, ge=0.0, lt=1.0, description="simulation: share of clients "
-                             "that attack in every round (chosen by the seed)")
-    attack: str | None = Field(None, description="simulation: signflip | scale | nan | "
-                                                 "labelflip (needs --byzantine)")
-    attack_scale: float = Field(100.0, gt=0.0, description="simulation: attack strength s: "
-                                "signflip sends w − s·Δ, scale w + s·Δ")
     round_timeout: float = Field(600.0, gt=0.0, description="seconds a round waits for replies")
     min_results: int = Field(1, ge=1, description="fewest client results a round aggregates; "
                                                   "with fewer it keeps the global model")
@@ -110,41 +177,11 @@ class RunConfig(BaseModel):
     quarantine: float = Field(60.0, ge=0.0, description="seconds a client that failed or "
                               "missed the deadline is not sampled (simulated seconds when "
                               "the simulation has slow, offline or dropping clients)")
-    offline_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="simulation: chance a "
-                                    "client is offline for a round (not sampled); at least "
-                                    "min_clients stay online")
-    drop_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="simulation: chance a "
-                                 "sampled client drops out mid-round (counted as a failure)")
-    slow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="simulation: share of "
-                                 "clients (chosen by the seed) that train `slowdown` times "
-                                 "slower")
-    slowdown: float = Field(10.0, ge=1.0, description="simulation: how many times slower a "
-                            "slow client trains")
-    samples_per_second: float = Field(100.0, gt=0.0, description="simulation: a client's "
-                                      "training speed on the simulated clock; a round takes "
-                                      "it epochs × samples / this seconds (× slowdown)")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (0 to 2³²−1): the "
-                      "same seed gives the same run")
-    backend: Literal["inprocess", "ray"] = Field("inprocess", description="inprocess | ray")
-    workers: int | None = Field(None, description="in-process simulation: worker processes "
-                                "that train a round's clients in parallel (default: the "
-                                "machine's cores, at most the clients per round; 1: train in "
-                                "this process); the Ray backend ignores it")
-    vectorize: bool = Field(False, description="in-process simulation: train a round's "
-                            "clients together as one batched computation (torch.func.vmap) "
-                            "in this process; a model vmap cannot batch (BatchNorm) trains "
-                            "in workers, with a warning")
-    ray_address: str | None = Field(None, description="backend ray: HOST:PORT of a running "
-                                    "Ray cluster's head (`ray start --head`) to run the "
-                                    "clients on (default: a local Ray of this machine's "
-                                    "cores, started for the run)")
-    client_cpus: float = Field(1.0, gt=0.0, description="backend ray: CPUs each simulated "
-                               "client reserves while it trains (fractions, e.g. 0.5, on a "
-                               "local Ray; whole CPUs on a cluster)")
-    client_gpus: float = Field(0.0, ge=0.0, description="backend ray: GPUs each simulated "
-                               "client reserves (fractions share one, e.g. 0.25; needs CUDA)")
-    device: str = Field("auto", description="auto | cpu | cuda | mps (auto: CUDA, then MPS, "
-                                            "then CPU)")
+
+
+class PrivacySettings(Section):
+    """Differential privacy and secure aggregation."""
+
     dp_clip_norm: float | None = Field(None, gt=0.0, description="differential privacy: "
                                        "clients clip their update to this L2 norm C; a round "
                                        "then takes exactly max(fraction·clients, min_clients) "
@@ -170,25 +207,193 @@ class RunConfig(BaseModel):
                                            "levels must stay below 2**32")
     secagg_max_weight: float = Field(1000.0, gt=0.0, description="SecAgg+: the most training "
                                      "samples a client may have (its FedAvg weight)")
+
+
+class SimulationSettings(Section):
+    """Only `fedge simulate`: its data, its simulated clients and devices, and
+    where they run."""
+
+    dataset: str | None = Field(None, description="digits | breast_cancer | synthetic-sensor "
+                                "| synthetic-text (default: digits, unless you give your "
+                                "own data)")
+    data: str | None = Field(None, description="simulation: your labelled samples (CSV, NPZ "
+                             "or image folder), split among clients by --partition")
+    client_data: str | None = Field(None, description="simulation: a folder of one data "
+                                    "file or image folder per client (a natural federation)")
+    val_data: str | None = Field(None, description="simulation: the server's validation "
+                                 "samples (default: val_share of the data)")
+    test_data: str | None = Field(None, description="simulation: the test samples "
+                                  "(default: test_share of the data)")
+    val_share: float = Field(0.15, gt=0.0, lt=1.0, description="simulation: share of the "
+                             "data (stratified) held out for the server's validation")
+    test_share: float = Field(0.15, gt=0.0, lt=1.0, description="simulation: share of the "
+                              "data (stratified) held out for testing")
+    partition: str = Field("dirichlet:0.5", description="iid | dirichlet:ALPHA | shards:K | "
+                                                    "column:NAME (one client per value of a "
+                                                    "CSV column, e.g. a device id)")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of a client's samples "
+                                                                 "held out for early stopping")
+    byzantine: float = Field(0.0, ge=0.0, lt=1.0, description="simulation: share of clients "
+                             "that attack in every round (chosen by the seed)")
+    attack: str | None = Field(None, description="simulation: signflip | scale | nan | "
+                                                 "labelflip (needs --byzantine)")
+    attack_scale: float = Field(100.0, gt=0.0, description="simulation: attack strength s: "
+                                "signflip sends w − s·Δ, scale w + s·Δ")
+    offline_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="simulation: chance a "
+                                    "client is offline for a round (not sampled); at least "
+                                    "min_clients stay online")
+    drop_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="simulation: chance a "
+                                 "sampled client drops out mid-round (counted as a failure)")
+    slow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="simulation: share of "
+                                 "clients (chosen by the seed) that train `slowdown` times "
+                                 "slower")
+    slowdown: float = Field(10.0, ge=1.0, description="simulation: how many times slower a "
+                            "slow client trains")
+    samples_per_second: float = Field(100.0, gt=0.0, description="simulation: a client's "
+                                      "training speed on the simulated clock; a round takes "
+                                      "it epochs × samples / this seconds (× slowdown)")
+    device: str = Field("auto", description="auto | cpu | cuda | mps (auto: CUDA, then MPS, "
+                                            "then CPU)")
+    backend: Literal["inprocess", "ray"] = Field("inprocess", description="inprocess | ray")
+    workers: int | None = Field(None, description="in-process simulation: worker processes "
+                                "that train a round's clients in parallel (default: the "
+                                "machine's cores, at most the clients per round; 1: train in "
+                                "this process); the Ray backend ignores it")
+    vectorize: bool = Field(False, description="in-process simulation: train a round's "
+                            "clients together as one batched computation (torch.func.vmap) "
+                            "in this process; a model vmap cannot batch (BatchNorm) trains "
+                            "in workers, with a warning")
+    ray_address: str | None = Field(None, description="backend ray: HOST:PORT of a running "
+                                    "Ray cluster's head (`ray start --head`) to run the "
+                                    "clients on (default: a local Ray of this machine's "
+                                    "cores, started for the run)")
+    client_cpus: float = Field(1.0, gt=0.0, description="backend ray: CPUs each simulated "
+                               "client reserves while it trains (fractions, e.g. 0.5, on a "
+                               "local Ray; whole CPUs on a cluster)")
+    client_gpus: float = Field(0.0, ge=0.0, description="backend ray: GPUs each simulated "
+                               "client reserves (fractions share one, e.g. 0.25; needs CUDA)")
+
+
+class DeviceSettings(Section):
+    """Devices without Python, which train behind `fedge gateway`."""
+
     edge_programs: bool = Field(False, description="export ExecuTorch training programs "
                                 "for devices without Python, which train behind `fedge "
                                 "gateway` (needs pip install 'fedge[edge]')")
-    compress: Literal["none", "fp16", "int8"] = Field("none", description="none | fp16 | "
-                                                      "int8: clients send their update "
-                                                      "w_local − w quantized (int8: one "
-                                                      "scale per array)")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "data": DataSettings, "model": ModelSettings, "training": TrainingSettings,
+    "strategy": StrategySettings, "privacy": PrivacySettings,
+    "simulation": SimulationSettings, "devices": DeviceSettings,
+}
+TOP_LEVEL = ("seed",)  # settings of the whole run, outside every table
+Command = Literal["simulate", "server"]
+# The sections a command reads; a run.toml can serve both, each reading its own tables.
+COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "simulate": ("data", "model", "training", "strategy", "privacy", "simulation"),
+    "server": ("data", "model", "training", "strategy", "privacy", "devices"),
+}
+SECTION_READERS = {
+    "simulation": "only fedge simulate does, from its options or the file's [simulation] table",
+    "devices": "only fedge server does, for devices behind fedge gateway",
+}
+
+
+def setting_name(section: str, field: str) -> str:
+    """A setting's one name, on the command line, in the API and in a flat file: its field's,
+    except that a section's ``name`` is spelt as the section (``--model``, ``--strategy``)."""
+    return section if field == "name" else field
+
+
+@cache
+def settings_index() -> dict[str, tuple[str, str]]:
+    """Every setting's name → (its section, its field)."""
+    return {setting_name(section, field): (section, field)
+            for section, settings in SECTIONS.items() for field in settings.model_fields}
+
+
+def default(name: str) -> Any:
+    """A setting's default, for the places outside a run's configuration that take the
+    same setting (``fedge client --val-fraction``), so that it is written once."""
+    section, field = settings_index()[name]
+    return SECTIONS[section].model_fields[field].default
+
+
+def _is_table(key: str, value: object) -> bool:
+    return key in SECTIONS and isinstance(value, dict | Section)
+
+
+def _place(values: dict[str, object], name: str, value: object) -> None:
+    """Put a setting given by name into its table in ``values`` (a name that is no setting
+    stays where it is, to be refused by name)."""
+    if name not in settings_index():
+        values[name] = value
+        return
+    section, field = settings_index()[name]
+    table = values.get(section, {})
+    if isinstance(table, Section):
+        table = table.model_dump(exclude_unset=True)
+    values[section] = {**table, field: value}
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a federated run, one section per concern; metrics.json and
+    checkpoints keep it by setting name (:meth:`flat`), as they did before sections."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (0 to 2³²−1): the "
+                      "same seed gives the same run")
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    strategy: StrategySettings = Field(default_factory=StrategySettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    simulation: SimulationSettings = Field(default_factory=SimulationSettings)
+    devices: DeviceSettings = Field(default_factory=DeviceSettings)
 
     @model_validator(mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, values: object) -> object:
-        """TOML's ``rounds = true`` would otherwise be one round."""
-        if isinstance(values, dict):
-            for key, value in values.items():
-                field = cls.model_fields.get(key)
-                if (isinstance(value, bool) and field
-                        and bool not in (field.annotation, *get_args(field.annotation))):
-                    raise ValueError(f"{key}: expected a number, not {str(value).lower()}")
+    def _settings_by_name(cls, values: object) -> object:
+        """Settings given by name (``lr=0.01``, as the API and the flat files of earlier
+        fedge give them) join their section."""
+        if not isinstance(values, dict):
+            return values
+        _refuse_booleans_for_numbers(cls, {k: values[k] for k in TOP_LEVEL if k in values})
+        grouped = {key: value for key, value in values.items()
+                   if key in TOP_LEVEL or _is_table(key, value)}
+        for key, value in values.items():
+            if key not in grouped:
+                _place(grouped, key, value)
+        return grouped
+
+    def flat(self) -> dict[str, object]:
+        """Every setting by its name: ``{"lr": 0.003, "rounds": 20, ...}``."""
+        values: dict[str, object] = {name: getattr(self, name) for name in TOP_LEVEL}
+        for name, (section, field) in settings_index().items():
+            values[name] = getattr(getattr(self, section), field)
         return values
+
+    def updated(self, **settings: object) -> "RunConfig":
+        """A copy with these settings (by name) changed, validated as a file's are."""
+        values = self.model_dump(exclude_unset=True)
+        for name, value in settings.items():
+            _place(values, name, value)
+        return RunConfig(**values)
+
+
+def flat_settings(config: Mapping[str, object]) -> dict[str, object]:
+    """A stored configuration (tables, or the flat one of runs before fedge had tables) by
+    setting name."""
+    values: dict[str, object] = {}
+    for key, value in config.items():
+        if _is_table(key, value):
+            values.update({setting_name(key, field): entry
+                           for field, entry in dict(value).items()})
+        else:
+            values[key] = value
+    return values
 
 
 DEFAULT_DATASET = "digits"
@@ -212,9 +417,9 @@ def check_flag(value: object, name: str) -> None:
         raise FedgeError(f"{name} must be True or False, not {value!r}")
 
 
-def step_name(config: RunConfig) -> str:
+def step_name(strategy: StrategySettings) -> str:
     """What one server step is called: a round, or a model version (fedbuff, no rounds)."""
-    return "version" if config.strategy == "fedbuff" else "round"
+    return "version" if strategy.name == "fedbuff" else "round"
 
 
 def default_server_lr(strategy: str) -> float:
@@ -223,34 +428,105 @@ def default_server_lr(strategy: str) -> float:
     return 1.0 if strategy == "fedbuff" else 0.1
 
 
-def server_learning_rate(config: RunConfig) -> float:
+def server_learning_rate(strategy: StrategySettings) -> float:
     """``server_lr``, or the strategy's default when it is not set."""
-    if config.server_lr is not None:
-        return config.server_lr
-    return default_server_lr(config.strategy)
+    if strategy.server_lr is not None:
+        return strategy.server_lr
+    return default_server_lr(strategy.name)
 
 
-def load_config(path: Path | None = None, **overrides: object) -> RunConfig:
-    """Defaults, then the TOML file at ``path`` (if any), then non-None ``overrides``."""
-    values: dict[str, object] = {}
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as error:
-            raise FedgeError(f"cannot read config file {path}: {error.strerror}") from error
-        except UnicodeDecodeError:
-            raise FedgeError(f"config file {path} is not UTF-8 text, as TOML must be") from None
-        try:
-            entries = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise FedgeError(f"config file {path} is not valid TOML: {error}") from error
-        values = {k.replace("-", "_"): v for k, v in entries.items()}
-        if len(values) < len(entries):
-            twice = sorted({k for k in entries if k.replace("-", "_") != k
-                            and k.replace("-", "_") in entries})
-            raise FedgeError(f"config file {path} sets {twice[0]} twice (spelt with - and _)")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+def load_config(path: Path | None = None, command: Command | None = None,
+                **overrides: object) -> RunConfig:
+    """Defaults, then the TOML file at ``path`` (if any), then the non-None ``overrides``
+    (settings by name). A ``command`` reads only its sections: the file's other tables
+    are not its own, and a setting of theirs given by name is refused."""
+    sections = COMMAND_SECTIONS[command] if command else tuple(SECTIONS)
+    values = _read_toml(path, sections, command) if path is not None else {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name in settings_index():
+            _check_taken(name, settings_index()[name][0], sections, command)
+        _place(values, name, value)
     try:
         return RunConfig(**values)
     except ValidationError as error:
-        raise FedgeError(f"invalid configuration: {validation_problems(error)}") from error
+        raise FedgeError(f"invalid configuration: {validation_problems(error, _named)}"
+                         ) from error
+
+
+def _check_taken(name: str, section: str, sections: tuple[str, ...],
+                 command: Command | None) -> None:
+    if section not in sections:
+        raise FedgeError(f"{name} is a setting of [{section}], which fedge {command} does "
+                         f"not take; {SECTION_READERS[section]}")
+
+
+def _named(location: tuple) -> str:
+    """An error's place by the setting's name (``lr``), not its path (``training.lr``)."""
+    if len(location) == 2 and settings_index().get(setting_name(*location)) == location:
+        return setting_name(*location)
+    return ".".join(map(str, location))
+
+
+def _read_toml(path: Path, sections: tuple[str, ...], command: Command | None
+               ) -> dict[str, dict[str, object] | object]:
+    """The file's settings as RunConfig's tables, of ``sections`` only; a flat file (earlier
+    fedge) is read too, with one line saying how to write it now."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise FedgeError(f"cannot read config file {path}: {error.strerror}") from error
+    except UnicodeDecodeError:
+        raise FedgeError(f"config file {path} is not UTF-8 text, as TOML must be") from None
+    try:
+        entries = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise FedgeError(f"config file {path} is not valid TOML: {error}") from error
+    values: dict[str, object] = {}
+    flat: dict[str, list[str]] = {}
+    for key, value in entries.items():
+        if _is_table(key, value):
+            if key in sections:  # one file serves both commands: [simulation] is not the server's
+                values[key] = _table(path, key, value)
+        elif _underscored(key) in settings_index():
+            section, field = settings_index()[_underscored(key)]
+            _check_taken(key, section, sections, command)
+            flat.setdefault(section, []).append(key)
+            values.setdefault(section, {})[field] = value
+        else:
+            values[_underscored(key)] = value
+    _check_spelt_once(path, entries)
+    if flat:
+        tables = "; ".join(f"[{section}] {', '.join(keys)}" for section, keys in flat.items())
+        log.warning("config file %s: settings outside tables are read as before; write "
+                    "them now in their tables: %s", path, tables)
+    return values
+
+
+def _table(path: Path, section: str, table: dict) -> dict[str, object]:
+    """A table's entries by field (``[model] name`` or ``model``); a setting in another
+    concern's table is refused, naming its own."""
+    _check_spelt_once(path, table)
+    fields: dict[str, object] = {}
+    for key, value in table.items():
+        name = _underscored(key)
+        home = settings_index().get(name)
+        if name in SECTIONS[section].model_fields or home is None:
+            fields[name] = value  # an unknown key is refused by name when validated
+        elif home[0] == section:
+            fields[home[1]] = value
+        else:
+            raise FedgeError(f"config file {path}: {key} belongs in [{home[0]}], not "
+                             f"[{section}]")
+    return fields
+
+
+def _underscored(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _check_spelt_once(path: Path, entries: dict) -> None:
+    twice = sorted({k for k in entries if _underscored(k) != k and _underscored(k) in entries})
+    if twice:
+        raise FedgeError(f"config file {path} sets {twice[0]} twice (spelt with - and _)")

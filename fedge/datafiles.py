@@ -19,6 +19,8 @@ import numpy as np
 
 from fedge.errors import FedgeError
 
+LABEL_COLUMN = "label"  # the CSV column that holds labels, unless told otherwise
+
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # samples are float32 tensors
 MAX_CLASS_ID = 2**31 - 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -50,7 +52,7 @@ class LabelledSamples:
             object.__setattr__(self, "class_names", names)
 
 
-def load_labelled_data(path: Path, *, label_column: str = "label",
+def load_labelled_data(path: Path, *, label_column: str = LABEL_COLUMN,
                        sample_shape: tuple[int, ...] | None = None,
                        class_names: Sequence[str] | None = None,
                        group_column: str | None = None) -> LabelledSamples:

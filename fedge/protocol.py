@@ -20,13 +20,26 @@ EDGE_MANIFEST_KEY, EDGE_TRAIN_KEY, EDGE_PREDICT_KEY = "edge-manifest", "edge-tra
 # The train config: the round's local training.
 SERVER_ROUND = "server-round"
 SEED = "seed"  # the run's seed; each node derives its own from it and the round
-LOCAL_EPOCHS = "local-epochs"
-BATCH_SIZE = "batch-size"
-LR = "lr"
-OPTIMIZER = "optimizer"
-LOCAL_PATIENCE = "local-patience"
 PROXIMAL_MU = "proximal-mu"  # FedProx's μ, spelt as Flower's FedProx sends it
-COMPRESS_KEY = "compress"  # the scheme the server wants updates compressed with
+
+
+def training_key(setting: str) -> str:
+    """Every setting of the run's training section (fedge.config.TrainingSettings) travels
+    in the train config under its name spelt with ``-``: ``local-epochs``, ``batch-size``,
+    ``lr``, ``optimizer``, ``local-patience``, ``compress``."""
+    return setting.replace("_", "-")
+
+
+COMPRESS_KEY = training_key("compress")  # the scheme clients compress updates with
+
+# A gateway's task for its devices (client/device/PROTOCOL.md) carries the round's local
+# training under the device protocol's own names, which devices in the field read: each
+# from the train config's key.
+DEVICE_TRAINING = {"epochs": training_key("local_epochs"),
+                   "batch_size": training_key("batch_size"), "lr": training_key("lr"),
+                   "optimizer": training_key("optimizer"),
+                   "patience": training_key("local_patience"),
+                   "proximal_mu": PROXIMAL_MU, "seed": SEED}
 # For whoever reads the config in a ClientApp that is not fedge's: what it must answer.
 EXPECTED_CLIENT_KEY = "expected-client"
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from fedge.datafiles import (
     IMAGE_SUFFIXES,
+    LABEL_COLUMN,
     csv_rows,
     is_image,
     is_number,
@@ -48,8 +49,8 @@ class Predictions:
     class_names: tuple[str, ...] | None
 
 
-def read_inputs(path: Path, label_column: str = "label", ignore_columns: Sequence[str] = (),
-                model_columns: Sequence[str] = ()) -> Inputs:
+def read_inputs(path: Path, label_column: str = LABEL_COLUMN,
+                ignore_columns: Sequence[str] = (), model_columns: Sequence[str] = ()) -> Inputs:
     """Samples from a ``.npy`` array; a ``.csv`` file with one sample per row, with or
     without a header row, whose ``label_column``, ``ignore_columns`` and the model's own
     non-feature ``model_columns`` are skipped; an image; or a folder of images, its
@@ -215,8 +216,9 @@ def _metadata_names(session: Any, key: str, model_path: Path, what: str
     return tuple(names)
 
 
-def classify(model_path: Path, inputs: Path | np.ndarray, label_column: str = "label",
-             ignore_columns: Sequence[str] = ()) -> tuple[Inputs, Predictions]:
+def classify(model_path: Path, inputs: Path | np.ndarray,
+             label_column: str = LABEL_COLUMN, ignore_columns: Sequence[str] = ()
+             ) -> tuple[Inputs, Predictions]:
     """``inputs`` (samples, or a file or folder of them: :func:`read_inputs`, which also
     skips the columns the model records as no features) and the model's predictions."""
     classifier = load_classifier(model_path)

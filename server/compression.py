@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
-from fedge.protocol import COMPRESS_KEY, COMPRESSION_RECORD
+from fedge.protocol import COMPRESSION_RECORD
 from fedge.server.strategies import StrategyWrapper
 
 log = logging.getLogger("fedge.server")
@@ -33,20 +33,15 @@ SCHEMES = ("fp16", "int8")
 
 def check_compression(config: RunConfig) -> None:
     """A clear error for settings that cannot compress updates."""
-    if config.compress != "none" and config.secagg:
-        raise FedgeError(f"--compress {config.compress} cannot be combined with --secagg: "
+    if config.training.compress != "none" and config.privacy.secagg:
+        raise FedgeError(f"--compress {config.training.compress} cannot be combined with --secagg: "
                          "SecAgg+ quantizes the masked weights itself; drop one of them")
-    if config.compress != "none" and config.dp_clip_norm is not None:
+    if config.training.compress != "none" and config.privacy.dp_clip_norm is not None:
         # Quantizing a clipped update can push its norm past C, and the accountant's ε
         # assumes it never exceeds C.
-        raise FedgeError(f"--compress {config.compress} cannot be combined with "
+        raise FedgeError(f"--compress {config.training.compress} cannot be combined with "
                          "differential privacy: quantization error could take a clipped "
                          "update past --dp-clip-norm; drop one of them")
-
-
-def compression_config(config: RunConfig) -> dict[str, str]:
-    """The train-config entry that tells clients which compression to use (none: none)."""
-    return {} if config.compress == "none" else {COMPRESS_KEY: config.compress}
 
 
 def decode_update(quantized: np.ndarray, scale: float) -> np.ndarray:

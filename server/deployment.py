@@ -84,13 +84,13 @@ class Listener:
 def load_server_data(settings: ServerSettings) -> ServerData:
     """Held-out samples from files: validation for early stopping, test for the report
     (the validation file doubles as test set when no test file is given)."""
-    config = settings.config
-    read = {"sample_shape": config.input_shape, "label_column": config.label_column}
+    data = settings.config.data
+    read = {"sample_shape": data.input_shape, "label_column": data.label_column}
     val = load_labelled_data(settings.val_data, **read)
     test = load_labelled_data(settings.test_data, **read) if settings.test_data else val
     names, (val_y, test_y) = united_class_names(
         [(val, settings.val_data), (test, settings.test_data or settings.val_data)])
-    num_classes = config.num_classes or (
+    num_classes = data.num_classes or (
         len(names) if names else int(max(val_y.max(), test_y.max())) + 1)
     if names and num_classes != len(names):
         raise FedgeError(f"num_classes {num_classes} does not match the {len(names)} classes "
@@ -101,14 +101,14 @@ def load_server_data(settings: ServerSettings) -> ServerData:
     return ServerData(val.x, val_y, test.x, test_y, num_classes, vocab_size=vocab,
                       class_names=names, source=f"validation data {settings.val_data}, test "
                                                 f"data {settings.test_data or settings.val_data}",
-                      non_feature_columns=(config.label_column,))
+                      non_feature_columns=(data.label_column,))
 
 
 def federation_for(settings: ServerSettings) -> Federation:
     """A new run, or the continuation of the interrupted run in ``settings.run_dir``;
     every check of the settings, the data files and the run folder happens here."""
     config = settings.config
-    if config.model is None:
+    if config.model.name is None:
         raise FedgeError("the server needs a model: --model (cnn, mlp, sensor1d, tinytext, "
                          "FILE.py:NAME or package.module:NAME) or model in --config")
     check_server_settings(config)  # the settings first: they need no file
@@ -204,11 +204,11 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     """``config`` with its model file and initial weights as absolute paths: Flower runs
     the ServerApp in a process of its own, in a folder of its own."""
     update: dict[str, str] = {}
-    if config.init:
-        update["init"] = str(Path(config.init).resolve())
-    if config.model:
-        update["model"] = with_file_path(config.model, Path.resolve)
-    return config.model_copy(update=update)
+    if config.model.init:
+        update["init"] = str(Path(config.model.init).resolve())
+    if config.model.name:
+        update["model"] = with_file_path(config.model.name, Path.resolve)
+    return config.updated(**update)
 
 
 def check_listener(listener: Listener) -> None:

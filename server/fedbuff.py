@@ -53,7 +53,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from fedge.config import RunConfig, server_learning_rate
+from fedge.config import RunConfig, default, server_learning_rate
 from fedge.errors import FedgeError
 from fedge.models.exchange import exchanged_names
 from fedge.protocol import ARRAYS, COMPRESSION_RECORD, CONFIG, SEED, SERVER_ROUND, WEIGHT_KEY
@@ -89,25 +89,26 @@ class BufferSettings:
     def from_config(cls, config: RunConfig) -> "BufferSettings":
         """Defaults: C the clients a FedAvg round samples, K = ⌈C/2⌉, and an evaluation
         every ⌈C/K⌉ versions (about a round's worth of updates)."""
-        concurrency = config.concurrency or clients_per_round(config)
-        buffer = config.buffer or math.ceil(concurrency / 2)
-        return cls(concurrency, buffer, server_learning_rate(config), config.max_staleness,
-                   config.eval_every or math.ceil(concurrency / buffer))
+        strategy = config.strategy
+        concurrency = strategy.concurrency or clients_per_round(config)
+        buffer = strategy.buffer or math.ceil(concurrency / 2)
+        return cls(concurrency, buffer, server_learning_rate(strategy), strategy.max_staleness,
+                   strategy.eval_every or math.ceil(concurrency / buffer))
 
 
 def check_fedbuff(config: RunConfig) -> None:
     """FedBuff's settings fit together, and fedbuff's flags are not given without it."""
-    if config.strategy != "fedbuff":
-        given = [name for name in FEDBUFF_ONLY if getattr(config, name) is not None]
+    if config.strategy.name != "fedbuff":
+        given = [name for name in FEDBUFF_ONLY if getattr(config.strategy, name) is not None]
         if given:
             raise FedgeError(f"--{given[0].replace('_', '-')} is a setting of --strategy "
-                             f"fedbuff, not of {config.strategy}")
+                             f"fedbuff, not of {config.strategy.name}")
         return
-    if config.secagg:
+    if config.privacy.secagg:
         raise FedgeError("--strategy fedbuff cannot be combined with --secagg: SecAgg+ "
                          "unmasks only the sum of one round's clients, and FedBuff has no "
                          "rounds; use fedavg or fedprox")
-    if config.dp_clip_norm is not None:
+    if config.privacy.dp_clip_norm is not None:
         raise FedgeError("--strategy fedbuff cannot be combined with differential privacy: "
                          "the accountant counts rounds of a fixed number of sampled "
                          "clients, which FedBuff does not have; use fedavg or fedprox")
@@ -197,11 +198,11 @@ class FedBuff:
     """
 
     def __init__(self, settings: BufferSettings, *, train_metrics_aggr_fn: MetricsAggregator,
-                 max_norm_ratio: float = 10.0, frozen: Sequence[str] = (),
+                 max_norm_ratio: float = default("max_norm_ratio"), frozen: Sequence[str] = (),
                  on_screened: Callable[[int], None] = lambda rejected: None,
                  on_bytes: Callable[[float | None], None] = lambda mean: None,
                  clock: Callable[[], float] | None = None, min_nodes: int = 1,
-                 poll_interval: float = 0.1, seed: int = 0) -> None:
+                 poll_interval: float = default("poll_interval"), seed: int = 0) -> None:
         self.settings = settings
         self.train_metrics_aggr_fn = train_metrics_aggr_fn
         self.max_norm_ratio, self.frozen = max_norm_ratio, frozenset(frozen)

@@ -14,7 +14,13 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedge.config import DEFAULT_DATASET, RunConfig, default_server_lr, step_name
+from fedge.config import (
+    DEFAULT_DATASET,
+    RunConfig,
+    default_server_lr,
+    flat_settings,
+    step_name,
+)
 from fedge.errors import FedgeError
 from fedge.files import write_json
 from fedge.models.edge import write_edge_folder
@@ -22,22 +28,17 @@ from fedge.models.export import export_onnx
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import build_model
 from fedge.protocol import (
-    BATCH_SIZE,
     EDGE_MANIFEST_KEY,
     EDGE_PREDICT_KEY,
     EDGE_TRAIN_KEY,
     EXPECTED_CLIENT_KEY,
     FROZEN_KEY,
-    LOCAL_EPOCHS,
-    LOCAL_PATIENCE,
-    LR,
     MODEL_SPEC,
-    OPTIMIZER,
     PROGRAM_KEY,
     SEED,
 )
 from fedge.server.checkpoint import Checkpoint, load_checkpoint
-from fedge.server.compression import DecodeUpdates, check_compression, compression_config
+from fedge.server.compression import DecodeUpdates, check_compression
 from fedge.server.fedbuff import BufferSettings, FedBuff, check_fedbuff
 from fedge.server.grid import RoundGrid, RoundStats
 from fedge.server.partial import PartialUpdates, has_fixed_entries
@@ -150,15 +151,17 @@ class Federation:
         random.seed(config.seed)
         np.random.seed(config.seed)
         grid = RoundGrid(flower_grid, min_nodes=min_round_clients(config),
-                         min_replies=config.min_results, join_timeout=config.join_timeout,
-                         poll_interval=config.poll_interval, clock=clock,
-                         quarantine=config.quarantine)
-        buffered = BufferSettings.from_config(config) if config.strategy == "fedbuff" else None
+                         min_replies=config.strategy.min_results,
+                         join_timeout=config.strategy.join_timeout,
+                         poll_interval=config.strategy.poll_interval, clock=clock,
+                         quarantine=config.strategy.quarantine)
+        buffered = (BufferSettings.from_config(config) if config.strategy.name == "fedbuff"
+                    else None)
         self._tracker = RoundTracker(
             self.spec, self.data.val_x, self.data.val_y,
             # FedBuff's patience counts evaluations, one every eval_every versions.
-            config.patience * (buffered.eval_every if buffered else 1),
-            config.min_delta, on_round=self._save_round,
+            config.strategy.patience * (buffered.eval_every if buffered else 1),
+            config.strategy.min_delta, on_round=self._save_round,
             round_stats=self._round_stats(grid), epsilon=lambda: epsilon_spent(self._strategy),
             on_initial=self._started)
         self._strategy = (self._buffered(buffered, clock) if buffered else
@@ -169,7 +172,7 @@ class Federation:
         strategy, arrays = self._starting_point()
         if not buffered:
             strategy = self._screened(strategy, arrays)
-        remaining = config.rounds - self._tracker.completed_rounds
+        remaining = config.strategy.rounds - self._tracker.completed_rounds
         if remaining > 0 and not self._tracker.plateaued():
             self._rounds(strategy, grid, arrays, remaining)
         self._tracker.stopped_early = self._tracker.plateaued()
@@ -201,9 +204,9 @@ class Federation:
 
     def _round_stats(self, grid: RoundGrid) -> Callable[[], RoundStats]:
         """What the tracker records of each round's (or FedBuff interval's) messages."""
-        if self.config.secagg:
+        if self.config.privacy.secagg:
             return secure_round_stats(grid)
-        if self.config.strategy == "fedbuff":
+        if self.config.strategy.name == "fedbuff":
             return lambda: self._strategy.interval_stats()
         return lambda: grid.stats[-1] if grid.stats else RoundStats()
 
@@ -212,14 +215,14 @@ class Federation:
         config, tracker = self.config, self._tracker
         return FedBuff(settings,
                        train_metrics_aggr_fn=tracker.aggregate_train_metrics,
-                       max_norm_ratio=config.max_norm_ratio, frozen=self.start.frozen,
+                       max_norm_ratio=config.strategy.max_norm_ratio, frozen=self.start.frozen,
                        on_screened=tracker.count_rejected, on_bytes=tracker.count_bytes,
-                       clock=clock, min_nodes=config.min_clients,
-                       poll_interval=config.poll_interval, seed=config.seed)
+                       clock=clock, min_nodes=config.strategy.min_clients,
+                       poll_interval=config.strategy.poll_interval, seed=config.seed)
 
     def _screened(self, strategy: Strategy, arrays: ArrayRecord) -> Strategy:
         """``strategy`` behind the update screen, after decoding, on the exchanged entries."""
-        strategy = UpdateScreen(strategy, self.config.max_norm_ratio,
+        strategy = UpdateScreen(strategy, self.config.strategy.max_norm_ratio,
                                 self._tracker.count_rejected,
                                 round_offset=self._tracker.completed_rounds)
         # Decoding comes first: the screen and the strategy see weights, not updates.
@@ -248,13 +251,13 @@ class Federation:
         # Flower's strategies count a resumed run's rounds from 1; FedBuff its versions on.
         offset = 0 if isinstance(strategy, FedBuff) else self._tracker.completed_rounds
         try:
-            if self.config.secagg:
+            if self.config.privacy.secagg:
                 run_secure_rounds(self.config, grid, arrays, rounds, self._tracker,
                                   self._train_config(), self.start.frozen)
                 return
             strategy.start(
                 grid=grid, initial_arrays=arrays, num_rounds=rounds,
-                timeout=self.config.round_timeout, train_config=self._train_config(),
+                timeout=self.config.strategy.round_timeout, train_config=self._train_config(),
                 evaluate_fn=lambda server_round, new: self._tracker.evaluate(
                     server_round + offset, new),
             )
@@ -263,7 +266,6 @@ class Federation:
                      self._tracker.completed_rounds, stop)
 
     def _train_config(self) -> ConfigRecord:
-        c = self.config
         model = {MODEL_SPEC: self.spec.to_json()}
         if self.spec.program is not None:
             model[PROGRAM_KEY] = self.spec.program
@@ -274,16 +276,14 @@ class Federation:
                           EDGE_TRAIN_KEY: self.start.edge.train,
                           EDGE_PREDICT_KEY: self.start.edge.predict})
         return ConfigRecord({
-            **model, LOCAL_EPOCHS: c.local_epochs, BATCH_SIZE: c.batch_size, LR: c.lr,
-            OPTIMIZER: c.optimizer, LOCAL_PATIENCE: c.local_patience, SEED: c.seed,
-            **compression_config(c),
+            **model, **self.config.training.as_config(), SEED: self.config.seed,
             EXPECTED_CLIENT_KEY: EXPECTED_CLIENT,
         })
 
     def _checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Checkpoint:
         return Checkpoint(
             round=server_round, state_dict=state, model_spec=self.spec,
-            config=self.config.model_dump(),
+            config=self.config.flat(),
             reference_inputs=torch.as_tensor(self.data.val_x[:REFERENCE_SAMPLES]),
             history=[r.as_dict() for r in self._tracker.history],
             best_round=self._tracker.best_round, initial=self._tracker.initial,
@@ -306,9 +306,9 @@ class Federation:
         checkpoint.save(self.run_dir / "checkpoint.pt")
         write_json(self.run_dir / "metrics.json", self._metrics(status="running"))
         log.info("%s %d: val_loss %.4f val_accuracy %.4f (%d clients, %d failed, "
-                 "%d timed out, %.2fs)", step_name(self.config), record.round, record.val_loss,
-                 record.val_accuracy, record.num_clients, record.failures, record.timeouts,
-                 record.seconds)
+                 "%d timed out, %.2fs)", step_name(self.config.strategy), record.round,
+                 record.val_loss, record.val_accuracy, record.num_clients, record.failures,
+                 record.timeouts, record.seconds)
         if self.on_round:
             self.on_round(record, improved)
 
@@ -316,16 +316,16 @@ class Federation:
         tracker = self._tracker
         return {
             "status": status,
-            "config": self.config.model_dump(),
+            "config": self.config.flat(),
             "data": self.data.source,
             "model_spec": self.spec.model_dump(mode="json"),
             "model": {"origin": self.start.origin, "fingerprint": self.spec.fingerprint,
-                      "init": self.config.init, "frozen": list(self.start.frozen)},
+                      "init": self.config.model.init, "frozen": list(self.start.frozen)},
             "initial": tracker.initial,
             "rounds": [r.as_dict() for r in tracker.history],
             "best_round": tracker.best_round,
             "stopped_early": tracker.stopped_early,
-            "privacy": privacy_report(self._strategy, self.config),
+            "privacy": privacy_report(self._strategy, self.config.strategy.clients),
             **self._asynchronous_report(),
             **extra,
         }
@@ -346,7 +346,7 @@ class Federation:
         report["best_round"] = tracker.best_round
         write_json(self.run_dir / "onnx_report.json", report)
         plot_curves(self.run_dir / "curves.png", [r.as_dict() for r in tracker.history],
-                    tracker.best_round, step_name(self.config))
+                    tracker.best_round, step_name(self.config.strategy))
         write_json(self.run_dir / "metrics.json", self._metrics(
             status="finished",
             test={"loss": test_loss, "accuracy": test_accuracy, "samples": len(data.test_y),
@@ -355,13 +355,13 @@ class Federation:
         ))
         return RunOutcome(self.run_dir, len(tracker.history), tracker.best_round,
                           tracker.stopped_early, test_loss, test_accuracy, report,
-                          privacy_report(self._strategy, self.config))
+                          privacy_report(self._strategy, self.config.strategy.clients))
 
 
 def prepare(config: RunConfig, data: ServerData,
             factory: Callable[..., torch.nn.Module] | None = None) -> StartingModel:
     """The starting model of a run of ``config`` on the server's ``data``, every check
-    included; ``factory`` builds your own model instead of importing ``config.model``."""
+    included; ``factory`` builds your own model instead of importing ``config.model.name``."""
     return starting_model(config, data.val_x, data.val_y, data.num_classes,
                           vocab_size=data.vocab_size, class_names=data.class_names,
                           factory=factory, non_feature_columns=data.non_feature_columns)
@@ -379,9 +379,9 @@ def _check_same_model(start: StartingModel, checkpoint: Checkpoint) -> None:
 
 def _check_resumable(config: RunConfig, checkpoint: Checkpoint) -> None:
     # Settings added after the checkpoint was written count as their defaults.
-    saved = {k: field.default for k, field in RunConfig.model_fields.items()}
-    saved.update(checkpoint.config)
-    current = config.model_dump()
+    saved = RunConfig().flat()
+    saved.update(flat_settings(checkpoint.config))
+    current = config.flat()
     for values in (saved, current):  # older checkpoints hold FedAdam's 0.1 as a number
         if values.get("server_lr") is None:
             values["server_lr"] = default_server_lr(values["strategy"])

@@ -16,6 +16,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedge.config import default
 from fedge.errors import FedgeError
 
 log = logging.getLogger("fedge.server")
@@ -86,8 +87,9 @@ class RoundGrid(GridWrapper):
     """
 
     def __init__(self, grid: Grid, *, min_nodes: int, min_replies: int,
-                 join_timeout: float, quarantine: float = 60.0,
-                 poll_interval: float = 0.1, clock: Callable[[], float] | None = None) -> None:
+                 join_timeout: float, quarantine: float = default("quarantine"),
+                 poll_interval: float = default("poll_interval"),
+                 clock: Callable[[], float] | None = None) -> None:
         super().__init__(grid)
         self.clock = clock
         self.min_nodes, self.min_replies = min_nodes, min_replies

@@ -29,7 +29,7 @@ import numpy as np
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 
-from fedge.config import RunConfig
+from fedge.config import PrivacySettings, RunConfig
 from fedge.errors import FedgeError
 from fedge.protocol import DP_WEIGHT_KEY
 
@@ -45,52 +45,56 @@ _FIXED_SAMPLE = 1e-9
 ACCOUNTANT = "RDP: Flower's RdpAccountant (Google's dp-accounting)"
 
 
-def privacy_enabled(config: RunConfig) -> bool:
+def privacy_enabled(privacy: PrivacySettings) -> bool:
     """Whether clients clip their updates (with noise or, σ = 0, without)."""
-    return config.dp_clip_norm is not None
+    return privacy.dp_clip_norm is not None
 
 
 def clients_per_round(config: RunConfig) -> int:
     """``K = max(⌊fraction · clients⌋, min_clients)``: the clients a round samples, as
     FedAvg counts them; a DP round takes exactly these (its ``m``), all of whom must
     reply."""
-    return max(int(config.fraction * config.clients), config.min_clients)
+    strategy = config.strategy
+    return max(int(strategy.fraction * strategy.clients), strategy.min_clients)
 
 
 def min_round_clients(config: RunConfig) -> int:
     """The fewest connected clients a round can start with."""
-    return clients_per_round(config) if privacy_enabled(config) else config.min_clients
+    if privacy_enabled(config.privacy):
+        return clients_per_round(config)
+    return config.strategy.min_clients
 
 
 def check_privacy(config: RunConfig) -> None:
     """Differential-privacy settings that cannot work, as one clear error."""
-    if config.dp_noise_multiplier > 0 and config.dp_clip_norm is None:
+    privacy, strategy, simulation = config.privacy, config.strategy, config.simulation
+    if privacy.dp_noise_multiplier > 0 and privacy.dp_clip_norm is None:
         raise FedgeError("dp_noise_multiplier needs dp_clip_norm: the noise is calibrated to "
                          "the norm C that every client's update is clipped to")
-    if not privacy_enabled(config):
+    if not privacy_enabled(privacy):
         return
-    if config.strategy not in DP_STRATEGIES:
+    if strategy.name not in DP_STRATEGIES:
         raise FedgeError(f"differential privacy needs strategy {' or '.join(DP_STRATEGIES)}: "
                          f"its noise is calibrated to a plain mean of clipped updates, which "
-                         f"{config.strategy} does not compute")
-    if config.secagg:
+                         f"{strategy.name} does not compute")
+    if privacy.secagg:
         raise FedgeError("differential privacy and secagg cannot be combined: SecAgg+ rounds "
                          "run Flower's legacy workflow, which neither clips nor adds noise")
-    if config.min_clients > config.clients:
+    if strategy.min_clients > strategy.clients:
         raise FedgeError(f"a DP round takes exactly max(fraction · clients, min_clients) "
-                         f"clients, but min_clients ({config.min_clients}) exceeds clients "
-                         f"({config.clients}); set clients to the number of devices")
+                         f"clients, but min_clients ({strategy.min_clients}) exceeds clients "
+                         f"({strategy.clients}); set clients to the number of devices")
     m = clients_per_round(config)
-    if config.offline_fraction > 0 and m > config.min_clients:
+    if simulation.offline_fraction > 0 and m > strategy.min_clients:
         raise FedgeError(f"a DP round takes exactly {m} clients, but with offline_fraction "
-                         f"only min_clients ({config.min_clients}) are sure to be online; "
+                         f"only min_clients ({strategy.min_clients}) are sure to be online; "
                          f"set min_clients to {m} or lower fraction")
 
 
 def private_sampling(config: RunConfig) -> dict:
     """Strategy settings that replace the usual sampling in a DP run: exactly ``m``
     clients a round, averaged with equal weights. Empty without DP."""
-    if not privacy_enabled(config):
+    if not privacy_enabled(config.privacy):
         return {}
     m = clients_per_round(config)
     return {"fraction_train": _FIXED_SAMPLE, "min_train_nodes": m, "min_available_nodes": m,
@@ -100,13 +104,14 @@ def private_sampling(config: RunConfig) -> dict:
 def with_privacy(strategy: Strategy, config: RunConfig) -> Strategy:
     """``strategy`` (built with :func:`private_sampling`) wrapped in Flower's client-side
     clipping DP strategy and its RDP accountant; unchanged without DP."""
-    if not privacy_enabled(config):
+    privacy = config.privacy
+    if not privacy_enabled(privacy):
         return strategy
-    sigma, m = config.dp_noise_multiplier, clients_per_round(config)
+    sigma, m = privacy.dp_noise_multiplier, clients_per_round(config)
     accountant = None
     if sigma > 0:
         accountant = RdpAccountant(PrivacyConfig(
-            target_delta=config.dp_delta, population_size=config.clients,
+            target_delta=privacy.dp_delta, population_size=config.strategy.clients,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION))
         # Flower draws the noise from numpy's global generator. Fresh OS entropy: nothing
@@ -114,13 +119,13 @@ def with_privacy(strategy: Strategy, config: RunConfig) -> Strategy:
         np.random.seed()
     try:
         wrapped = DifferentialPrivacyClientSideFixedClipping(
-            strategy, noise_multiplier=sigma, clipping_norm=config.dp_clip_norm,
+            strategy, noise_multiplier=sigma, clipping_norm=privacy.dp_clip_norm,
             num_sampled_clients=m, accountant=accountant)
     except ValueError as error:
         raise FedgeError(f"differential privacy cannot wrap this strategy: {error}") from error
     log.info("differential privacy: %d clients a round clip updates to norm %g; noise "
-             "σ = %g (std %.4g on the mean)", m, config.dp_clip_norm, sigma,
-             sigma * config.dp_clip_norm / m)
+             "σ = %g (std %.4g on the mean)", m, privacy.dp_clip_norm, sigma,
+             sigma * privacy.dp_clip_norm / m)
     return wrapped
 
 
@@ -139,7 +144,7 @@ def epsilon_spent(strategy: Strategy) -> float | None:
     return None if spent is None else spent.epsilon
 
 
-def privacy_report(strategy: Strategy, config: RunConfig) -> dict | None:
+def privacy_report(strategy: Strategy, clients: int) -> dict | None:
     """The run's privacy settings and guarantee, for metrics.json; None without DP."""
     dp = _dp_strategy(strategy)
     if dp is None:
@@ -152,8 +157,8 @@ def privacy_report(strategy: Strategy, config: RunConfig) -> dict | None:
         "clip_norm": dp.clipping_norm,
         "noise_std": dp.noise_multiplier * dp.clipping_norm / m,
         "clients_per_round": m,
-        "clients": config.clients,
-        "sample_rate": m / config.clients,
+        "clients": clients,
+        "sample_rate": m / clients,
         "amplification_by_sampling": False,
         "neighbouring": "add or remove one client's data",
         "accountant": None if spent is None else ACCOUNTANT,

@@ -72,21 +72,22 @@ MODULUS_RANGE = 2**32  # Flower's default and maximum range of the masks
 def check_secagg(config: RunConfig) -> None:
     """Refuse settings under which secure aggregation cannot work, before any file is
     written."""
-    if not config.secagg:
+    privacy, strategy = config.privacy, config.strategy
+    if not privacy.secagg:
         return
-    if config.strategy not in SECURE_STRATEGIES:
+    if strategy.name not in SECURE_STRATEGIES:
         raise FedgeError(f"secagg works with strategy {' or '.join(SECURE_STRATEGIES)}, not "
-                         f"{config.strategy!r}: with SecAgg+ the server gets the clients' "
+                         f"{strategy.name!r}: with SecAgg+ the server gets the clients' "
                          "FedAvg average and never one client's update")
-    if config.secagg_threshold >= config.secagg_num_shares:
-        raise FedgeError(f"secagg_threshold ({config.secagg_threshold}) must be smaller than "
-                         f"secagg_num_shares ({config.secagg_num_shares})")
-    if config.min_clients < config.secagg_threshold:
-        raise FedgeError(f"secagg needs at least secagg_threshold ({config.secagg_threshold}) "
-                         f"clients per round, but min_clients is {config.min_clients}")
-    if config.clients * config.secagg_quantization_range >= MODULUS_RANGE:
-        raise FedgeError(f"{config.clients} clients × secagg_quantization_range "
-                         f"({config.secagg_quantization_range}) must stay below 2**32, the "
+    if privacy.secagg_threshold >= privacy.secagg_num_shares:
+        raise FedgeError(f"secagg_threshold ({privacy.secagg_threshold}) must be smaller than "
+                         f"secagg_num_shares ({privacy.secagg_num_shares})")
+    if strategy.min_clients < privacy.secagg_threshold:
+        raise FedgeError(f"secagg needs at least secagg_threshold ({privacy.secagg_threshold}) "
+                         f"clients per round, but min_clients is {strategy.min_clients}")
+    if config.strategy.clients * privacy.secagg_quantization_range >= MODULUS_RANGE:
+        raise FedgeError(f"{config.strategy.clients} clients × secagg_quantization_range "
+                         f"({privacy.secagg_quantization_range}) must stay below 2**32, the "
                          "range of SecAgg+'s masked sums")
 
 
@@ -115,19 +116,20 @@ def run_secure_rounds(config: RunConfig, grid: Grid, arrays: ArrayRecord, rounds
     """``rounds`` rounds from ``arrays``, numbered after ``tracker``'s completed rounds,
     each aggregated by SecAgg+. Raises :class:`GlobalEarlyStop` when ``tracker`` stopped
     the run, once Flower's workflow has wound down."""
-    if config.max_norm_ratio > 0:
+    if config.strategy.max_norm_ratio > 0:
         log.info("update screening (max_norm_ratio) does not apply: SecAgg+ hides each update")
     strategy = _SecureFedAvg(config, arrays, tracker, train_config, frozen)
     context = LegacyContext(
         Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                 run_config={}),
         config=ServerConfig(num_rounds=rounds), strategy=strategy,
-        client_manager=_BoundedClientManager(config.join_timeout))
+        client_manager=_BoundedClientManager(config.strategy.join_timeout))
+    privacy = config.privacy
     secure_fit = SecAggPlusWorkflow(
-        num_shares=config.secagg_num_shares, reconstruction_threshold=config.secagg_threshold,
-        max_weight=config.secagg_max_weight, clipping_range=config.secagg_clipping_range,
-        quantization_range=config.secagg_quantization_range, modulus_range=MODULUS_RANGE,
-        timeout=config.round_timeout)
+        num_shares=privacy.secagg_num_shares, reconstruction_threshold=privacy.secagg_threshold,
+        max_weight=privacy.secagg_max_weight, clipping_range=privacy.secagg_clipping_range,
+        quantization_range=privacy.secagg_quantization_range, modulus_range=MODULUS_RANGE,
+        timeout=config.strategy.round_timeout)
     DefaultWorkflow(fit_workflow=secure_fit)(grid, context)
     if strategy.early_stop is not None:
         raise strategy.early_stop
@@ -152,8 +154,8 @@ class _SecureFedAvg(FedAvg):
         self.early_stop: GlobalEarlyStop | None = None
         fit_config: dict[str, Scalar] = {
             **train_config, ARRAY_NAMES: json.dumps(self.names),
-            SECAGG_MAX_WEIGHT: config.secagg_max_weight,
-            SECAGG_CLIPPING_RANGE: config.secagg_clipping_range,
+            SECAGG_MAX_WEIGHT: config.privacy.secagg_max_weight,
+            SECAGG_CLIPPING_RANGE: config.privacy.secagg_clipping_range,
         }
         if FROZEN_KEY in fit_config:  # the legacy format carries no lists
             fit_config[FROZEN_KEY] = json.dumps(list(fit_config[FROZEN_KEY]))
@@ -161,11 +163,12 @@ class _SecureFedAvg(FedAvg):
             archive = io.BytesIO()
             np.savez(archive, **self.fixed)
             fit_config[FIXED_ARRAYS] = archive.getvalue()
-        if config.strategy == "fedprox":  # as Flower's FedProx sends it
-            fit_config[PROXIMAL_MU] = config.proximal_mu
+        if config.strategy.name == "fedprox":  # as Flower's FedProx sends it
+            fit_config[PROXIMAL_MU] = config.strategy.proximal_mu
         super().__init__(
-            fraction_fit=config.fraction, fraction_evaluate=0.0,
-            min_fit_clients=config.min_clients, min_available_clients=config.min_clients,
+            fraction_fit=config.strategy.fraction, fraction_evaluate=0.0,
+            min_fit_clients=config.strategy.min_clients,
+            min_available_clients=config.strategy.min_clients,
             initial_parameters=ndarrays_to_parameters(exchanged),
             on_fit_config_fn=lambda server_round: {
                 **fit_config, SERVER_ROUND: server_round + self.offset},

@@ -52,15 +52,15 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
                    factory: Callable[..., nn.Module] | None = None,
                    non_feature_columns: tuple[str, ...] = ()) -> StartingModel:
     """The model a new run starts from, fitted to the server's validation samples; your
-    own ``factory`` (the Python API) stands in for ``config.model``'s import.
+    own ``factory`` (the Python API) stands in for ``config.model.name``'s import.
     ``non_feature_columns``: the CSV columns of the run's data that are no features,
     recorded with the model for ``fedge predict``."""
-    if config.model is None:
+    if config.model.name is None:
         raise FedgeError("the server needs a model")
     # Devices see the file's name, not the server's folders.
-    name = with_file_path(config.model, lambda path: Path(path.name))
-    spec = spec_from_data(name, val_x, num_classes, config.dropout, vocab_size=vocab_size,
-                          class_names=class_names, scale_inputs=config.scale_inputs,
+    name = with_file_path(config.model.name, lambda path: Path(path.name))
+    spec = spec_from_data(name, val_x, num_classes, config.model.dropout, vocab_size=vocab_size,
+                          class_names=class_names, scale_inputs=config.model.scale_inputs,
                           non_feature_columns=non_feature_columns)
     check_labelled_samples(spec, val_x, val_y, "the server's validation data")
     with torch.random.fork_rng():  # the same seed, the same starting weights
@@ -68,8 +68,8 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
         if spec.builtin:
             origin, model = f"fedge built-in model {spec.name}", build_model(spec)
         else:
-            origin, factory = ((config.model, factory) if factory
-                               else resolve_factory(config.model))
+            origin, factory = ((config.model.name, factory) if factory
+                               else resolve_factory(config.model.name))
             model = instantiate(origin, factory, spec.input_shape, spec.num_classes,
                                 spec.dropout)
             if spec.input_mean is not None:
@@ -77,15 +77,15 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
                                                       ndim=len(spec.input_shape) + 1))
             origin = with_file_path(origin, Path.resolve)
     names = list(model.state_dict())
-    reset = matching(names, config.reset, "--reset")
-    if config.init:
-        load_initial_weights(model, Path(config.init), reset)
-    elif config.reset:
+    reset = matching(names, config.model.reset, "--reset")
+    if config.model.init:
+        load_initial_weights(model, Path(config.model.init), reset)
+    elif config.model.reset:
         raise FedgeError("--reset leaves parameters fresh instead of --init's weights; give "
                          "--init too")
-    frozen = matching(names, config.freeze, "--freeze")
-    if config.freeze and not any(name not in frozen for name, _ in model.named_parameters()):
-        raise FedgeError(f"--freeze {' '.join(config.freeze)} freezes every parameter: "
+    frozen = matching(names, config.model.freeze, "--freeze")
+    if config.model.freeze and not any(name not in frozen for name, _ in model.named_parameters()):
+        raise FedgeError(f"--freeze {' '.join(config.model.freeze)} freezes every parameter: "
                          "nothing is left to train")
     frozen_statistics = frozen_statistics_layers(model, frozen)
     sample = as_input_tensor(spec, np.concatenate([val_x[:2], val_x[:1]])[:2])
@@ -97,7 +97,7 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
         architecture = export_program(model, sample) if frozen_statistics else program
         spec = spec.model_copy(update={"program": program,
                                        "fingerprint": fingerprint(architecture)})
-    edge = (export_edge_programs(model, spec, val_x, val_y, config.batch_size, frozen)
-            if config.edge_programs else None)
+    edge = (export_edge_programs(model, spec, val_x, val_y, config.training.batch_size, frozen)
+            if config.devices.edge_programs else None)
     return StartingModel(spec, {k: v.detach().clone() for k, v in model.state_dict().items()},
                          tuple(n for n in names if n in frozen), origin, edge)

@@ -43,39 +43,40 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedge.config import RunConfig, server_learning_rate
+from fedge.config import RunConfig, StrategySettings, server_learning_rate
 from fedge.errors import FedgeError
 from fedge.server.privacy import clients_per_round, private_sampling, with_privacy
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
 
-def _sampling(config: RunConfig) -> dict:
+def _sampling(strategy: StrategySettings) -> dict:
     return {
-        "fraction_train": config.fraction,
+        "fraction_train": strategy.fraction,
         "fraction_evaluate": 0.0,
-        "min_train_nodes": config.min_clients,
-        "min_available_nodes": config.min_clients,
+        "min_train_nodes": strategy.min_clients,
+        "min_available_nodes": strategy.min_clients,
     }
 
 
 STRATEGIES: dict[str, Callable[[RunConfig], dict]] = {
     "fedavg": lambda c: {"cls": FedAvg},
-    "fedprox": lambda c: {"cls": FedProx, "proximal_mu": c.proximal_mu},
-    "fedadam": lambda c: {"cls": FedAdam, "eta": server_learning_rate(c), "eta_l": c.lr},
+    "fedprox": lambda c: {"cls": FedProx, "proximal_mu": c.strategy.proximal_mu},
+    "fedadam": lambda c: {"cls": FedAdam, "eta": server_learning_rate(c.strategy),
+                          "eta_l": c.training.lr},
     "fedmedian": lambda c: {"cls": FedMedian},
-    "fedtrimmedavg": lambda c: {"cls": FedTrimmedAvg, "beta": c.trimmed_fraction},
-    "krum": lambda c: {"cls": Krum, "num_malicious_nodes": c.krum_byzantine},
-    "multikrum": lambda c: {"cls": MultiKrum, "num_malicious_nodes": c.krum_byzantine,
+    "fedtrimmedavg": lambda c: {"cls": FedTrimmedAvg, "beta": c.strategy.trimmed_fraction},
+    "krum": lambda c: {"cls": Krum, "num_malicious_nodes": c.strategy.krum_byzantine},
+    "multikrum": lambda c: {"cls": MultiKrum, "num_malicious_nodes": c.strategy.krum_byzantine,
                             "num_nodes_to_select": _multikrum_select(c)},
 }
 
 
 def _multikrum_select(config: RunConfig) -> int:
     """m, by default K less f."""
-    if config.multikrum_select is not None:
-        return config.multikrum_select
-    return max(1, clients_per_round(config) - config.krum_byzantine)
+    if config.strategy.multikrum_select is not None:
+        return config.strategy.multikrum_select
+    return max(1, clients_per_round(config) - config.strategy.krum_byzantine)
 
 
 # Asynchronous, without rounds: fedge.server.fedbuff, not a Flower strategy.
@@ -90,24 +91,24 @@ def check_strategy_name(name: str) -> None:
 
 def check_strategy(config: RunConfig) -> None:
     """The strategy exists and can hold with its settings (Krum needs K ≥ 2f + 3)."""
-    check_strategy_name(config.strategy)
-    if config.strategy not in ("krum", "multikrum"):
+    check_strategy_name(config.strategy.name)
+    if config.strategy.name not in ("krum", "multikrum"):
         return
-    per_round, byzantine = clients_per_round(config), config.krum_byzantine
+    per_round, byzantine = clients_per_round(config), config.strategy.krum_byzantine
     if per_round < 2 * byzantine + 3:
-        raise FedgeError(f"{config.strategy} with krum_byzantine {byzantine} needs at least "
+        raise FedgeError(f"{config.strategy.name} with krum_byzantine {byzantine} needs at least "
                          f"{2 * byzantine + 3} clients a round, but a round samples "
                          f"{per_round}; lower krum_byzantine or sample more clients")
-    if config.strategy == "multikrum" and _multikrum_select(config) > per_round:
-        raise FedgeError(f"multikrum_select {config.multikrum_select} is more than the "
+    if config.strategy.name == "multikrum" and _multikrum_select(config) > per_round:
+        raise FedgeError(f"multikrum_select {config.strategy.multikrum_select} is more than the "
                          f"{per_round} clients a round samples")
 
 
 def build_strategy(config: RunConfig, train_metrics_aggr_fn: MetricsAggregator) -> Strategy:
-    check_strategy_name(config.strategy)
-    params = STRATEGIES[config.strategy](config)
+    check_strategy_name(config.strategy.name)
+    params = STRATEGIES[config.strategy.name](config)
     cls = params.pop("cls")
-    sampling = {**_sampling(config), **private_sampling(config)}
+    sampling = {**_sampling(config.strategy), **private_sampling(config)}
     strategy = cls(**sampling, train_metrics_aggr_fn=train_metrics_aggr_fn, **params)
     return with_privacy(strategy, config)
 

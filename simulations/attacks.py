@@ -29,50 +29,57 @@ ATTACKS = ("signflip", "scale", "nan", "labelflip")
 
 def check_attack(config: RunConfig) -> None:
     """A clear error for an attack that is unknown or has no one to stage it."""
-    if config.attack is None:
-        if config.byzantine > 0:
-            raise FedgeError(f"--byzantine {config.byzantine:g} needs an --attack: one of "
+    simulation = config.simulation
+    if simulation.attack is None:
+        if simulation.byzantine > 0:
+            raise FedgeError(f"--byzantine {simulation.byzantine:g} needs an --attack: one of "
                              f"{', '.join(ATTACKS)}")
         return
-    if config.attack not in ATTACKS:
-        raise FedgeError(f"unknown attack {config.attack!r}; choose one of: {', '.join(ATTACKS)}")
-    attackers = len(attacker_partitions(config))
+    if simulation.attack not in ATTACKS:
+        raise FedgeError(f"unknown attack {simulation.attack!r}; choose one of: "
+                         f"{', '.join(ATTACKS)}")
+    attackers, clients = len(attacker_partitions(config)), config.strategy.clients
     if not attackers:
-        raise FedgeError(f"attack {config.attack!r} needs Byzantine clients, but --byzantine "
-                         f"{config.byzantine:g} of {config.clients} clients is none; pass a "
-                         "larger --byzantine")
-    if attackers == config.clients:
-        raise FedgeError(f"--byzantine {config.byzantine:g} of {config.clients} clients makes "
-                         "every client an attacker; leave at least one honest client")
+        raise FedgeError(f"attack {simulation.attack!r} needs Byzantine clients, but "
+                         f"--byzantine {simulation.byzantine:g} of {clients} clients "
+                         "is none; pass a larger --byzantine")
+    if attackers == clients:
+        raise FedgeError(f"--byzantine {simulation.byzantine:g} of {clients} clients "
+                         "makes every client an attacker; leave at least one honest client")
 
 
 def attacker_partitions(config: RunConfig) -> frozenset[int]:
     """The partition ids of the round(byzantine · clients) attackers, fixed by the seed."""
-    count = round(config.byzantine * config.clients)
-    chosen = np.random.default_rng(config.seed).choice(config.clients, count, replace=False)
+    clients = config.strategy.clients
+    count = round(config.simulation.byzantine * clients)
+    chosen = np.random.default_rng(config.seed).choice(clients, count, replace=False)
     return frozenset(int(partition) for partition in chosen)
 
 
 def describe_attack(config: RunConfig) -> str | None:
     """One line for the start of a run, e.g. 'signflip ×100 by 2 of 10 clients
     (partitions 3, 7)'."""
-    if config.attack is None:
+    simulation = config.simulation
+    if simulation.attack is None:
         return None
     attackers = sorted(attacker_partitions(config))
-    strength = f" ×{config.attack_scale:g}" if config.attack in ("signflip", "scale") else ""
-    return (f"{config.attack}{strength} by {len(attackers)} of {config.clients} clients "
-            f"(partitions {', '.join(map(str, attackers))})")
+    strength = (f" ×{simulation.attack_scale:g}" if simulation.attack in ("signflip", "scale")
+                else "")
+    return (f"{simulation.attack}{strength} by {len(attackers)} of {config.strategy.clients} "
+            f"clients (partitions {', '.join(map(str, attackers))})")
 
 
 def staged_attack(config: RunConfig, load_data: DataLoaderFn,
                   num_classes: int) -> tuple[DataLoaderFn, list[Mod]]:
-    """The simulated clients' data loader and ClientApp mods, with ``config.attack``."""
-    if config.attack is None:
+    """The simulated clients' data loader and ClientApp mods, with
+    ``config.simulation.attack``."""
+    simulation = config.simulation
+    if simulation.attack is None:
         return load_data, []
     attackers = attacker_partitions(config)
-    if config.attack == "labelflip":
+    if simulation.attack == "labelflip":
         return FlippedLabels(load_data, num_classes, attackers), []
-    return load_data, [UpdateAttack(config.attack, config.attack_scale, attackers)]
+    return load_data, [UpdateAttack(simulation.attack, simulation.attack_scale, attackers)]
 
 
 def _partition(context: Context) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import Context
 
 from fedge.client.data import LocalData, split_train_val
+from fedge.config import default
 from fedge.simulations.datasets import load_dataset, split_federated
 from fedge.simulations.partition import PartitionSpec, partition_indices
 from fedge.simulations.userdata import UserData, split_user_data
@@ -29,8 +30,8 @@ class SimulatedClients:
     num_clients: int
     seed: int
     val_fraction: float
-    val_share: float = 0.15
-    test_share: float = 0.15
+    val_share: float = default("val_share")
+    test_share: float = default("test_share")
     data: UserData | None = None
 
     def local_data(self, context: Context) -> LocalData:

@@ -37,7 +37,7 @@ import numpy as np
 from flwr.app import Error, Message
 from flwr.serverapp import Grid
 
-from fedge.config import RunConfig
+from fedge.config import RunConfig, default
 from fedge.errors import FedgeError
 from fedge.protocol import METRICS, WEIGHT_KEY
 from fedge.server.grid import MISSED_DEADLINE, GridWrapper
@@ -54,20 +54,21 @@ class SimulatedFleet:
 
     clients: int
     seed: int
-    offline_fraction: float = 0.0
-    drop_fraction: float = 0.0
-    slow_fraction: float = 0.0
-    slowdown: float = 10.0
-    samples_per_second: float = 100.0
+    offline_fraction: float = default("offline_fraction")
+    drop_fraction: float = default("drop_fraction")
+    slow_fraction: float = default("slow_fraction")
+    slowdown: float = default("slowdown")
+    samples_per_second: float = default("samples_per_second")
     min_online: int = 1
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "SimulatedFleet":
-        return cls(clients=config.clients, seed=config.seed,
-                   offline_fraction=config.offline_fraction,
-                   drop_fraction=config.drop_fraction, slow_fraction=config.slow_fraction,
-                   slowdown=config.slowdown, samples_per_second=config.samples_per_second,
-                   min_online=config.min_clients)
+        simulation = config.simulation
+        return cls(clients=config.strategy.clients, seed=config.seed,
+                   offline_fraction=simulation.offline_fraction,
+                   drop_fraction=simulation.drop_fraction, slow_fraction=simulation.slow_fraction,
+                   slowdown=simulation.slowdown, samples_per_second=simulation.samples_per_second,
+                   min_online=config.strategy.min_clients)
 
     @property
     def heterogeneous(self) -> bool:
@@ -209,15 +210,15 @@ class AsynchronousDevices(HeterogeneousGrid):
 def check_heterogeneity(config: RunConfig) -> None:
     """Device heterogeneity, and FedBuff, need the in-process backend, where the simulated
     clock runs, and one message per client per round (SecAgg+ exchanges several)."""
-    if config.strategy == "fedbuff" and config.backend == "ray":
+    if config.strategy.name == "fedbuff" and config.simulation.backend == "ray":
         raise FedgeError("--strategy fedbuff needs backend inprocess: its simulation runs "
                          "on the simulated clock, which the Ray backend has not")
     if not SimulatedFleet.from_config(config).heterogeneous:
         return
-    if config.backend == "ray":
+    if config.simulation.backend == "ray":
         raise FedgeError("offline_fraction, drop_fraction and slow_fraction need backend "
                          "inprocess: the Ray backend has no simulated clock")
-    if config.secagg:
+    if config.privacy.secagg:
         raise FedgeError("offline_fraction, drop_fraction and slow_fraction do not work with "
                          "secagg yet: the simulated devices expect one message per round")
 
@@ -231,7 +232,7 @@ def describe_devices(config: RunConfig) -> str | None:
     return (f"{slow} slow clients (×{fleet.slowdown:g}), " if slow else "") + (
         f"{fleet.offline_fraction:.0%} offline and {fleet.drop_fraction:.0%} dropping per "
         f"round; simulated clock at {fleet.samples_per_second:g} samples/s, deadline "
-        f"{config.round_timeout:g} s, quarantine {config.quarantine:g} s")
+        f"{config.strategy.round_timeout:g} s, quarantine {config.strategy.quarantine:g} s")
 
 
 def with_devices(grid: Grid, config: RunConfig,
@@ -241,10 +242,10 @@ def with_devices(grid: Grid, config: RunConfig,
     FedBuff always runs on the simulated clock: without rounds, the order in which
     results arrive is the run."""
     fleet = SimulatedFleet.from_config(config)
-    if config.strategy == "fedbuff":
-        devices = AsynchronousDevices(grid, fleet, config.round_timeout, first_round)
+    if config.strategy.name == "fedbuff":
+        devices = AsynchronousDevices(grid, fleet, config.strategy.round_timeout, first_round)
         return devices, devices.clock
     if not fleet.heterogeneous:
         return grid, None
-    devices = HeterogeneousGrid(grid, fleet, config.round_timeout, first_round)
+    devices = HeterogeneousGrid(grid, fleet, config.strategy.round_timeout, first_round)
     return devices, devices.clock

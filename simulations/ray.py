@@ -39,7 +39,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedge.config import RunConfig
+from fedge.config import RunConfig, SimulationSettings
 from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
 from fedge.processes import Children, free_port
@@ -110,41 +110,41 @@ class ServerSide:
     verbose: bool
 
 
-def check_ray_settings(config: RunConfig) -> None:
+def check_ray_settings(simulation: SimulationSettings) -> None:
     """The Ray settings, checked before any file is written or process started: off the
     Ray backend they are refused, CPU shares must be representable, GPUs need CUDA, and
     a cluster's head must answer."""
-    if config.backend != "ray":
-        given = [f"{k}={getattr(config, k)!r}" for k, off in RAY_SETTINGS.items()
-                 if getattr(config, k) != off]
+    if simulation.backend != "ray":
+        given = [f"{k}={getattr(simulation, k)!r}" for k, off in RAY_SETTINGS.items()
+                 if getattr(simulation, k) != off]
         if given:
             raise FedgeError(f"{', '.join(given)}: settings of the Ray backend; give backend "
                              "ray (--backend ray) or leave them out (the in-process backend "
                              "runs on this machine's cores, see --workers)")
         return
-    if config.ray_address is not None:
-        if config.client_cpus != int(config.client_cpus):
+    if simulation.ray_address is not None:
+        if simulation.client_cpus != int(simulation.client_cpus):
             raise FedgeError(
-                f"client_cpus {config.client_cpus:g} with a Ray cluster (--ray-address): "
+                f"client_cpus {simulation.client_cpus:g} with a Ray cluster (--ray-address): "
                 "Flower hands Ray whole CPUs per client, and a running cluster's CPU count "
                 "is fixed; give whole CPUs, or start the cluster with more logical CPUs "
                 "(e.g. `ray start --num-cpus` twice its cores, then --client-cpus 1 for "
                 "half a core)")
-        _probe(config.ray_address)
+        _probe(simulation.ray_address)
         return
-    cpu_scale(config.client_cpus)
+    cpu_scale(simulation.client_cpus)
     cores = available_cores()
-    if config.client_cpus > cores:
-        raise FedgeError(f"client_cpus {config.client_cpus:g} is more than this machine's "
+    if simulation.client_cpus > cores:
+        raise FedgeError(f"client_cpus {simulation.client_cpus:g} is more than this machine's "
                          f"{cores} cores: no client could ever run")
-    if config.client_gpus > 0:
+    if simulation.client_gpus > 0:
         import torch
 
         if not torch.cuda.is_available():
-            raise FedgeError(f"client_gpus {config.client_gpus:g} needs a CUDA GPU, and "
+            raise FedgeError(f"client_gpus {simulation.client_gpus:g} needs a CUDA GPU, and "
                              "torch finds none on this machine; leave --client-gpus at 0")
-        if config.client_gpus > torch.cuda.device_count():
-            raise FedgeError(f"client_gpus {config.client_gpus:g} is more than this "
+        if simulation.client_gpus > torch.cuda.device_count():
+            raise FedgeError(f"client_gpus {simulation.client_gpus:g} is more than this "
                              f"machine's {torch.cuda.device_count()} GPUs")
 
 
@@ -186,15 +186,16 @@ def federation_config(config: RunConfig) -> dict[str, object]:
     fraction promises. A cluster's CPU count is fixed, and ``ray.init`` refuses CPU
     counts when it connects: there, no init arguments, and only whole CPUs
     (:func:`check_ray_settings`)."""
-    options: dict[str, object] = {"num-supernodes": config.clients,
-                                  "client-resources-num-gpus": float(config.client_gpus),
+    simulation = config.simulation
+    options: dict[str, object] = {"num-supernodes": config.strategy.clients,
+                                  "client-resources-num-gpus": float(simulation.client_gpus),
                                   "init-args-log-to-driver": True}
-    if config.ray_address is None:
-        scale = cpu_scale(config.client_cpus)
-        options["client-resources-num-cpus"] = round(config.client_cpus * scale)
+    if simulation.ray_address is None:
+        scale = cpu_scale(simulation.client_cpus)
+        options["client-resources-num-cpus"] = round(simulation.client_cpus * scale)
         options["init-args-num-cpus"] = available_cores() * scale
     else:
-        options["client-resources-num-cpus"] = int(config.client_cpus)
+        options["client-resources-num-cpus"] = int(simulation.client_cpus)
     return options
 
 
@@ -203,7 +204,8 @@ def run_on_ray(federation: Federation, recipe: ClientRecipe, resume: bool,
                on_start: Callable[[dict], None] | None = None,
                verbose: bool = False) -> RunOutcome:
     """Run ``federation`` on Flower's simulation engine, on a local Ray or the cluster at
-    ``config.ray_address``; ``on_start`` and ``on_round`` hear the ServerApp's progress."""
+    ``config.simulation.ray_address``; ``on_start`` and ``on_round`` hear the ServerApp's
+    progress."""
     config, run_dir = federation.config, federation.run_dir.resolve()
     if recipe.record_wire is not None:  # Ray's workers run in folders of their own
         recipe = replace(recipe, record_wire=recipe.record_wire.resolve())
@@ -214,7 +216,7 @@ def run_on_ray(federation: Federation, recipe: ClientRecipe, resume: bool,
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     # ray.init() joins the cluster RAY_ADDRESS names (no init args then); "local" starts
     # a Ray of our own even when `ray start` left a cluster's address in /tmp/ray.
-    env["RAY_ADDRESS"] = config.ray_address or "local"
+    env["RAY_ADDRESS"] = config.simulation.ray_address or "local"
     events: queue.Queue[dict] = queue.Queue()
     shown = FlowerLog(verbose)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from fedge.client.training import check_device
 from fedge.client.wire import check_wire_folder
-from fedge.config import DEFAULT_DATASET, RunConfig
+from fedge.config import DEFAULT_DATASET, RunConfig, StrategySettings
 from fedge.datafiles import LabelledSamples
 from fedge.errors import FedgeError
 from fedge.models.registry import check_sample_shape
@@ -68,9 +68,10 @@ class SimulationPlan:
 def plan_simulation(config: RunConfig, data: LabelledSamples | None = None,
                     factory: Callable[..., nn.Module] | None = None) -> SimulationPlan:
     """Check everything about a simulation, reading its data and building its starting
-    model. ``data``: in-memory samples instead of a built-in data set or ``config.data``
-    (backend ``inprocess`` only: Ray's workers read samples from files). ``factory``: your
-    own model's class or function, instead of importing ``config.model``."""
+    model. ``data``: in-memory samples instead of a built-in data set or
+    ``config.simulation.data`` (backend ``inprocess`` only: Ray's workers read samples from
+    files). ``factory``: your own model's class or function, instead of importing
+    ``config.model.name``."""
     plan = _plan_data(config, data)
     return replace(plan, start=prepare(plan.config, plan.server_data, factory))
 
@@ -78,65 +79,71 @@ def plan_simulation(config: RunConfig, data: LabelledSamples | None = None,
 def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPlan:
     own = user_data_source(config, data)
     if own is None:
-        name = config.dataset or DEFAULT_DATASET
+        name = config.simulation.dataset or DEFAULT_DATASET
         dataset = load_dataset(name, config.seed)
-        config = config.model_copy(update={"dataset": name,
-                                           "model": config.model or dataset.default_model})
-        check_sample_shape(config.model, dataset.x.shape[1:])
+        config = config.updated(dataset=name,
+                                model=config.model.name or dataset.default_model)
+        check_sample_shape(config.model.name, dataset.x.shape[1:])
         _check_dataset_settings(config, dataset.x.shape[1:], dataset.num_classes)
     else:
         own_split = split_user_data(own)
         config = fit_config(config, own, own_split)
-        check_sample_shape(config.model, own_split.x.shape[1:])
-    check_strategy_name(config.strategy)
+        check_sample_shape(config.model.name, own_split.x.shape[1:])
+    simulation = config.simulation
+    check_strategy_name(config.strategy.name)
     check_attack(config)
     check_heterogeneity(config)
     check_server_settings(config)
-    check_device(config.device)
+    check_device(simulation.device)
     resolve_workers(config)
     check_vectorize(config)
-    check_ray_settings(config)
-    PartitionSpec.parse(config.partition)
-    if (config.strategy == "fedbuff"
-            and (concurrency := BufferSettings.from_config(config).concurrency) > config.clients):
-        raise FedgeError(f"--concurrency {concurrency} is more than the {config.clients} "
-                         "clients: FedBuff gives a client one task at a time")
-    if config.min_clients > config.clients:
-        raise FedgeError(f"min_clients ({config.min_clients}) is larger than the number of "
-                         f"clients ({config.clients}): no round could ever start")
-    clients = SimulatedClients(config.dataset, config.partition, config.clients, config.seed,
-                               config.val_fraction, config.val_share, config.test_share, own)
+    check_ray_settings(simulation)
+    PartitionSpec.parse(simulation.partition)
+    if config.strategy.name == "fedbuff":
+        concurrency = BufferSettings.from_config(config).concurrency
+        if concurrency > config.strategy.clients:
+            raise FedgeError(f"--concurrency {concurrency} is more than the "
+                             f"{config.strategy.clients} clients: FedBuff gives a client one task "
+                             "at a time")
+    if config.strategy.min_clients > config.strategy.clients:
+        raise FedgeError(f"min_clients ({config.strategy.min_clients}) is larger than the "
+                         f"number of clients ({config.strategy.clients}): no round could "
+                         "ever start")
+    clients = SimulatedClients(simulation.dataset, simulation.partition, config.strategy.clients,
+                               config.seed, simulation.val_fraction, simulation.val_share,
+                               simulation.test_share, own)
     if min(clients.partition_sizes()) < 2:
-        raise FedgeError(f"partition {config.partition!r} leaves a client with fewer than 2 "
-                         "samples; use fewer clients or a larger alpha")
+        raise FedgeError(f"partition {simulation.partition!r} leaves a client with fewer than "
+                         "2 samples; use fewer clients or a larger alpha")
     if own is not None:
-        source = describe_source(config, own, own_split)
+        source = describe_source(simulation, own, own_split)
         server_data = ServerData(own_split.val_x, own_split.val_y, own_split.test_x,
-                                 own_split.test_y, num_classes=config.num_classes
+                                 own_split.test_y, num_classes=config.data.num_classes
                                  or own_split.num_classes, vocab_size=own_split.vocab_size,
                                  class_names=own_split.class_names, source=source,
                                  non_feature_columns=own.non_feature_columns)
         return SimulationPlan(config, clients, server_data, False, source,
-                              describe_partition(config, own),
-                              describe_holdouts(config, own_split))
-    split = split_federated(dataset, config.seed, config.val_share, config.test_share)
-    source = f"{config.dataset} ({'SYNTHETIC data' if dataset.synthetic else 'real data'})"
+                              describe_partition(simulation, own),
+                              describe_holdouts(simulation, own_split))
+    split = split_federated(dataset, config.seed, simulation.val_share, simulation.test_share)
+    source = f"{simulation.dataset} ({'SYNTHETIC data' if dataset.synthetic else 'real data'})"
     server_data = ServerData(*split.server_val, *split.test, num_classes=dataset.num_classes,
                              vocab_size=dataset.vocab_size, source=source)
     return SimulationPlan(config, clients, server_data, dataset.synthetic, source,
-                          config.partition)
+                          simulation.partition)
 
 
 def _check_dataset_settings(config: RunConfig, sample_shape: tuple[int, ...],
                             num_classes: int) -> None:
     """``input_shape`` and ``num_classes`` describe a deployment's data files; in a
     simulation the data set decides them, and a different value is a mistake."""
-    if config.num_classes is not None and config.num_classes != num_classes:
-        raise FedgeError(f"num_classes {config.num_classes} does not match data set "
-                         f"{config.dataset!r}, which has {num_classes} classes")
-    if config.input_shape is not None and tuple(config.input_shape) != tuple(sample_shape):
-        raise FedgeError(f"input_shape {list(config.input_shape)} does not match data set "
-                         f"{config.dataset!r}, whose samples have shape {list(sample_shape)}")
+    data, dataset = config.data, config.simulation.dataset
+    if data.num_classes is not None and data.num_classes != num_classes:
+        raise FedgeError(f"num_classes {data.num_classes} does not match data set "
+                         f"{dataset!r}, which has {num_classes} classes")
+    if data.input_shape is not None and tuple(data.input_shape) != tuple(sample_shape):
+        raise FedgeError(f"input_shape {list(data.input_shape)} does not match data set "
+                         f"{dataset!r}, whose samples have shape {list(sample_shape)}")
 
 
 def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
@@ -150,9 +157,10 @@ def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
     ``on_start`` hears the starting model's validation metrics, ``on_round`` each round's
     record; ``verbose``: the Ray backend shows Flower's and Ray's logs."""
     config = plan.config
+    simulation = config.simulation
     check_vectorize(config, record_wire)
     wire = None if record_wire is None else check_wire_folder(record_wire)
-    if config.backend == "ray":  # the ServerApp runs in Flower's process: it reports
+    if simulation.backend == "ray":  # the ServerApp runs in Flower's process: it reports
         on_round_here = on_start_here = None
     else:
         on_round_here, on_start_here = on_round, on_start
@@ -164,26 +172,27 @@ def simulate(plan: SimulationPlan, run_dir: Path, overwrite: bool = False,
         federation = Federation(config, plan.server_data, prepare_run_dir(run_dir, overwrite),
                                 on_round_here, start=plan.start, on_start=on_start_here)
     recipe = ClientRecipe(config, plan.clients, plan.server_data.num_classes, wire)
-    if config.backend == "inprocess":
+    if simulation.backend == "inprocess":
         first_round = (federation.resume.round if federation.resume else 0) + 1
         workers = resolve_workers(config)
         # A simulated clock keeps the round's deadline in simulated seconds; workers then
         # get the default deadline in real ones before they count as hung.
-        hung_after = (RunConfig.model_fields["round_timeout"].default
-                      if SimulatedFleet.from_config(config).heterogeneous else config.round_timeout)
+        hung_after = (StrategySettings.model_fields["round_timeout"].default
+                      if SimulatedFleet.from_config(config).heterogeneous
+                      else config.strategy.round_timeout)
 
         def clients_grid() -> Grid:
             if workers == 1:
                 from fedge.simulations.inprocess import InProcessGrid
 
-                return InProcessGrid(recipe.client_app(), config.clients)
-            return WorkerGrid(recipe, config.clients, workers, timeout=hung_after)
+                return InProcessGrid(recipe.client_app(), config.strategy.clients)
+            return WorkerGrid(recipe, config.strategy.clients, workers, timeout=hung_after)
 
         with contextlib.ExitStack() as stack:
-            if config.vectorize:  # the clients' grid only for what cannot be batched
-                base = VectorizedGrid(clients_grid, config.clients, plan.clients.local_data,
-                                      config.device, "in workers" if workers > 1
-                                      else "one by one in this process")
+            if simulation.vectorize:  # the clients' grid only for what cannot be batched
+                fallback = "in workers" if workers > 1 else "one by one in this process"
+                base = VectorizedGrid(clients_grid, config.strategy.clients,
+                                      plan.clients.local_data, simulation.device, fallback)
             else:
                 base = clients_grid()
             if hasattr(base, "close"):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from fedge.config import DEFAULT_DATASET, RunConfig
+from fedge.config import DEFAULT_DATASET, RunConfig, SimulationSettings, default
 from fedge.datafiles import (
     LabelledSamples,
     as_samples,
@@ -52,11 +52,11 @@ class UserData:
     client_data: str | None = None  # a folder of one file or image folder per client
     val_data: str | None = None
     test_data: str | None = None
-    label_column: str = "label"
+    label_column: str = default("label_column")
     group_column: str | None = None  # partition column:NAME
     sample_shape: tuple[int, ...] | None = None
-    val_share: float = 0.15
-    test_share: float = 0.15
+    val_share: float = default("val_share")
+    test_share: float = default("test_share")
     seed: int = 0
     # In-memory samples (the Python API; in-process simulations only): compared and
     # hashed by their id, so that the description stays a cheap cache key.
@@ -270,28 +270,31 @@ def user_data_source(config: RunConfig, data: LabelledSamples | None = None
                      ) -> UserData | None:
     """The description of the run's own samples (None: a built-in data set), after the
     checks of settings that do not go together."""
-    given = config.model_fields_set
-    own = [name for name, value in (("in-memory samples", data), ("--data", config.data),
-                                    ("--client-data", config.client_data)) if value is not None]
-    spec = PartitionSpec.parse(config.partition)
+    simulation = config.simulation
+    given = simulation.model_fields_set
+    own = [name for name, value in (("in-memory samples", data), ("--data", simulation.data),
+                                    ("--client-data", simulation.client_data))
+           if value is not None]
+    spec = PartitionSpec.parse(simulation.partition)
     if not own:
-        for option, value in (("--val-data", config.val_data), ("--test-data", config.test_data)):
+        for option, value in (("--val-data", simulation.val_data),
+                              ("--test-data", simulation.test_data)):
             if value is not None:
                 raise FedgeError(f"{option} is for your own data (--data or --client-data); "
-                                 f"data set {config.dataset or DEFAULT_DATASET!r} holds out "
+                                 f"data set {simulation.dataset or DEFAULT_DATASET!r} holds out "
                                  "its own samples")
         if spec.kind == "column":
-            raise FedgeError(f"partition {config.partition!r} splits your own CSV file by "
+            raise FedgeError(f"partition {simulation.partition!r} splits your own CSV file by "
                              "one of its columns: give the file with --data")
         return None
     if len(own) > 1:
         raise FedgeError(f"give one source of samples, not {' and '.join(own)}")
     if "dataset" in given:
         raise FedgeError(f"give --dataset or {own[0]}, not both")
-    if config.client_data is not None and "partition" in given:
-        raise FedgeError(f"--client-data is one client per entry of {config.client_data}: it "
-                         f"takes no --partition ({config.partition!r})")
-    if data is not None and config.backend == "ray":
+    if simulation.client_data is not None and "partition" in given:
+        raise FedgeError(f"--client-data is one client per entry of {simulation.client_data}: "
+                         f"it takes no --partition ({simulation.partition!r})")
+    if data is not None and simulation.backend == "ray":
         raise FedgeError("in-memory samples cannot be sent to Ray's workers: use backend "
                          "'inprocess', or save the samples to a file and give its path as "
                          "data")
@@ -303,41 +306,43 @@ def user_data_source(config: RunConfig, data: LabelledSamples | None = None
         return None if path is None else str(Path(path).expanduser().resolve())
 
     return UserData(
-        data=absolute(config.data), client_data=absolute(config.client_data),
-        val_data=absolute(config.val_data), test_data=absolute(config.test_data),
-        label_column=config.label_column,
+        data=absolute(simulation.data), client_data=absolute(simulation.client_data),
+        val_data=absolute(simulation.val_data), test_data=absolute(simulation.test_data),
+        label_column=config.data.label_column,
         group_column=spec.column if spec.kind == "column" else None,
-        sample_shape=None if config.input_shape is None else tuple(config.input_shape),
-        val_share=config.val_share, test_share=config.test_share, seed=config.seed,
+        sample_shape=None if config.data.input_shape is None else tuple(config.data.input_shape),
+        val_share=simulation.val_share, test_share=simulation.test_share, seed=config.seed,
         memory_id=None if data is None else uuid.uuid4().hex, memory=data)
 
 
 def fit_config(config: RunConfig, source: UserData, split: UserSplit) -> RunConfig:
     """The settings the samples decide: the clients of a natural partition, the default
     model for the samples' shape; and a clear error for settings that contradict them."""
+    simulation = config.simulation
     updates: dict[str, object] = {}
     if split.partitions is not None:
         count = len(split.partitions)
-        what = (f"entries in {config.client_data}" if config.client_data
+        what = (f"entries in {simulation.client_data}" if simulation.client_data
                 else f"values of column {source.group_column!r}")
-        if "clients" in config.model_fields_set and config.clients != count:
-            raise FedgeError(f"--clients {config.clients} does not match the {count} {what} "
+        asked = config.strategy.clients
+        if "clients" in config.strategy.model_fields_set and asked != count:
+            raise FedgeError(f"--clients {asked} does not match the {count} {what} "
                              "(one client each); leave --clients out")
         updates["clients"] = count
-    if config.model is None:
+    if config.model.name is None:
         updates["model"] = default_model(split.x)
     classes = split.num_classes
-    if split.class_names is not None and config.num_classes not in (None, classes):
-        raise FedgeError(f"num_classes {config.num_classes} does not match the {classes} "
+    if split.class_names is not None and config.data.num_classes not in (None, classes):
+        raise FedgeError(f"num_classes {config.data.num_classes} does not match the {classes} "
                          f"class names of the data: {', '.join(split.class_names)}")
-    if config.num_classes is not None and config.num_classes < classes:
-        raise FedgeError(f"num_classes {config.num_classes} is too small for the data, "
+    if config.data.num_classes is not None and config.data.num_classes < classes:
+        raise FedgeError(f"num_classes {config.data.num_classes} is too small for the data, "
                          f"whose labels go up to {classes - 1}")
-    if max(classes, config.num_classes or 0) < 2:
+    if max(classes, config.data.num_classes or 0) < 2:
         only = split.class_names[0] if split.class_names else "0"
         raise FedgeError(f"the samples hold only one class ({only}); a classifier needs at "
                          "least 2")
-    return config.model_copy(update=updates)
+    return config.updated(**updates)
 
 
 def default_model(x: np.ndarray) -> str:
@@ -351,27 +356,28 @@ def default_model(x: np.ndarray) -> str:
     return by_dims[x.ndim]
 
 
-def describe_source(config: RunConfig, source: UserData, split: UserSplit) -> str:
+def describe_source(simulation: SimulationSettings, source: UserData, split: UserSplit) -> str:
     """What the run trains on, for the first line of ``fedge simulate``."""
-    where = (f"data {config.data}" if config.data else
-             f"client data {config.client_data}" if config.client_data else "in-memory data")
+    where = (f"data {simulation.data}" if simulation.data else
+             f"client data {simulation.client_data}" if simulation.client_data else
+             "in-memory data")
     classes = (f"{len(split.class_names)} named classes" if split.class_names
                else f"{split.num_classes} classes")
     return f"{where} (real data, {classes})"
 
 
-def describe_partition(config: RunConfig, source: UserData) -> str:
-    return (f"one per entry of {config.client_data}" if source.client_data
-            else config.partition)
+def describe_partition(simulation: SimulationSettings, source: UserData) -> str:
+    return (f"one per entry of {simulation.client_data}" if source.client_data
+            else simulation.partition)
 
 
-def describe_holdouts(config: RunConfig, split: UserSplit) -> str:
+def describe_holdouts(simulation: SimulationSettings, split: UserSplit) -> str:
     """Where the server's validation and test samples come from."""
     def held(name: str, path: str | None, share: float, count: int) -> str:
         if path:
             return f"{name} {path} ({count} samples)"
         return f"{name} {count} samples ({share:.0%} of the data, stratified by label)"
 
-    return (f"{held('validation', config.val_data, config.val_share, len(split.val_y))}, "
-            f"{held('test', config.test_data, config.test_share, len(split.test_y))}; "
-            "no client holds any of them")
+    validation = held("validation", simulation.val_data, simulation.val_share, len(split.val_y))
+    test = held("test", simulation.test_data, simulation.test_share, len(split.test_y))
+    return f"{validation}, {test}; no client holds any of them"

@@ -86,7 +86,7 @@ from fedge.client.training import (
     shuffled_batches,
     training_inputs,
 )
-from fedge.config import RunConfig
+from fedge.config import RunConfig, TrainingSettings, default
 from fedge.errors import FedgeError
 from fedge.models.exchange import frozen_from_config
 from fedge.models.program import ProgramModel
@@ -119,18 +119,18 @@ MAX_TOGETHER = 128
 def check_vectorize(config: RunConfig, record_wire: Path | None = None) -> None:
     """``vectorize`` trains plain clients in this process; the settings that change what a
     client does beyond plain training are refused, by name, before anything starts."""
-    if not config.vectorize:
+    if not config.simulation.vectorize:
         return
-    if config.backend != "inprocess":
+    if config.simulation.backend != "inprocess":
         raise FedgeError("vectorize needs backend inprocess: Ray's workers train each "
                          "client on its own")
     refused = [
-        (config.secagg, "secagg", "SecAgg+ masks each client's update in its own stages"),
-        (config.dp_clip_norm is not None, "dp_clip_norm",
+        (config.privacy.secagg, "secagg", "SecAgg+ masks each client's update in its own stages"),
+        (config.privacy.dp_clip_norm is not None, "dp_clip_norm",
          "clients clip their own updates"),
-        (config.byzantine > 0 or config.attack is not None, "byzantine/attack",
-         "attackers change their own data or updates"),
-        (config.compress != "none", "compress", "clients quantize their own updates"),
+        (config.simulation.byzantine > 0 or config.simulation.attack is not None,
+         "byzantine/attack", "attackers change their own data or updates"),
+        (config.training.compress != "none", "compress", "clients quantize their own updates"),
         (record_wire is not None, "record_wire", "it records each client's own messages"),
     ]
     for given, setting, why in refused:
@@ -146,7 +146,7 @@ class VectorizedGrid(SimulatedNodes):
     how the log line names it)."""
 
     def __init__(self, fallback: Callable[[], Grid], num_nodes: int, load_data: DataLoaderFn,
-                 device: str = "auto", fallback_name: str = "in workers",
+                 device: str = default("device"), fallback_name: str = "in workers",
                  run_id: int = 1) -> None:
         super().__init__(num_nodes, run_id)
         self._make_fallback, self._fallback = fallback, None
@@ -391,8 +391,8 @@ class _Optimizer:
     operations); tests/test_vectorized.py checks it against ``torch.optim`` through the
     sequential path, which uses it."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], settings: LocalTraining) -> None:
-        self.kind, self.lr = settings.optimizer, settings.lr
+    def __init__(self, weights: dict[str, torch.Tensor], training: TrainingSettings) -> None:
+        self.kind, self.lr = training.optimizer, training.lr
         self.steps = [0] * next(iter(weights.values())).shape[0] if weights else []
         self.first = {n: torch.zeros_like(w) for n, w in weights.items()}  # m, or b
         self.second = ({n: torch.zeros_like(w) for n, w in weights.items()}
@@ -438,12 +438,13 @@ def train_together(model: nn.Module | ProgramModel, spec: ModelSpec, data: list[
     each (module docstring); ``settings`` differ only in their seeds. Per client: its
     report and its best weights (the model's state dict, on the CPU), or its error."""
     common, clients = settings[0], len(data)
+    training = common.training
     torch.manual_seed(_joint_seed(settings))
     model.to(device)
     anchor = _trainable(model, frozen)
     weights = {n: w.expand(clients, *w.shape).clone() for n, w in anchor.items()}
     best = {n: w.clone() for n, w in weights.items()}
-    optimizer = _Optimizer(weights, common)
+    optimizer = _Optimizer(weights, training)
     train = _StackedSamples.of(spec, [(d.train_x, d.train_y) for d in data], device)
     val = _StackedSamples.of(spec, [(d.val_x, d.val_y) for d in data], device)
     forward = vmap(lambda w, x: functional_call(_module(model, True), w, (x,)),
@@ -452,12 +453,13 @@ def train_together(model: nn.Module | ProgramModel, spec: ModelSpec, data: list[
 
     everyone = list(range(clients))
     initial = _evaluate(model, weights, val, everyone)
-    stopping = [EarlyStopping(loss, accuracy, common.patience) for loss, accuracy in initial]
+    stopping = [EarlyStopping(loss, accuracy, training.local_patience)
+                for loss, accuracy in initial]
     errors: dict[int, FedgeError] = {}
     epochs, train_loss = [0] * clients, [float("nan")] * clients
     running = everyone
-    size = common.batch_size
-    for epoch in range(1, common.epochs + 1):
+    size = training.batch_size
+    for epoch in range(1, training.local_epochs + 1):
         if not running:
             break
         order, mask = _epoch_order(train, running, [batches[k] for k in running], size)
@@ -512,7 +514,8 @@ def train_together(model: nn.Module | ProgramModel, spec: ModelSpec, data: list[
         s = stopping[k]
         report = TrainReport(train_loss=train_loss[k], val_loss=s.best_val_loss,
                              val_accuracy=s.best_val_accuracy, epochs=epochs[k],
-                             best_epoch=s.best_epoch, stopped_early=epochs[k] < common.epochs)
+                             best_epoch=s.best_epoch,
+                             stopped_early=epochs[k] < training.local_epochs)
         results.append((report, {n: best[n][k] if n in best else v for n, v in state.items()}))
     return results
 

@@ -81,7 +81,7 @@ class ClientRecipe:
         wire = [] if self.record_wire is None else [WireRecorder(self.record_wire)]
         load_data, attack_mods = staged_attack(self.config, self.clients.local_data,
                                                self.num_classes)
-        return build_client_app(load_data, device=self.config.device,
+        return build_client_app(load_data, device=self.config.simulation.device,
                                 mods=[*wire, secagg_mod, compression_mod, *attack_mods,
                                       dp_clipping_mod])
 
@@ -95,12 +95,12 @@ def available_cores() -> int:
 
 def resolve_workers(config: RunConfig) -> int:
     """The worker processes an in-process simulation uses (1: none, train in this one)."""
-    if config.workers is not None and config.workers < 1:
+    if config.simulation.workers is not None and config.simulation.workers < 1:
         raise FedgeError(f"workers must be at least 1 (1: train in this process), not "
-                         f"{config.workers}")
-    per_round = min(config.clients, clients_per_round(config))
-    if config.workers is not None:
-        return max(1, min(config.workers, config.clients))
+                         f"{config.simulation.workers}")
+    per_round = min(config.strategy.clients, clients_per_round(config))
+    if config.simulation.workers is not None:
+        return max(1, min(config.simulation.workers, config.strategy.clients))
     return max(1, min(available_cores(), per_round))
 
 
@@ -146,7 +146,7 @@ def _serve(recipe: ClientRecipe, num_nodes: int, run_id: int, index: int, inbox:
     import torch
 
     torch.set_num_threads(1)
-    _share_the_gpus(recipe.config.device, index)
+    _share_the_gpus(recipe.config.simulation.device, index)
     logging.getLogger("flwr").setLevel(log_level)
     from fedge.simulations.inprocess import InProcessGrid
 
@@ -246,7 +246,7 @@ class WorkerGrid(SimulatedNodes):
         super().__init__(num_nodes, run_id)
         self.timeout = timeout
         self._args = (recipe, num_nodes, run_id)
-        self._context = multiprocessing.get_context(start_method(recipe.config.device))
+        self._context = multiprocessing.get_context(start_method(recipe.config.simulation.device))
         if self._context.get_start_method() == "fork":
             _import_what_training_imports()
         self._replies: dict[str, Message] = {}

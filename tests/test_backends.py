@@ -126,7 +126,7 @@ def test_ray_backend_runs_the_same_federation_as_the_in_process_backend(tmp_path
     results = {}
     for backend in ("inprocess", "ray"):
         run_dir = tmp_path / backend
-        simulate(plan_simulation(config.model_copy(update={"backend": backend})), run_dir)
+        simulate(plan_simulation(config.updated(**{"backend": backend})), run_dir)
         results[backend] = json.loads((run_dir / "metrics.json").read_text())
 
     # Flower's supported entry point (a simulation SuperLink), not run_simulation.

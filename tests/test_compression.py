@@ -151,7 +151,7 @@ def test_undecodable_and_non_finite_compressed_updates_are_rejected(tmp_path):
     client_app = build_client_app(plan.clients.local_data,
                                   mods=[scales_dropped(1), compression_mod, nan])
     outcome = Federation(plan.config, plan.server_data, tmp_path).run(
-        InProcessGrid(client_app, config.clients))
+        InProcessGrid(client_app, config.strategy.clients))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     (record,) = metrics["rounds"]
     assert outcome.rounds_run == 1

@@ -60,7 +60,7 @@ class PartitionedGrid(InProcessGrid):
 def test_a_failing_client_is_counted_and_the_run_completes(tmp_path):
     run, clients = federation(tmp_path)
     app = build_client_app(failing_for(0, clients.local_data))
-    outcome = run.run(InProcessGrid(app, SMALL.clients))
+    outcome = run.run(InProcessGrid(app, SMALL.strategy.clients))
     rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
     # the failed node sits out the next rounds instead of failing them again
     assert [(r["num_clients"], r["failures"], r["timeouts"]) for r in rounds] == [
@@ -70,7 +70,7 @@ def test_a_failing_client_is_counted_and_the_run_completes(tmp_path):
 
 def test_a_silent_client_times_out_is_counted_and_is_not_sampled_again_soon(tmp_path):
     run, clients = federation(tmp_path)
-    grid = PartitionedGrid(build_client_app(clients.local_data), SMALL.clients,
+    grid = PartitionedGrid(build_client_app(clients.local_data), SMALL.strategy.clients,
                            unreachable={1001})
     run.run(grid)
     rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
@@ -79,7 +79,7 @@ def test_a_silent_client_times_out_is_counted_and_is_not_sampled_again_soon(tmp_
 
 
 def test_a_round_with_too_few_results_keeps_the_global_model(tmp_path):
-    run, clients = federation(tmp_path, SMALL.model_copy(update={"min_results": 4}))
+    run, clients = federation(tmp_path, SMALL.updated(**{"min_results": 4}))
     with pytest.raises(FedgeError, match="none of the 3 rounds aggregated an update"):
         run.run(InProcessGrid(build_client_app(failing_for(2, clients.local_data)), 4))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -147,7 +147,7 @@ def test_a_round_that_aggregated_nothing_is_never_the_best_round(tmp_path):
 
 
 def test_too_few_connected_clients_end_the_run_after_the_join_timeout(tmp_path):
-    config = SMALL.model_copy(update={"min_clients": 3, "join_timeout": 1.0})
+    config = SMALL.updated(**{"min_clients": 3, "join_timeout": 1.0})
     run, clients = federation(tmp_path, config)
     with pytest.raises(NotEnoughClients, match="only 2 of the 3 clients"):
         run.run(InProcessGrid(build_client_app(clients.local_data), num_nodes=2))

@@ -150,7 +150,7 @@ def test_slow_clients_updates_arrive_stale_and_count_and_the_seed_fixes_the_run(
     assert metrics["rounds"][-1]["val_accuracy"] > metrics["initial"]["val_accuracy"] + 0.2
     assert without_wall_time(runs[1]) == without_wall_time(metrics)
 
-    simulate(plan_simulation(config.model_copy(update={"workers": 2})), tmp_path / "two")
+    simulate(plan_simulation(config.updated(**{"workers": 2})), tmp_path / "two")
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert ([(v["nodes"], v["staleness"]) for v in two["versions"]]
             == [(v["nodes"], v["staleness"]) for v in metrics["versions"]])

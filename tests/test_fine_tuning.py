@@ -13,7 +13,7 @@ import torch
 
 from fedge.client.data import split_train_val
 from fedge.client.training import LocalTraining, train_locally
-from fedge.config import RunConfig
+from fedge.config import RunConfig, TrainingSettings
 from fedge.models.registry import build_model
 from fedge.models.source import instantiate, resolve_factory
 from fedge.server.checkpoint import load_checkpoint
@@ -97,8 +97,8 @@ def test_frozen_batchnorm_layers_train_on_their_pretrained_statistics(tmp_path):
         torch.testing.assert_close(client_model.train()(x), pretrained(x))
 
     data = split_train_val(digits.x[:200], digits.y[:200], val_fraction=0.2)
-    train_locally(client_model, start.spec, data, LocalTraining(epochs=2, lr=0.01),
-                  torch.device("cpu"))
+    settings = LocalTraining(TrainingSettings(local_epochs=2, lr=0.01))
+    train_locally(client_model, start.spec, data, settings, torch.device("cpu"))
     trained = client_model.state_dict()
     for name in ("features.1.running_mean", "features.1.running_var"):
         assert torch.equal(trained[name], pretrained.state_dict()[name]), name

@@ -32,7 +32,7 @@ def rounds_of(run_dir) -> list[dict]:
 def test_with_30_percent_of_clients_dropping_per_round_the_run_completes_and_reports_it(
         tmp_path):
     # quarantine 0: every round draws its drops afresh, so all 10 clients are sampled
-    config = SMALL.model_copy(update={"rounds": 3, "drop_fraction": 0.3, "quarantine": 0.0})
+    config = SMALL.updated(**{"rounds": 3, "drop_fraction": 0.3, "quarantine": 0.0})
     outcome = simulate(plan_simulation(config), tmp_path)
     rounds = rounds_of(tmp_path)
 
@@ -46,7 +46,7 @@ def test_with_30_percent_of_clients_dropping_per_round_the_run_completes_and_rep
 
 
 def test_offline_clients_are_not_sampled(tmp_path):
-    config = SMALL.model_copy(update={"clients": 6, "rounds": 3, "offline_fraction": 0.4,
+    config = SMALL.updated(**{"clients": 6, "rounds": 3, "offline_fraction": 0.4,
                                       "min_clients": 3})
     plan = plan_simulation(config)
     trained = Counter()
@@ -70,7 +70,7 @@ def test_offline_clients_are_not_sampled(tmp_path):
 def test_slow_clients_miss_the_deadline_without_the_simulation_waiting_for_it(tmp_path):
     # 1 sample/s: the 2 normal clients need ~250 simulated seconds for their ~250 samples,
     # the 2 slow ones 10⁷ times longer, against a deadline of 10⁶ s (11.6 days).
-    config = SMALL.model_copy(update={"clients": 4, "rounds": 3, "slow_fraction": 0.5,
+    config = SMALL.updated(**{"clients": 4, "rounds": 3, "slow_fraction": 0.5,
                                       "slowdown": 1e7, "samples_per_second": 1.0,
                                       "round_timeout": 1e6})
     simulate(plan_simulation(config), tmp_path)
@@ -85,7 +85,7 @@ def test_slow_clients_miss_the_deadline_without_the_simulation_waiting_for_it(tm
 
 
 def test_a_round_without_late_clients_lasts_as_long_as_its_slowest_result(tmp_path):
-    config = SMALL.model_copy(update={"clients": 3, "rounds": 1, "slow_fraction": 1 / 3,
+    config = SMALL.updated(**{"clients": 3, "rounds": 1, "slow_fraction": 1 / 3,
                                       "slowdown": 4.0, "samples_per_second": 50.0})
     plan = plan_simulation(config)
     simulate(plan, tmp_path)

@@ -6,6 +6,7 @@ import torch
 
 from fedge.client.data import split_train_val
 from fedge.client.training import LocalTraining, pick_device, train_locally
+from fedge.config import TrainingSettings
 from fedge.errors import FedgeError
 from fedge.models.metrics import evaluate_classifier
 from fedge.models.registry import build_model, spec_from_data
@@ -22,12 +23,13 @@ def _tiny_digits_client(samples: int):
 def test_a_client_on_tiny_data_stops_early_and_keeps_its_best_weights():
     data, spec = _tiny_digits_client(samples=30)
     model = build_model(spec)
-    settings = LocalTraining(epochs=100, batch_size=8, lr=0.01, patience=3, seed=1)
+    settings = LocalTraining(
+        TrainingSettings(local_epochs=100, batch_size=8, lr=0.01, local_patience=3), seed=1)
 
     report = train_locally(model, spec, data, settings, torch.device("cpu"))
 
-    assert report.stopped_early and report.epochs < settings.epochs
-    assert report.epochs - report.best_epoch == settings.patience
+    assert report.stopped_early and report.epochs < settings.training.local_epochs
+    assert report.epochs - report.best_epoch == settings.training.local_patience
     # The model holds the best epoch's weights, not the last epoch's.
     val_loss, val_accuracy = evaluate_classifier(model, spec, data.val_x, data.val_y)
     assert val_loss == pytest.approx(report.val_loss, abs=1e-6)
@@ -38,7 +40,8 @@ def test_weights_are_kept_when_no_epoch_beats_the_received_model():
     data, spec = _tiny_digits_client(samples=30)
     model = build_model(spec)
     received = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = LocalTraining(epochs=4, lr=1e3, patience=2, optimizer="sgd", seed=0)
+    settings = LocalTraining(
+        TrainingSettings(local_epochs=4, lr=1e3, local_patience=2, optimizer="sgd"))
 
     report = train_locally(model, spec, data, settings, torch.device("cpu"))
 
@@ -50,7 +53,8 @@ def test_weights_are_kept_when_no_epoch_beats_the_received_model():
 def test_training_without_a_plateau_uses_the_whole_epoch_budget():
     data, spec = _tiny_digits_client(samples=400)
     report = train_locally(build_model(spec), spec, data,
-                           LocalTraining(epochs=2, lr=0.003, patience=2), torch.device("cpu"))
+                           LocalTraining(TrainingSettings(local_epochs=2, local_patience=2)),
+                           torch.device("cpu"))
     assert report.epochs == 2 and not report.stopped_early
     assert report.val_accuracy > 0.5
 
@@ -72,8 +76,9 @@ def test_proximal_term_keeps_local_weights_closer_to_the_global_model():
     def drift(mu: float) -> float:
         model = build_model(spec)
         model.load_state_dict(start)
-        train_locally(model, spec, data, LocalTraining(epochs=3, lr=0.01, proximal_mu=mu,
-                                                       patience=3), torch.device("cpu"))
+        train_locally(model, spec, data, LocalTraining(
+            TrainingSettings(local_epochs=3, lr=0.01, local_patience=3), proximal_mu=mu),
+            torch.device("cpu"))
         return sum(((model.state_dict()[k] - start[k]) ** 2).sum().item() for k in start)
 
     assert drift(mu=10.0) < drift(mu=0.0)
@@ -97,7 +102,8 @@ def test_device_is_chosen_automatically_and_can_be_overridden():
 
 def test_training_that_diverges_is_refused_instead_of_sent():
     data, spec = _tiny_digits_client(samples=60)
-    settings = LocalTraining(epochs=3, batch_size=8, lr=1e30, optimizer="sgd", seed=0)
+    settings = LocalTraining(
+        TrainingSettings(local_epochs=3, batch_size=8, lr=1e30, optimizer="sgd"))
     with pytest.raises(FedgeError, match=r"local training diverged: the training loss "
                                          r"became nan in epoch 1"):
         train_locally(build_model(spec), spec, data, settings, torch.device("cpu"))

@@ -70,7 +70,7 @@ def run_federation(run_dir, config: RunConfig, resume=None) -> tuple[dict, Broad
     plan = plan_simulation(config)
     run_dir.mkdir(exist_ok=True)
     grid = BroadcastGrid(build_client_app(plan.clients.local_data, mods=[dp_clipping_mod]),
-                         config.clients)
+                         config.strategy.clients)
     Federation(plan.config, plan.server_data, run_dir, resume=resume).run(grid)
     return json.loads((run_dir / "metrics.json").read_text()), grid
 

@@ -90,7 +90,7 @@ def test_honest_clients_pass_the_screen(clean_fedavg):
 
 
 def test_sign_flipping_attackers_ruin_fedavg(tmp_path):
-    config = FEDERATION.model_copy(update=SIGNFLIP)
+    config = FEDERATION.updated(**SIGNFLIP)
     try:
         simulate(plan_simulation(config), tmp_path)
     except FedgeError as error:
@@ -103,7 +103,7 @@ def test_sign_flipping_attackers_ruin_fedavg(tmp_path):
 def signflip_attacked(strategy: str, run_dir: Path) -> float:
     """Test accuracy of ``strategy`` against the sign-flipping attackers; asserts that
     nothing was screened out, so the robust aggregation alone faced them."""
-    config = FEDERATION.model_copy(update={"strategy": strategy, **SIGNFLIP})
+    config = FEDERATION.updated(**{"strategy": strategy, **SIGNFLIP})
     outcome = simulate(plan_simulation(config), run_dir)
     assert all(r["rejected"] == 0 for r in metrics(run_dir)["rounds"])
     return outcome.test_accuracy
@@ -124,7 +124,7 @@ def test_robust_aggregation_stays_within_two_points_of_the_clean_run(
 
 
 def test_the_norm_screen_rejects_a_scaled_update(tmp_path, server_log):
-    config = FEDERATION.model_copy(update={"rounds": 3, "byzantine": 0.2, "attack": "scale"})
+    config = FEDERATION.updated(**{"rounds": 3, "byzantine": 0.2, "attack": "scale"})
     (attacker,) = attacker_partitions(config)
     node = FIRST_CLIENT_NODE_ID + attacker
     outcome = simulate(plan_simulation(config), tmp_path)
@@ -169,13 +169,13 @@ def integer_weights(partition: int):
 
 def test_nan_wrong_shape_and_wrong_dtype_updates_are_rejected_and_the_run_completes(
         tmp_path, server_log):
-    config = FEDERATION.model_copy(update={"rounds": 2, "local_epochs": 1})
+    config = FEDERATION.updated(**{"rounds": 2, "local_epochs": 1})
     plan = plan_simulation(config)
     nan = UpdateAttack("nan", 1.0, attackers=frozenset({0}))
     client_app = build_client_app(plan.clients.local_data,
                                   mods=[nan, wrong_shape(1), integer_weights(2)])
     run = Federation(plan.config, plan.server_data, tmp_path)
-    outcome = run.run(InProcessGrid(client_app, config.clients))
+    outcome = run.run(InProcessGrid(client_app, config.strategy.clients))
 
     assert outcome.rounds_run == 2 and (tmp_path / "model.onnx").exists()
     rounds = metrics(tmp_path)["rounds"]
@@ -336,13 +336,13 @@ def test_flower_refuses_mixed_metric_names_that_the_screened_form_makes_consiste
 
 
 def test_label_flipping_attackers_train_on_mirrored_labels():
-    config = FEDERATION.model_copy(update={"byzantine": 0.4, "attack": "labelflip"})
+    config = FEDERATION.updated(**{"byzantine": 0.4, "attack": "labelflip"})
     plan = plan_simulation(config)
     load_data, mods = staged_attack(config, plan.clients.local_data, num_classes=10)
     assert mods == []
     attackers = attacker_partitions(config)
     assert len(attackers) == 2
-    for partition in range(config.clients):
+    for partition in range(config.strategy.clients):
         context = Context(run_id=1, node_id=FIRST_CLIENT_NODE_ID + partition,
                           node_config={"partition-id": partition, "num-partitions": 5},
                           state=RecordDict(), run_config={})
@@ -353,11 +353,11 @@ def test_label_flipping_attackers_train_on_mirrored_labels():
 
 
 def test_the_same_seed_picks_the_same_attackers():
-    config = FEDERATION.model_copy(update={"clients": 10, "byzantine": 0.3,
+    config = FEDERATION.updated(**{"clients": 10, "byzantine": 0.3,
                                            "attack": "signflip"})
     assert attacker_partitions(config) == attacker_partitions(config)
     assert len(attacker_partitions(config)) == 3
-    other_seed = config.model_copy(update={"seed": 1})
+    other_seed = config.updated(**{"seed": 1})
     assert attacker_partitions(other_seed) != attacker_partitions(config)
 
 

@@ -30,7 +30,7 @@ def training_samples(config: RunConfig) -> int:
     clients = plan_simulation(config).clients
     return sum(len(clients.local_data(Context(run_id=1, node_id=0, state=RecordDict(),
                                               node_config={"partition-id": k}, run_config={}))
-                   .train_y) for k in range(config.clients))
+                   .train_y) for k in range(config.strategy.clients))
 
 
 def test_the_secure_aggregate_equals_plaintext_fedavg_up_to_quantization(tmp_path):
@@ -40,8 +40,8 @@ def test_the_secure_aggregate_equals_plaintext_fedavg_up_to_quantization(tmp_pat
     # Each client's term w_k·n_k/W is rounded to one of Q levels over ±c: at most 2c/Q off,
     # so the average of K clients is off by at most K · 2c/Q · W / Σn_k.
     config = RunConfig(**SMALL, secagg=True)
-    bound = (config.clients * 2 * config.secagg_clipping_range
-             / config.secagg_quantization_range * config.secagg_max_weight
+    bound = (config.strategy.clients * 2 * config.privacy.secagg_clipping_range
+             / config.privacy.secagg_quantization_range * config.privacy.secagg_max_weight
              / training_samples(config))
     difference = max((plain[k] - secure[k]).abs().max().item() for k in plain)
     assert difference <= bound + 1e-6, f"max |secagg − plaintext| = {difference:.2e}"

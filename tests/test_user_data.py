@@ -80,7 +80,7 @@ def test_column_partition_gives_each_client_exactly_its_own_samples(tmp_path):
 
     plan = plan_simulation(RunConfig(data=str(path), partition="column:device", **FAST))
 
-    assert plan.config.clients == 4  # one client per device, none asked for
+    assert plan.config.strategy.clients == 4  # one client per device, none asked for
     held = server_rows(plan)
     assert len(held) == len(plan.server_data.val_y) + len(plan.server_data.test_y) == 180
     names = ["dev0", "dev1", "dev10", "dev2"]  # sorted as text
@@ -114,7 +114,7 @@ def test_client_data_gives_each_entry_exactly_its_own_samples_and_maps_its_names
 
     plan = plan_simulation(RunConfig(client_data=str(folder), **FAST))
 
-    assert plan.config.clients == 3
+    assert plan.config.strategy.clients == 3
     held = server_rows(plan)
     names = plan.server_data.class_names
     assert names == tuple(sorted(WORDS))
@@ -171,7 +171,7 @@ def test_numeric_labels_stay_unnamed_and_in_memory_samples_plan_too(tmp_path):
     memory = LabelledSamples(x, np.array([sorted(WORDS).index(w) for w in labels]),
                              tuple(sorted(WORDS)), groups)
     plan = plan_simulation(RunConfig(partition="column:camera", **FAST), data=memory)
-    assert plan.config.model == "cnn" and plan.config.clients == 2
+    assert plan.config.model.name == "cnn" and plan.config.strategy.clients == 2
     assert plan.server_data.class_names == tuple(sorted(WORDS))
     assert "in-memory data" in plan.source
     with pytest.raises(FedgeError, match="in-memory samples cannot be sent to Ray's workers"):
