@@ -7,8 +7,9 @@
 >>> fedge.predict(result.onnx_model, x[:5])
 ['scratch', 'good', 'good', 'scratch', 'good']
 
-Settings are :class:`~fedge.config.RunConfig`'s fields, as keyword arguments (``lr=``,
-``partition=``, ``freeze=[...]``, ...). Bad input raises :class:`~fedge.errors.FedgeError`
+Settings are keyword arguments by their one name (``lr=``, ``partition=``,
+``freeze=[...]``, ...), defined with their sections in :mod:`fedge.config`, as the command
+line's options are. Bad input raises :class:`~fedge.errors.FedgeError`
 with the message the command line prints. Heavy libraries load inside the functions.
 """
 

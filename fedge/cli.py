@@ -64,8 +64,9 @@ def _not_taken(error: click.ClickException) -> str | None:
         return None
     section = settings_index()[name][0]
     takers = [c for c, sections in COMMAND_SECTIONS.items() if section in sections]
+    verb = "does" if len(takers) == 1 else "do"
     return (f"{error.option_name} is a setting of [{section}], which fedge "
-            f"{error.ctx.info_name} does not take (fedge {' and fedge '.join(takers)} do)")
+            f"{error.ctx.info_name} does not take (fedge {' and fedge '.join(takers)} {verb})")
 
 
 class _Commands(TyperGroup):

@@ -363,9 +363,9 @@ class RunConfig(BaseModel):
         _refuse_booleans_for_numbers(cls, {k: values[k] for k in TOP_LEVEL if k in values})
         grouped = {key: value for key, value in values.items()
                    if key in TOP_LEVEL or _is_table(key, value)}
-        for key, value in values.items():
-            if key not in grouped:
-                _place(grouped, key, value)
+        named = {key: value for key, value in values.items() if key not in grouped}
+        for key, value in named.items():
+            _place(grouped, key, value)
         return grouped
 
     def flat(self) -> dict[str, object]:

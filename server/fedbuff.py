@@ -53,7 +53,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from fedge.config import RunConfig, default, server_learning_rate
+from fedge.config import RunConfig, StrategySettings, default, server_learning_rate
 from fedge.errors import FedgeError
 from fedge.models.exchange import exchanged_names
 from fedge.protocol import ARRAYS, COMPRESSION_RECORD, CONFIG, SEED, SERVER_ROUND, WEIGHT_KEY
@@ -86,11 +86,10 @@ class BufferSettings:
     eval_every: int = 1
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> "BufferSettings":
+    def from_strategy(cls, strategy: StrategySettings) -> "BufferSettings":
         """Defaults: C the clients a FedAvg round samples, K = ⌈C/2⌉, and an evaluation
         every ⌈C/K⌉ versions (about a round's worth of updates)."""
-        strategy = config.strategy
-        concurrency = strategy.concurrency or clients_per_round(config)
+        concurrency = strategy.concurrency or clients_per_round(strategy)
         buffer = strategy.buffer or math.ceil(concurrency / 2)
         return cls(concurrency, buffer, server_learning_rate(strategy), strategy.max_staleness,
                    strategy.eval_every or math.ceil(concurrency / buffer))
@@ -112,7 +111,7 @@ def check_fedbuff(config: RunConfig) -> None:
         raise FedgeError("--strategy fedbuff cannot be combined with differential privacy: "
                          "the accountant counts rounds of a fixed number of sampled "
                          "clients, which FedBuff does not have; use fedavg or fedprox")
-    settings = BufferSettings.from_config(config)
+    settings = BufferSettings.from_strategy(config.strategy)
     if settings.buffer > settings.concurrency:
         raise FedgeError(f"--buffer {settings.buffer} is larger than --concurrency "
                          f"{settings.concurrency}: every server step would wait for more "

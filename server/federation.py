@@ -105,7 +105,7 @@ def check_server_settings(config: RunConfig) -> None:
     check_privacy(config)
     check_secagg(config)
     check_compression(config)
-    check_strategy(config)  # last: a strategy that cannot be used at all is said first
+    check_strategy(config.strategy)  # last: a strategy that cannot be used at all is said first
 
 
 class Federation:
@@ -155,8 +155,8 @@ class Federation:
                          join_timeout=config.strategy.join_timeout,
                          poll_interval=config.strategy.poll_interval, clock=clock,
                          quarantine=config.strategy.quarantine)
-        buffered = (BufferSettings.from_config(config) if config.strategy.name == "fedbuff"
-                    else None)
+        buffered = (BufferSettings.from_strategy(config.strategy)
+                    if config.strategy.name == "fedbuff" else None)
         self._tracker = RoundTracker(
             self.spec, self.data.val_x, self.data.val_y,
             # FedBuff's patience counts evaluations, one every eval_every versions.

@@ -29,7 +29,7 @@ import numpy as np
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 
-from fedge.config import PrivacySettings, RunConfig
+from fedge.config import PrivacySettings, RunConfig, StrategySettings
 from fedge.errors import FedgeError
 from fedge.protocol import DP_WEIGHT_KEY
 
@@ -50,18 +50,17 @@ def privacy_enabled(privacy: PrivacySettings) -> bool:
     return privacy.dp_clip_norm is not None
 
 
-def clients_per_round(config: RunConfig) -> int:
+def clients_per_round(strategy: StrategySettings) -> int:
     """``K = max(⌊fraction · clients⌋, min_clients)``: the clients a round samples, as
     FedAvg counts them; a DP round takes exactly these (its ``m``), all of whom must
     reply."""
-    strategy = config.strategy
     return max(int(strategy.fraction * strategy.clients), strategy.min_clients)
 
 
 def min_round_clients(config: RunConfig) -> int:
     """The fewest connected clients a round can start with."""
     if privacy_enabled(config.privacy):
-        return clients_per_round(config)
+        return clients_per_round(config.strategy)
     return config.strategy.min_clients
 
 
@@ -84,7 +83,7 @@ def check_privacy(config: RunConfig) -> None:
         raise FedgeError(f"a DP round takes exactly max(fraction · clients, min_clients) "
                          f"clients, but min_clients ({strategy.min_clients}) exceeds clients "
                          f"({strategy.clients}); set clients to the number of devices")
-    m = clients_per_round(config)
+    m = clients_per_round(config.strategy)
     if simulation.offline_fraction > 0 and m > strategy.min_clients:
         raise FedgeError(f"a DP round takes exactly {m} clients, but with offline_fraction "
                          f"only min_clients ({strategy.min_clients}) are sure to be online; "
@@ -96,7 +95,7 @@ def private_sampling(config: RunConfig) -> dict:
     clients a round, averaged with equal weights. Empty without DP."""
     if not privacy_enabled(config.privacy):
         return {}
-    m = clients_per_round(config)
+    m = clients_per_round(config.strategy)
     return {"fraction_train": _FIXED_SAMPLE, "min_train_nodes": m, "min_available_nodes": m,
             "weighted_by_key": DP_WEIGHT_KEY}
 
@@ -107,7 +106,7 @@ def with_privacy(strategy: Strategy, config: RunConfig) -> Strategy:
     privacy = config.privacy
     if not privacy_enabled(privacy):
         return strategy
-    sigma, m = privacy.dp_noise_multiplier, clients_per_round(config)
+    sigma, m = privacy.dp_noise_multiplier, clients_per_round(config.strategy)
     accountant = None
     if sigma > 0:
         accountant = RdpAccountant(PrivacyConfig(

@@ -68,15 +68,15 @@ STRATEGIES: dict[str, Callable[[RunConfig], dict]] = {
     "fedtrimmedavg": lambda c: {"cls": FedTrimmedAvg, "beta": c.strategy.trimmed_fraction},
     "krum": lambda c: {"cls": Krum, "num_malicious_nodes": c.strategy.krum_byzantine},
     "multikrum": lambda c: {"cls": MultiKrum, "num_malicious_nodes": c.strategy.krum_byzantine,
-                            "num_nodes_to_select": _multikrum_select(c)},
+                            "num_nodes_to_select": _multikrum_select(c.strategy)},
 }
 
 
-def _multikrum_select(config: RunConfig) -> int:
+def _multikrum_select(strategy: StrategySettings) -> int:
     """m, by default K less f."""
-    if config.strategy.multikrum_select is not None:
-        return config.strategy.multikrum_select
-    return max(1, clients_per_round(config) - config.strategy.krum_byzantine)
+    if strategy.multikrum_select is not None:
+        return strategy.multikrum_select
+    return max(1, clients_per_round(strategy) - strategy.krum_byzantine)
 
 
 # Asynchronous, without rounds: fedge.server.fedbuff, not a Flower strategy.
@@ -89,18 +89,18 @@ def check_strategy_name(name: str) -> None:
                          f"{', '.join(STRATEGY_NAMES)}")
 
 
-def check_strategy(config: RunConfig) -> None:
+def check_strategy(strategy: StrategySettings) -> None:
     """The strategy exists and can hold with its settings (Krum needs K ≥ 2f + 3)."""
-    check_strategy_name(config.strategy.name)
-    if config.strategy.name not in ("krum", "multikrum"):
+    check_strategy_name(strategy.name)
+    if strategy.name not in ("krum", "multikrum"):
         return
-    per_round, byzantine = clients_per_round(config), config.strategy.krum_byzantine
+    per_round, byzantine = clients_per_round(strategy), strategy.krum_byzantine
     if per_round < 2 * byzantine + 3:
-        raise FedgeError(f"{config.strategy.name} with krum_byzantine {byzantine} needs at least "
+        raise FedgeError(f"{strategy.name} with krum_byzantine {byzantine} needs at least "
                          f"{2 * byzantine + 3} clients a round, but a round samples "
                          f"{per_round}; lower krum_byzantine or sample more clients")
-    if config.strategy.name == "multikrum" and _multikrum_select(config) > per_round:
-        raise FedgeError(f"multikrum_select {config.strategy.multikrum_select} is more than the "
+    if strategy.name == "multikrum" and _multikrum_select(strategy) > per_round:
+        raise FedgeError(f"multikrum_select {strategy.multikrum_select} is more than the "
                          f"{per_round} clients a round samples")
 
 

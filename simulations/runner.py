@@ -100,7 +100,7 @@ def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPla
     check_ray_settings(simulation)
     PartitionSpec.parse(simulation.partition)
     if config.strategy.name == "fedbuff":
-        concurrency = BufferSettings.from_config(config).concurrency
+        concurrency = BufferSettings.from_strategy(config.strategy).concurrency
         if concurrency > config.strategy.clients:
             raise FedgeError(f"--concurrency {concurrency} is more than the "
                              f"{config.strategy.clients} clients: FedBuff gives a client one task "

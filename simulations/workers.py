@@ -98,7 +98,7 @@ def resolve_workers(config: RunConfig) -> int:
     if config.simulation.workers is not None and config.simulation.workers < 1:
         raise FedgeError(f"workers must be at least 1 (1: train in this process), not "
                          f"{config.simulation.workers}")
-    per_round = min(config.strategy.clients, clients_per_round(config))
+    per_round = min(config.strategy.clients, clients_per_round(config.strategy))
     if config.simulation.workers is not None:
         return max(1, min(config.simulation.workers, config.strategy.clients))
     return max(1, min(available_cores(), per_round))

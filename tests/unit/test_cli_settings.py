@@ -31,9 +31,9 @@ def test_the_server_takes_every_training_and_strategy_setting_simulate_does():
 
 
 @pytest.mark.parametrize("command, option, value, taker", [
-    ("server", "--attack", "signflip", "fedge simulate do"),
-    ("server", "--partition", "iid", "fedge simulate do"),
-    ("simulate", "--edge-programs", None, "fedge server do"),
+    ("server", "--attack", "signflip", "fedge simulate does"),
+    ("server", "--partition", "iid", "fedge simulate does"),
+    ("simulate", "--edge-programs", None, "fedge server does"),
 ])
 def test_a_setting_the_command_does_not_take_is_one_error_naming_who_does(
         command, option, value, taker):

@@ -219,3 +219,11 @@ def test_the_seed_is_a_number_too(tmp_path):
     path.write_text("seed = true\n")
     with pytest.raises(FedgeError, match="seed: expected a number, not true"):
         load_config(path)
+
+
+def test_a_sections_name_given_after_its_settings_still_names_it():
+    # `strategy="krum"` after `clients=`, a setting of the same section, as a dict keeps them
+    config = RunConfig(clients=4, rounds=3, strategy="krum", model="mlp", dropout=0.1)
+    assert (config.strategy.name, config.strategy.clients) == ("krum", 4)
+    assert (config.model.name, config.model.dropout) == ("mlp", 0.1)
+    assert load_config(None, clients=4, strategy="fedprox").strategy.name == "fedprox"
