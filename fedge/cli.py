@@ -146,7 +146,7 @@ def _check_transport(insecure: bool, tls_file: Path | None, tls_option: str,
         errors.print(f"[yellow]warning:[/] --insecure: {risk}; use it on loopback only")
 
 
-SECTION_HELP = {"run": "Run", "data": "Data", "model": "Model",
+SECTION_HELP = {"run": "Run", "data": "Data", "task": "Task and measures", "model": "Model",
                 "training": "Local training (sent to clients)", "strategy": "Strategy and rounds",
                 "privacy": "Privacy", "simulation": "Simulation",
                 "devices": "Devices without Python"}

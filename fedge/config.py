@@ -52,7 +52,8 @@ def _refuse_booleans_for_numbers(model: type[BaseModel], values: dict) -> None:
 class DataSettings(Section):
     """What one sample is: read by the server and by every client."""
 
-    label_column: str = Field(LABEL_COLUMN, description="CSV column holding the label")
+    label_column: str = Field(LABEL_COLUMN, description="CSV column holding the label "
+                              "(multilabel, regression: one or several, comma-separated)")
     input_shape: tuple[int, ...] | None = Field(None, description="shape of one sample, e.g. "
                                                 "[1, 8, 8] (1,8,8 on the command line) for "
                                                 "flat CSV rows of 8×8 images")
@@ -127,6 +128,63 @@ class TrainingSettings(Section):
         except ValidationError as error:
             raise FedgeError("the server sent local-training settings this client cannot "
                              f"use: {validation_problems(error)}") from None
+
+
+TaskName = Literal["classification", "binary", "multilabel", "regression"]
+
+
+class TaskSettings(Section):
+    """What the federation learns and how it is judged: the loss clients train with, the
+    measures the server reports, the one that picks the best round, and the decision
+    threshold stored with the model."""
+
+    name: TaskName = Field("classification", description="classification | binary | "
+                           "multilabel | regression")
+    positive: str | None = Field(None, description="binary: the positive class, by name or "
+                                 "id (default: the rarest class in the server's validation "
+                                 "data)")
+    class_weights: str = Field("none", description="none | balanced | W1,W2,...: weights of "
+                               "the classes in the loss (binary, multilabel: of the "
+                               "positives); balanced from the server's validation data")
+    loss: Literal["auto", "mse", "huber"] = Field("auto", description="auto (the task's: "
+                                                   "cross-entropy, or MSE for regression) | "
+                                                   "mse | huber (regression)")
+    monitor: str = Field("val_loss", description="the measure that picks the best round and "
+                         "stops the run: val_loss, or val_ and a measure of the task (e.g. "
+                         "val_pr_auc, val_macro_f1, val_mae)")
+    threshold: str | None = Field(None, description="binary, multilabel: the decision "
+                                  "threshold: f1 | recall:R | precision:P | a value in (0, 1), "
+                                  "chosen on the server's validation data at the best round "
+                                  "(default 0.5)")
+
+    @field_validator("class_weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        if value in ("none", "balanced"):
+            return value
+        try:
+            weights = [float(w) for w in value.split(",")]
+        except ValueError:
+            raise ValueError(f"expected none, balanced or numbers such as 1,10, not "
+                             f"{value!r}") from None
+        if not all(0 < w < float("inf") for w in weights):
+            raise ValueError(f"class weights must be positive and finite, not {value!r}")
+        return value
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: str | None) -> str | None:
+        if value is None or value == "f1":
+            return value
+        rule, _, target = value.rpartition(":")
+        try:
+            number = float(target)
+        except ValueError:
+            number = float("nan")
+        if rule not in ("", "recall", "precision") or not 0 < number < 1:
+            raise ValueError(f"expected f1, recall:R, precision:P or a value between 0 and 1 "
+                             f"(R, P too), not {value!r}")
+        return value
 
 
 class StrategySettings(Section):
@@ -283,7 +341,8 @@ class DeviceSettings(Section):
 
 
 SECTIONS: dict[str, type[Section]] = {
-    "data": DataSettings, "model": ModelSettings, "training": TrainingSettings,
+    "data": DataSettings, "task": TaskSettings, "model": ModelSettings,
+    "training": TrainingSettings,
     "strategy": StrategySettings, "privacy": PrivacySettings,
     "simulation": SimulationSettings, "devices": DeviceSettings,
 }
@@ -291,8 +350,8 @@ TOP_LEVEL = ("seed",)  # settings of the whole run, outside every table
 Command = Literal["simulate", "server"]
 # The sections a command reads; a run.toml can serve both, each reading its own tables.
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
-    "simulate": ("data", "model", "training", "strategy", "privacy", "simulation"),
-    "server": ("data", "model", "training", "strategy", "privacy", "devices"),
+    "simulate": ("data", "task", "model", "training", "strategy", "privacy", "simulation"),
+    "server": ("data", "task", "model", "training", "strategy", "privacy", "devices"),
 }
 SECTION_READERS = {
     "simulation": "only fedge simulate does, from its options or the file's [simulation] table",
@@ -346,6 +405,7 @@ class RunConfig(BaseModel):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (0 to 2³²−1): the "
                       "same seed gives the same run")
     data: DataSettings = Field(default_factory=DataSettings)
+    task: TaskSettings = Field(default_factory=TaskSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     strategy: StrategySettings = Field(default_factory=StrategySettings)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from fedge.errors import FedgeError, validation_problems
@@ -22,7 +22,8 @@ class ModelSpec(BaseModel):
     name: str
     input_shape: tuple[Annotated[int, Field(ge=1)], ...] = Field(
         min_length=1, description="shape of one sample, without batch")
-    num_classes: int = Field(ge=2)
+    # Classes (classification, binary: 2), labels (multilabel) or targets (regression).
+    num_classes: int = Field(ge=1)
     dropout: float = Field(ge=0.0, lt=1.0)
     input_mean: list[float] | None = None
     input_std: list[float] | None = None
@@ -38,6 +39,29 @@ class ModelSpec(BaseModel):
     # JSON, not in it.
     fingerprint: str | None = None
     program: bytes | None = Field(None, exclude=True, repr=False)
+    # What the network learns (fedge.models.tasks): binary has one output, the positive
+    # class's logit (class_names: negative, positive); the loss's class weights (binary,
+    # multilabel: of the positives); regression's targets in the server's validation
+    # units (mean, std), and a decision threshold per output, chosen at the run's end.
+    task: Literal["classification", "binary", "multilabel", "regression"] = "classification"
+    loss: Literal["auto", "mse", "huber"] = "auto"
+    class_weights: tuple[float, ...] | None = None
+    target_mean: tuple[float, ...] | None = None
+    target_std: tuple[float, ...] | None = None
+    threshold: tuple[float, ...] | None = None
+
+    @model_validator(mode="after")
+    def _outputs_fit_the_task(self) -> "ModelSpec":
+        if self.task in ("classification", "binary") and self.num_classes < 2:
+            raise ValueError(f"a {self.task} task needs at least 2 classes")
+        if self.task == "binary" and self.num_classes != 2:
+            raise ValueError("a binary task has 2 classes: negative and positive")
+        return self
+
+    @property
+    def outputs(self) -> int:
+        """The network's output width: one logit per class, label or target; binary's one."""
+        return 1 if self.task == "binary" else self.num_classes
 
     @property
     def builtin(self) -> bool:
@@ -75,19 +99,19 @@ def _scaling(spec: ModelSpec) -> InputScaling:
 
 MODELS: dict[str, ModelEntry] = {
     "cnn": ModelEntry(
-        lambda s: ConvNet(_scaling(s), s.input_shape, s.num_classes, s.dropout),
+        lambda s: ConvNet(_scaling(s), s.input_shape, s.outputs, s.dropout),
         ("channels", "height", "width"),
     ),
     "mlp": ModelEntry(
-        lambda s: MLP(_scaling(s), s.input_shape, s.num_classes, s.dropout),
+        lambda s: MLP(_scaling(s), s.input_shape, s.outputs, s.dropout),
         ("features",),
     ),
     "sensor1d": ModelEntry(
-        lambda s: Sensor1D(_scaling(s), s.input_shape, s.num_classes, s.dropout),
+        lambda s: Sensor1D(_scaling(s), s.input_shape, s.outputs, s.dropout),
         ("channels", "time"),
     ),
     "tinytext": ModelEntry(
-        lambda s: TinyText(s.input_shape, s.num_classes, s.dropout, vocab_size=s.vocab_size or 2),
+        lambda s: TinyText(s.input_shape, s.outputs, s.dropout, vocab_size=s.vocab_size or 2),
         ("tokens",),
         input_dtype="int64",
     ),
