@@ -23,9 +23,11 @@ from fedge.models.exchange import exchanged_names, frozen_from_config
 from fedge.models.registry import ModelSpec, build_model
 from fedge.protocol import (
     ARRAYS,
+    CLIENT_KEY,
     CONFIG,
     METRICS,
     MODEL_SPEC,
+    MONITOR,
     PROGRAM_KEY,
     PROXIMAL_MU,
     SEED,
@@ -43,7 +45,8 @@ class CannotTakePart(FedgeError):
 def local_training_from_config(config: dict, node_seed: int) -> LocalTraining:
     """The server's ``train`` ConfigRecord as this node's local training."""
     return LocalTraining(TrainingSettings.from_config(config), seed=node_seed,
-                         proximal_mu=float(config.get(PROXIMAL_MU, 0.0)))
+                         proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
+                         monitor=str(config.get(MONITOR, "val_loss")))
 
 
 def fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
@@ -59,17 +62,34 @@ def fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
         data = LocalData(data.train_x.reshape(-1, *spec.input_shape), data.train_y,
                          data.val_x.reshape(-1, *spec.input_shape), data.val_y,
                          data.class_names)
-    labels = np.concatenate([data.train_y, data.val_y])
+    _check_labels(spec, np.concatenate([data.train_y, data.val_y]))
+    return data
+
+
+def _check_labels(spec: ModelSpec, labels: np.ndarray) -> None:
+    """Labels the federation's task can learn from: class ids among its classes, or rows
+    of one value per label (multilabel) or target (regression)."""
+    per_row = spec.task in ("multilabel", "regression")
+    if per_row != (labels.ndim == 2):
+        kind = "rows of values" if labels.ndim == 2 else "class ids"
+        raise CannotTakePart(f"the federation learns a {spec.task} task, but this device read "
+                             f"its labels as {kind}: start fedge client with --task {spec.task}")
+    if per_row:
+        if labels.shape[1] != spec.num_classes:
+            what = "labels" if spec.task == "multilabel" else "targets"
+            raise CannotTakePart(f"this device's samples have {labels.shape[1]} {what}, but "
+                                 f"the federation's model has {spec.num_classes}")
+        return
     outside = labels[(labels < 0) | (labels >= spec.num_classes)]
     if outside.size:
         raise CannotTakePart(f"{outside.size} of this device's {labels.size} samples have "
                              f"labels outside the federation's {spec.num_classes} classes "
                              f"(0..{spec.num_classes - 1}), e.g. {int(outside[0])}")
-    return data
 
 
 def _in_federation_ids(spec: ModelSpec, data: LocalData) -> LocalData:
-    """A device's named labels (``scratch``, ``good``) as the federation's class ids."""
+    """A device's named labels (``scratch``, ``good``) as the federation's class ids, and
+    its named label or target columns in the federation's order."""
     if data.class_names is None or data.class_names == spec.class_names:
         return data
     try:
@@ -121,18 +141,27 @@ def training_settings(config: dict, context: Context) -> LocalTraining:
         config, node_seed(int(config[SEED]), int(config[SERVER_ROUND]), context))
 
 
+def client_key(context: Context) -> int:
+    """This client's stable key in per-client metrics: its partition id in a simulation,
+    else its node id."""
+    return int(context.node_config.get("partition-id", context.node_id))
+
+
 def train_reply(state: dict, frozen: set[str], num_examples: int, report: TrainReport,
-                train_seconds: float) -> RecordDict:
+                train_seconds: float, key: int) -> RecordDict:
     """The train reply's records: the trained entries of ``state`` (CPU tensors by name,
-    in the model's order) that travel back, and the local-training metrics."""
+    in the model's order) that travel back, and the local-training metrics: the task's
+    measures on the local validation split (``val_*``, those it defines), and ``key``."""
     metrics = MetricRecord({
         WEIGHT_KEY: num_examples,
         "train_loss": report.train_loss,
         "val_loss": report.val_loss,
-        "val_accuracy": report.val_accuracy,
+        **{f"val_{name}": value for name, value in report.val_measures.items()
+           if value is not None},
         "epochs": report.epochs,
         "stopped_early": int(report.stopped_early),
         "train_seconds": train_seconds,
+        CLIENT_KEY: key,
     })
     sent = exchanged_names({name: value.numpy().dtype for name, value in state.items()},
                            frozen)
@@ -151,7 +180,7 @@ def build_trainer(load_data: DataLoaderFn, device: str = default("device")) -> T
         report = train_locally(model, spec, data, settings, chosen)
         train_seconds = time.perf_counter() - started
         return train_reply(model.cpu().state_dict(), frozen, len(data.train_x), report,
-                           train_seconds)
+                           train_seconds, client_key(context))
 
     return train
 

@@ -39,7 +39,7 @@ from fedge.client.relay import Trainer, serve_trainer
 from fedge.client.training import check_device
 from fedge.client.wire import FOLDER_KEY, check_wire_folder
 from fedge.config import default
-from fedge.datafiles import load_labelled_data
+from fedge.datafiles import load_labelled_data, named_binary_classes
 from fedge.errors import FedgeError
 from fedge.processes import Children, flower_command, free_port, relay_output
 
@@ -60,18 +60,26 @@ SUPERNODE_HELPERS = ("flower-superexec", "flwr-clientapp")
 
 @dataclass(frozen=True)
 class DeviceData:
+    """This device's samples, labelled as the federation's ``task`` has them. A binary
+    task's classes keep their names (ids become names too: "0", "1"): the federation's
+    (negative, positive) names map them to 0/1 at the first round."""
+
     path: Path
     label_column: str = default("label_column")
     val_fraction: float = default("val_fraction")
     seed: int = 0
+    task: str = default("task")
 
     def load(self) -> LocalData:
         if not 0 < self.val_fraction < 1:
             raise FedgeError(f"--val-fraction must lie between 0 and 1, not "
                              f"{self.val_fraction:g}")
-        samples = load_labelled_data(self.path, label_column=self.label_column)
-        return split_train_val(samples.x, samples.y, self.val_fraction, self.seed,
-                               class_names=samples.class_names)
+        samples = load_labelled_data(self.path, label_column=self.label_column,
+                                     task=self.task)
+        y, names = samples.y, samples.class_names
+        if self.task == "binary":
+            y, names = named_binary_classes(y, names, self.path)
+        return split_train_val(samples.x, y, self.val_fraction, self.seed, class_names=names)
 
 
 @dataclass(frozen=True)

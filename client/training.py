@@ -1,36 +1,41 @@
-"""Local training: mini-batches, dropout, and early stopping on local validation loss."""
+"""Local training: mini-batches, dropout, and early stopping on local validation (loss,
+or the measure the server monitors where this client's split defines it)."""
 
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedge.client.data import LocalData
 from fedge.config import TrainingSettings
 from fedge.errors import FedgeError
-from fedge.models.metrics import evaluate_classifier
+from fedge.models import tasks
+from fedge.models.measures import SCALARS, higher_is_better, measures
 from fedge.models.registry import ModelSpec, as_input_tensor
 
 
 @dataclass(frozen=True)
 class LocalTraining:
     """One round's local training: the run's training section as the server sent it, this
-    node's seed for the round, and FedProx's μ when the strategy sends one."""
+    node's seed for the round, FedProx's μ when the strategy sends one, and the measure
+    the server monitors (``val_loss``, ``val_pr_auc``, ...)."""
 
     training: TrainingSettings = field(default_factory=TrainingSettings)
     seed: int = 0
     proximal_mu: float = 0.0
+    monitor: str = "val_loss"
 
 
 @dataclass(frozen=True)
 class TrainReport:
     train_loss: float  # mean over the last epoch's mini-batches, dropout on
     val_loss: float
-    val_accuracy: float
+    # The task's scalar measures on the local validation split at the best epoch (None:
+    # undefined there, e.g. a recall without positives).
+    val_measures: dict[str, float | None]
     epochs: int
     best_epoch: int
     stopped_early: bool
@@ -89,19 +94,39 @@ def shuffled_batches(num_samples: int, settings: LocalTraining) -> DataLoader:
                       generator=torch.Generator().manual_seed(settings.seed))
 
 
+def local_measures(spec: ModelSpec, model: nn.Module, x: np.ndarray, y: np.ndarray,
+                   device: torch.device) -> dict[str, float | None]:
+    """``loss`` and the task's scalar measures on local samples (quietly: a client without
+    some class is normal)."""
+    loss, scores = tasks.evaluate(model, spec, x, y, device)
+    found = measures(spec.task, scores, y, threshold=spec.threshold, names=spec.class_names,
+                     where=None)
+    return {"loss": loss, **{name: found.get(name) for name in SCALARS[spec.task]}}
+
+
 class EarlyStopping:
-    """Local early stopping on validation loss: the received weights count as epoch 0;
-    a client stops once its validation loss has not improved for ``patience`` epochs."""
+    """Local early stopping: the received weights count as epoch 0; a client stops once its
+    monitored measure has not improved for ``patience`` epochs. The measure is the
+    server's ``monitor`` when the client's validation split defines it at epoch 0 (a
+    PR-AUC needs a positive), else the validation loss."""
 
-    def __init__(self, val_loss: float, val_accuracy: float, patience: int) -> None:
-        self.best_val_loss, self.best_val_accuracy = val_loss, val_accuracy
-        self.best_epoch, self.patience = 0, patience
+    def __init__(self, initial: dict[str, float | None], patience: int,
+                 monitor: str = "val_loss") -> None:
+        name = monitor.removeprefix("val_")
+        self.measure = name if initial.get(name) is not None else "loss"
+        self.best, self.best_epoch, self.patience = initial, 0, patience
 
-    def update(self, epoch: int, val_loss: float, val_accuracy: float) -> tuple[bool, bool]:
+    def _value(self, measured: dict[str, float | None]) -> float:
+        value = measured.get(self.measure)
+        if value is None:
+            return -math.inf if higher_is_better(self.measure) else math.inf
+        return value
+
+    def update(self, epoch: int, measured: dict[str, float | None]) -> tuple[bool, bool]:
         """After ``epoch``: (its weights are the best so far, the client stops now)."""
-        if val_loss < self.best_val_loss:
-            self.best_val_loss, self.best_val_accuracy = val_loss, val_accuracy
-            self.best_epoch = epoch
+        now, best = self._value(measured), self._value(self.best)
+        if now > best if higher_is_better(self.measure) else now < best:
+            self.best, self.best_epoch = measured, epoch
             return True, False
         return False, epoch - self.best_epoch >= self.patience
 
@@ -134,23 +159,26 @@ def _optimizer(model: nn.Module, settings: LocalTraining) -> torch.optim.Optimiz
 
 def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: LocalTraining,
                   device: torch.device) -> TrainReport:
-    """Train ``model`` in place and leave it holding the weights with the best local
-    validation loss (the received weights count as epoch 0).
+    """Train ``model`` in place on the task's loss (:mod:`fedge.models.tasks`) and leave it
+    holding the weights with the best local validation measure (:class:`EarlyStopping`;
+    the received weights count as epoch 0).
 
-    Stops once validation loss has not improved for ``settings.training.local_patience`` epochs, and
+    Stops once it has not improved for ``settings.training.local_patience`` epochs, and
     refuses to go on (FedgeError) once the training loss is no longer finite.
     With ``proximal_mu > 0`` the loss gains ``mu/2 · ||w - w_global||²`` (FedProx).
     """
     torch.manual_seed(settings.seed)
     model.to(device)
     train_x = training_inputs(spec, data.train_x)
-    train_y = torch.as_tensor(data.train_y)
+    train_y = tasks.targets(spec, data.train_y)
     batches = shuffled_batches(len(train_x), settings)
     anchor = [p.detach().clone() for p in model.parameters()]
     optimizer = _optimizer(model, settings)
 
-    stopping = EarlyStopping(*evaluate_classifier(model, spec, data.val_x, data.val_y, device),
-                             settings.training.local_patience)
+    def validate() -> dict[str, float | None]:
+        return local_measures(spec, model, data.val_x, data.val_y, device)
+
+    stopping = EarlyStopping(validate(), settings.training.local_patience, settings.monitor)
     best_state = _snapshot(model)
     epoch, train_loss = 0, float("nan")
     for epoch in range(1, settings.training.local_epochs + 1):
@@ -158,7 +186,7 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
         loss_sum, seen = 0.0, 0
         for batch in batches:
             inputs, labels = train_x[batch].to(device), train_y[batch].to(device)
-            loss = F.cross_entropy(model(inputs), labels)
+            loss = tasks.loss(spec, model(inputs), labels)
             loss_sum, seen = loss_sum + loss.item() * len(labels), seen + len(labels)
             if settings.proximal_mu > 0:
                 loss = loss + settings.proximal_mu / 2 * _proximal_term(model, anchor)
@@ -168,15 +196,14 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
         train_loss = loss_sum / seen
         if error := diverged(train_loss, epoch):  # its weights would only dilute the average
             raise error
-        improved, stop = stopping.update(
-            epoch, *evaluate_classifier(model, spec, data.val_x, data.val_y, device))
+        improved, stop = stopping.update(epoch, validate())
         if improved:
             best_state = _snapshot(model)
         elif stop:
             break
     model.load_state_dict(best_state)
     return TrainReport(
-        train_loss=train_loss, val_loss=stopping.best_val_loss,
-        val_accuracy=stopping.best_val_accuracy, epochs=epoch,
+        train_loss=train_loss, val_loss=stopping.best["loss"],
+        val_measures={k: v for k, v in stopping.best.items() if k != "loss"}, epochs=epoch,
         best_epoch=stopping.best_epoch, stopped_early=epoch < settings.training.local_epochs,
     )

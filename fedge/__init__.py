@@ -1,11 +1,12 @@
 """fedge: federated edge training on Flower, PyTorch and onnxruntime.
 
-The Python API, :mod:`fedge.api`: ``fedge.simulate``, ``fedge.export``, ``fedge.predict``.
+The Python API, :mod:`fedge.api`: ``fedge.simulate``, ``fedge.export``, ``fedge.predict``,
+``fedge.evaluate``.
 """
 
 from typing import Any
 
-__all__ = ["SimulationResult", "export", "predict", "simulate"]
+__all__ = ["SimulationResult", "evaluate", "export", "predict", "simulate"]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,8 @@
 >>> result.test_accuracy, result.run_dir
 >>> fedge.predict(result.onnx_model, x[:5])
 ['scratch', 'good', 'good', 'scratch', 'good']
+>>> fedge.evaluate(result.onnx_model, "test.csv")["accuracy"]
+0.93
 
 Settings are keyword arguments by their one name (``lr=``, ``partition=``,
 ``freeze=[...]``, ...), defined with their sections in :mod:`fedge.config`, as the command
@@ -19,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +35,9 @@ from fedge.config import (
 from fedge.datafiles import LABEL_COLUMN
 from fedge.errors import FedgeError
 
+if TYPE_CHECKING:
+    from fedge.models.inference import Predictions
+
 Data = str | Path | tuple[np.ndarray, np.ndarray]
 
 
@@ -41,7 +46,7 @@ class SimulationResult:
     """A finished simulation: its run folder and what it measured."""
 
     run_dir: Path
-    test_accuracy: float
+    test_accuracy: float | None  # None for a task without accuracy (regression)
     test_loss: float
     best_round: int
     rounds_run: int
@@ -50,6 +55,8 @@ class SimulationResult:
     initial: dict | None  # the starting model's validation metrics (round 0)
     onnx_report: dict
     privacy: dict | None = None
+    # Every measure of the task on the test set at the best round (metrics.json's "test").
+    test: dict | None = None
 
     @property
     def onnx_model(self) -> Path:
@@ -93,12 +100,12 @@ def simulate(model: str | Callable[..., Any] | None = None, data: Data | None = 
         from fedge.models.source import resolve_factory
 
         model, factory = resolve_factory(model)
-    samples = None
     if isinstance(data, str | os.PathLike):
         settings["data"] = str(data)
-    elif data is not None:
-        samples = _in_memory(data)
     run_config = load_config(config, "simulate", model=model, **settings)
+    samples = None
+    if data is not None and not isinstance(data, str | os.PathLike):
+        samples = _in_memory(data, run_config.task.name)
     if resume and out is None:
         raise FedgeError("resume needs out: the run folder to continue")
     plan = plan_simulation(run_config, samples, factory=factory)
@@ -110,7 +117,7 @@ def simulate(model: str | Callable[..., Any] | None = None, data: Data | None = 
     return SimulationResult(outcome.run_dir, outcome.test_accuracy, outcome.test_loss,
                             outcome.best_round, outcome.rounds_run, outcome.stopped_early,
                             metrics["rounds"], metrics["initial"], outcome.onnx_report,
-                            outcome.privacy)
+                            outcome.privacy, metrics.get("test"))
 
 
 def new_run_dir() -> Path:
@@ -118,13 +125,14 @@ def new_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def _in_memory(data: object) -> Any:
-    from fedge.datafiles import LabelledSamples, labels_to_ids
+def _in_memory(data: object, task: str) -> Any:
+    from fedge.datafiles import LabelledSamples, task_labels
 
     if not (isinstance(data, tuple) and len(data) == 2):
         raise FedgeError("data must be a path or a pair of arrays (x, y)")
-    # Labels as ids here; the samples are checked as a data file's are when planned.
-    y, names = labels_to_ids(np.asarray(data[1]), "the labels y")
+    # Labels as the task has them here; the samples are checked as a data file's are
+    # when planned.
+    y, names = task_labels(np.asarray(data[1]), "the labels y", task)
     return LabelledSamples(np.asarray(data[0]), y, names)
 
 
@@ -162,12 +170,13 @@ def _read_metrics(run_dir: Path) -> dict:
 def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = False,
            quantize: Quantize | None = None, eval_data: str | Path | None = None) -> dict:
     """Write a run's checkpoint (``checkpoint.pt`` or ``best.pt``) as an ONNX model,
-    checked against torch in onnxruntime (int8 with ``quantize``); the report."""
-    from fedge.datafiles import load_labelled_data, remap_labels
+    checked against torch in onnxruntime (int8 with ``quantize``, compared with fp32 by
+    the task's headline measure on labelled ``eval_data``); the report."""
     from fedge.files import check_output_file, folder_for
     from fedge.models.export import export_onnx
+    from fedge.models.inference import labelled_samples
     from fedge.models.quantize import export_int8
-    from fedge.models.registry import check_labelled_samples
+    from fedge.models.registry import check_token_ids
     from fedge.server.checkpoint import load_checkpoint
 
     checkpoint, output = _path(checkpoint, "checkpoint"), _path(output, "output")
@@ -186,12 +195,13 @@ def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = Fals
                                  saved.reference_inputs.numpy(), output)
         return {**report, "round": saved.round}
     eval_x = eval_y = None
+    spec = saved.model_spec
     if eval_data is not None:
-        samples = load_labelled_data(eval_data, sample_shape=saved.model_spec.input_shape)
-        eval_x = samples.x
-        eval_y = remap_labels(samples.y, samples.class_names, saved.model_spec.class_names,
-                              eval_data)
-        check_labelled_samples(saved.model_spec, eval_x, eval_y, eval_data)
+        eval_x, eval_y = labelled_samples(eval_data, task=spec.task, outputs=spec.num_classes,
+                                          names=spec.class_names,
+                                          sample_shape=spec.input_shape)
+        if spec.builtin and spec.input_dtype == "int64":
+            check_token_ids(eval_x, spec.vocab_size or 2, eval_data)
     method = "dynamic" if quantize == "int8-dynamic" else "static"
     with folder_for(output):
         report = export_int8(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
@@ -201,33 +211,108 @@ def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = Fals
 
 def predict(model: str | Path, inputs: str | Path | np.ndarray, *,
             output: PredictOutput = "names", label_column: str = LABEL_COLUMN,
-            ignore_columns: Sequence[str] = ()) -> list | np.ndarray:
-    """Classify ``inputs`` (an array of samples, or a .npy, .csv, image file or image
-    folder) with an ONNX model exported by fedge, in onnxruntime alone (no torch).
+            ignore_columns: Sequence[str] = (),
+            threshold: float | Sequence[float] | None = None) -> list | np.ndarray:
+    """Predict ``inputs`` (an array of samples, or a .npy, .npz, .csv, image file or image
+    folder) with an ONNX model exported by fedge, in onnxruntime alone (no torch), as its
+    task reads its outputs.
 
-    ``names``: each sample's class name when the model has names, its id otherwise;
-    ``ids``: class ids; ``probabilities``: an array of per-class probabilities (rows of
-    NaN where there is no prediction). A sample holding NaN or Inf is predicted ``None``.
+    ``names``: each sample's class name when the model has names, its id otherwise
+    (multilabel: the list of its labels); ``ids``: class (label) ids; ``probabilities``:
+    an array of per-class probabilities (binary: the positive class's; multilabel: each
+    label's), rows of NaN where there is no prediction. A regression model gives an array
+    of values, one column per target, whatever ``output`` (but ``probabilities``). A
+    sample holding NaN or Inf is predicted ``None`` (regression: NaN). ``threshold``
+    (binary, multilabel: one value, or one per label) replaces the model's stored one.
     A CSV's ``label_column``, its ``ignore_columns`` (e.g. a device id) and the columns
     the model records as no features (the training data's partition column) are skipped.
     """
-    from fedge.models.inference import NO_PREDICTION, classify
+    from fedge.models.inference import classify
 
     check_choice(output, PredictOutput, "output")
     if not isinstance(label_column, str):
         raise FedgeError(f"label_column must be a column name, not {label_column!r}")
     ignore_columns = _column_names(ignore_columns, "ignore_columns")
-    if not isinstance(inputs, str | os.PathLike):
-        inputs = np.asarray(inputs)
-        if inputs.ndim == 0 or inputs.dtype.kind not in "biuf":
-            raise FedgeError("inputs must be samples (an array of numbers) or the path of a "
-                             f".npy, .csv, image file or image folder, not {inputs!r}")
-    _, predictions = classify(_path(model, "model"), inputs, label_column, ignore_columns)
+    inputs = _inputs(inputs)
+    _, predictions = classify(_path(model, "model"), inputs, label_column, ignore_columns,
+                              _threshold(threshold))
+    if predictions.task == "regression":
+        if output == "probabilities":
+            raise FedgeError("a regression model predicts values, not probabilities: "
+                             "leave output at 'names'")
+        return predictions.scores
     if output == "probabilities":
-        return predictions.probabilities
-    names = predictions.class_names if output == "names" else None
-    return [None if c == NO_PREDICTION else names[c] if names else int(c)
-            for c in predictions.classes]
+        return predictions.scores
+    return _decisions(predictions, output == "names")
+
+
+def _inputs(inputs: object) -> Path | np.ndarray:
+    """A path of inputs, or samples: an array of numbers."""
+    if isinstance(inputs, str | os.PathLike):
+        return Path(inputs)
+    array = np.asarray(inputs)
+    if array.ndim == 0 or array.dtype.kind not in "biuf":
+        raise FedgeError("inputs must be samples (an array of numbers) or the path of a "
+                         f".npy, .npz, .csv, image file or image folder, not {inputs!r}")
+    return array
+
+
+def _threshold(value: object) -> tuple[float, ...] | None:
+    """``threshold=``: None, a number, or one number per label."""
+    if value is None:
+        return None
+    values = [value] if isinstance(value, int | float) else value
+    if (isinstance(values, str) or not isinstance(values, Sequence) or not values
+            or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                       and 0 < v < 1 for v in values)):
+        raise FedgeError(f"threshold must be a number between 0 and 1, or a list of one per "
+                         f"label, not {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def _decisions(predictions: "Predictions", by_name: bool) -> list:
+    """Each sample's class (name or id), or for multilabel the list of its labels; None
+    where there is no prediction."""
+    from fedge.models.inference import NO_PREDICTION
+
+    names = predictions.class_names if by_name else None
+
+    def shown(k: int) -> str | int:
+        return names[k] if names else int(k)
+
+    if predictions.task == "multilabel":
+        return [[shown(k) for k in np.flatnonzero(row)] if done else None
+                for row, done in zip(predictions.classes, predictions.predicted, strict=True)]
+    return [None if c == NO_PREDICTION else shown(c) for c in predictions.classes]
+
+
+def evaluate(model: str | Path, data: str | Path | tuple[np.ndarray, np.ndarray], *,
+             label_column: str | None = None,
+             threshold: float | Sequence[float] | None = None) -> dict:
+    """Judge an ONNX model exported by fedge on labelled ``data`` (a CSV, NPZ or image
+    folder, or arrays ``(x, y)`` with labels as the model's task has them), in
+    onnxruntime alone (no torch): its ``task``, the ``samples`` counted, and the task's
+    measures (:data:`fedge.models.measures.SCALARS`, per-class, per-label or per-target
+    tables, the confusion matrix), None where the data cannot define one.
+
+    ``label_column``: the CSV's label column (multilabel, regression: its columns,
+    separated by commas; default ``label``, or the model's label or target names);
+    ``threshold`` (binary, multilabel) replaces the model's stored one.
+    """
+    from fedge.models.inference import evaluate as run
+
+    if label_column is not None and not (isinstance(label_column, str) and label_column):
+        raise FedgeError(f"label_column must be a column name, not {label_column!r}")
+    if isinstance(data, tuple):
+        x = None if len(data) != 2 or isinstance(data[0], str | os.PathLike) else _inputs(
+            data[0])
+        if x is None:
+            raise FedgeError("data must be a path or a pair of arrays (x, y)")
+        data = (x, np.asarray(data[1]))
+    else:
+        data = _path(data, "data")
+    return run(_path(model, "model"), data, label_column=label_column,
+               threshold=_threshold(threshold))
 
 
 def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | None = None,

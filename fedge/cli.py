@@ -30,6 +30,7 @@ from fedge.config import (
 )
 from fedge.errors import FedgeError
 from fedge.logs import LogFormat, show_fedge_logs
+from fedge.models.measures import HEADLINE, headline, test_headline
 
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
@@ -112,7 +113,8 @@ def _show_logs(verbose: bool) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _round_line(record: Any, total: int, best: bool, unit: str = "round") -> str:
+def _round_line(record: Any, total: int, best: bool, task: str, monitor: str,
+                unit: str = "round") -> str:
     train = "   n/a" if record.train_loss is None else f"{record.train_loss:6.3f}"
     star = " [green]★ best[/]" if best else ""
     faults = (f"  failed {record.failures:>2}  timed out {record.timeouts:>2}"
@@ -121,9 +123,20 @@ def _round_line(record: Any, total: int, best: bool, unit: str = "round") -> str
                  else f"  simulated {record.simulated_seconds:6.1f}s")
     epsilon = "" if record.epsilon is None else f"  ε {record.epsilon:6.2f}"
     return (f"{unit} {record.round:>3}/{total}  train_loss {train}  "
-            f"val_loss {record.val_loss:6.3f}  val_acc {record.val_accuracy:6.3f}  "
+            f"val_loss {record.val_loss:6.3f}  {_measured(task, monitor, record.val_measures)}  "
             f"clients {record.num_clients:>3}{faults}{simulated}{epsilon}  "
             f"{record.seconds:5.2f}s{star}")
+
+
+def _measured(task: str, monitor: str, found: dict | None) -> str:
+    """The task's headline measure, and the monitored one beside it when it differs."""
+    found = found or {}
+    shown = headline(task, found, "val_")
+    name = monitor.removeprefix("val_")
+    if name not in ("loss", HEADLINE[task]):
+        value = found.get(name)
+        shown += f"  {monitor} " + ("  n/a" if value is None else f"{value:6.3f}")
+    return shown
 
 
 Opt = typer.Option
@@ -237,21 +250,24 @@ def simulate(
     from fedge.api import simulate as run_simulation
 
     _show_logs(verbose)
-    total, unit = [0], ["round"]
+    total, unit, task = [0], ["round"], [RunConfig().task]
 
     def show_plan(plan: Any) -> None:
         status.stop()
         total[0] = plan.config.strategy.rounds
         unit[0] = step_name(plan.config.strategy)
+        task[0] = plan.config.task
         _print_plan(plan)
 
     def show_start(initial: dict) -> None:
         console.print(f"{unit[0]} {0:>3}/{total[0]}  {'starting model':<17}  val_loss "
-                      f"{initial['val_loss']:6.3f}  val_acc {initial['val_accuracy']:6.3f}",
+                      f"{initial['val_loss']:6.3f}  "
+                      f"{_measured(task[0].name, task[0].monitor, initial['val_measures'])}",
                       highlight=False)
 
     def show(record: Any, best: bool) -> None:
-        console.print(_round_line(record, total[0], best, unit[0]), highlight=False)
+        console.print(_round_line(record, total[0], best, task[0].name, task[0].monitor,
+                                  unit[0]), highlight=False)
 
     try:
         result = run_simulation(settings.pop("model", None), config=config, out=out,
@@ -260,12 +276,14 @@ def simulate(
                                 verbose=verbose, **settings)
     finally:
         status.stop()
-    stop = ("stopped early (validation loss plateaued)" if result.stopped_early
+    monitored = ("validation loss" if task[0].monitor == "val_loss"
+                 else task[0].monitor.replace("_", " "))
+    stop = (f"stopped early ({monitored} plateaued)" if result.stopped_early
             else f"all {unit[0]}s")
     ran = f"{result.rounds_run} {'rounds' if unit[0] == 'round' else 'evaluations'}"
     console.print(
         f"[bold green]done[/]: {ran}, {stop}; best {unit[0]} "
-        f"{result.best_round}: test accuracy {result.test_accuracy:.3f} "
+        f"{result.best_round}: {test_headline(task[0].name, result.test)} "
         f"(loss {result.test_loss:.3f}); ONNX parity {result.onnx_report['max_abs_diff']:.1e}",
         highlight=False)
     if result.privacy:
@@ -291,6 +309,8 @@ def _print_plan(plan: Any) -> None:
                       highlight=False)
     if plan.holdouts:
         console.print(f"[bold]server hold-outs[/]: {escape(plan.holdouts)}", highlight=False)
+    for warning in plan.warnings:
+        errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if staged := describe_attack(settings):
         console.print(f"[bold red]attack[/]: {staged}", highlight=False)
     if devices := describe_devices(settings):
@@ -325,8 +345,8 @@ def export_command(
              "int8-dynamic (weights only)")] = None,
     eval_data: Annotated[Path | None, Opt(
         help="labelled held-out samples (CSV, NPZ or image folder) for the int8 vs fp32 "
-             "accuracy  \\[default: agreement with fp32 on the checkpoint's held-out "
-             "samples]")] = None,
+             "headline measure of the task (accuracy, pr_auc, micro_f1, mae)  \\[default: "
+             "agreement with fp32 on the checkpoint's held-out samples]")] = None,
 ) -> None:
     """Export a checkpoint's global model to ONNX, verified in onnxruntime."""
     from fedge.api import export
@@ -350,16 +370,21 @@ def export_command(
 def _quantization_table(report: dict) -> Any:
     from rich.table import Table
 
+    measure = report["measure"]
     table = Table(title=f"int8 vs fp32 on {report['evaluated_samples']} held-out samples")
-    for column in ("model", "size (bytes)", "accuracy", "batch-1 latency (µs)"):
+    for column in ("model", "size (bytes)", measure, "batch-1 latency (µs)"):
         table.add_column(column, justify="right")
     for name in ("fp32", "int8"):
         row = report[name]
-        accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-        table.add_row(name, str(row["size_bytes"]), accuracy,
-                      f"{row['latency_us_batch1']:.1f}")
-    table.caption = (f"int8/fp32 size {report['size_ratio']:.2f}×; int8 predicts the fp32 "
-                     f"class on {report['agreement']:.1%} of the samples")
+        value = "n/a" if row[measure] is None else f"{row[measure]:.4f}"
+        table.add_row(name, str(row["size_bytes"]), value, f"{row['latency_us_batch1']:.1f}")
+    if report["agreement"] is None:
+        agreeing = f"int8 differs from fp32 by at most {report['max_abs_difference']:.3g}"
+    else:
+        decision = "set of labels" if report["task"] == "multilabel" else "class"
+        agreeing = (f"int8 predicts the fp32 {decision} on {report['agreement']:.1%} of the "
+                    "samples")
+    table.caption = f"int8/fp32 size {report['size_ratio']:.2f}×; {agreeing}"
     return table
 
 
@@ -368,13 +393,21 @@ def _quantization_table(report: dict) -> Any:
 def predict(
     model: Annotated[Path, typer.Argument(help="an ONNX model exported by fedge")],
     inputs: Annotated[Path, typer.Argument(
-        help=".npy array, .csv with one sample per row (a header row is optional), an image "
-             "(.png, .jpg, .jpeg, .bmp), or a folder of images (sub-folders included)")],
-    ids: Annotated[bool, Opt("--ids", help="print class ids, even when the model names "
-                                           "its classes")] = False,
+        help=".npy array, .npz (its array x), .csv with one sample per row (a header row is "
+             "optional), an image (.png, .jpg, .jpeg, .bmp), or a folder of images "
+             "(sub-folders included)")],
+    ids: Annotated[bool, Opt("--ids", help="print class (label) ids, even when the model "
+                                           "names its classes")] = False,
     probabilities: Annotated[bool, Opt(
-        "--probabilities", help="print each class's probability instead: a CSV header "
-                                "naming the classes, then one row per sample")] = False,
+        "--probabilities", help="print probabilities instead, in full float32 precision: a "
+                                "CSV header naming the classes (binary: the positive class; "
+                                "multilabel: the labels), then one row per sample")] = False,
+    threshold: Annotated[str | None, Opt(
+        help="binary, multilabel: the decision threshold instead of the model's own, one "
+             "value or one per label separated by commas")] = None,
+    id_column: Annotated[str | None, Opt(
+        help="a CSV header's column naming each sample: printed before its prediction "
+             "(\"ID<TAB>PREDICTION\"), never fed to the model")] = None,
     label_column: Annotated[str, Opt(help="a CSV header's column that holds labels: "
                                           "ignored")] = default("label_column"),
     ignore_columns: Annotated[list[str] | None, Opt(
@@ -383,43 +416,185 @@ def predict(
                                 "partition columns the model was trained with are ignored "
                                 "anyway")] = None,
 ) -> None:
-    """Print the predicted class of each input sample (onnxruntime only, no torch): its
-    name when the model names its classes, else its id; for images, "FILE<TAB>CLASS".
-    "-" for a sample that holds NaN or Inf (exit status 1)."""
+    """Print the prediction for each input sample (onnxruntime only, no torch): its class
+    (name when the model names its classes, else id); multilabel: its labels joined by
+    ";" (an empty line: none); regression: its values, comma-separated. For images
+    "FILE<TAB>PREDICTION". "-" for a sample that holds NaN or Inf (exit status 1)."""
     import csv
     import sys
 
     import numpy as np
 
-    from fedge.models.inference import NO_PREDICTION, classify
+    from fedge.models.inference import classify, parse_threshold
 
-    given, result = classify(model, inputs, label_column, ignore_columns or ())
-    classes = result.classes
-    names = None if ids else result.class_names
-    files = given.files
+    cut = None if threshold is None else parse_threshold(threshold)
+    given, result = classify(model, inputs, label_column, ignore_columns or (), cut,
+                             id_column)
+    keys = given.keys
     if probabilities:
         table = csv.writer(sys.stdout, lineterminator="\n")
-        width = result.probabilities.shape[1]
-        table.writerow((["file"] if files else [])
-                       + (list(names) if names else [str(k) for k in range(width)]))
-        for row, (label, shares) in enumerate(zip(classes, result.probabilities, strict=True)):
-            cells = (["-"] * width if label == NO_PREDICTION
-                     else [f"{share:.4f}" for share in shares])
-            table.writerow(([files[row]] if files else []) + cells)
+        header, rows = _probability_rows(result, ids)
+        table.writerow(([keys[0]] if keys else []) + header)
+        for row, cells in enumerate(rows):
+            table.writerow(([keys[1][row]] if keys else []) + cells)
     else:
-        for row, label in enumerate(classes):
-            shown = ("-" if label == NO_PREDICTION else names[label] if names
-                     else str(int(label)))
-            print(f"{files[row]}\t{shown}" if files else shown)
-    invalid = [str(row) for row in np.flatnonzero(classes == NO_PREDICTION) + 1]
+        for row, shown in enumerate(_predicted_texts(result, ids)):
+            print(f"{keys[1][row]}\t{shown}" if keys else shown)
+    invalid = [str(row) for row in np.flatnonzero(~result.predicted) + 1]
     if invalid:
         shown = ", ".join(invalid[:10]) + (", ..." if len(invalid) > 10 else "")
-        errors.print(f"[bold red]error:[/] {len(invalid)} of {len(classes)} samples in "
-                     f"{inputs} hold NaN, Inf or values beyond float32's range and have "
+        errors.print(f"[bold red]error:[/] {len(invalid)} of {len(result.predicted)} samples "
+                     f"in {inputs} hold NaN, Inf or values beyond float32's range and have "
                      "no prediction (\"-\"): "
                      f"{'sample' if len(invalid) == 1 else 'samples'} {shown}, counting "
                      "from 1", highlight=False)
         raise typer.Exit(1)
+
+
+def _number_text(value: float) -> str:
+    """A float32 in full: the 9 significant digits that read back as the same float32."""
+    return format(float(value), ".9g")
+
+
+def _predicted_texts(result: Any, ids: bool) -> list[str]:
+    """Each sample's prediction as ``fedge predict`` prints it: a class, a
+    ``;``-joined set of labels, or comma-separated values; "-" for none."""
+    names = None if ids else result.class_names
+    texts = []
+    for row, predicted in enumerate(result.predicted):
+        if not predicted:
+            texts.append("-")
+        elif result.task == "regression":
+            texts.append(",".join(_number_text(v) for v in result.scores[row]))
+        elif result.task == "multilabel":
+            chosen = [k for k, member in enumerate(result.classes[row]) if member == 1]
+            texts.append(";".join(names[k] if names else str(k) for k in chosen))
+        else:
+            label = int(result.classes[row])
+            texts.append(names[label] if names else str(label))
+    return texts
+
+
+def _probability_rows(result: Any, ids: bool) -> tuple[list[str], list[list[str]]]:
+    """``--probabilities``: the columns' names and one row of probabilities per sample
+    ("-" cells where there is no prediction)."""
+    if result.task == "regression":
+        raise FedgeError("a regression model predicts values, not probabilities: leave out "
+                         "--probabilities")
+    scores = result.scores.reshape(len(result.scores), -1)
+    width = scores.shape[1]
+    names = None if ids else result.class_names
+    if result.task == "binary":
+        header = [names[1] if names else "1"]
+    else:
+        header = list(names) if names else [str(k) for k in range(width)]
+    rows = [[_number_text(p) for p in shares] if predicted else ["-"] * width
+            for shares, predicted in zip(scores, result.predicted, strict=True)]
+    return header, rows
+
+
+@app.command()
+@_friendly_errors
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="an ONNX model exported by fedge")],
+    data: Annotated[Path, typer.Argument(
+        help="labelled samples: CSV with a label column, NPZ with x and y, or a folder of "
+             "class sub-folders")],
+    label_column: Annotated[str | None, Opt(
+        help="the CSV's label column (multilabel, regression: columns, comma-separated)  "
+             "\\[default: label; multilabel, regression: the model's label or target "
+             "names]", show_default=False)] = None,
+    threshold: Annotated[str | None, Opt(
+        help="binary, multilabel: the decision threshold instead of the model's own, one "
+             "value or one per label separated by commas")] = None,
+    as_json: Annotated[bool, Opt("--json", help="print the report as one strict JSON "
+                                                "object (null for what the data cannot "
+                                                "define)")] = False,
+) -> None:
+    """Judge a model on labelled samples by its task's measures (onnxruntime only, no
+    torch): the scalar measures, per class (label, target), and the confusion matrix."""
+    import json
+
+    from fedge.files import strict_json
+    from fedge.models.inference import evaluate as run
+    from fedge.models.inference import parse_threshold
+
+    cut = None if threshold is None else parse_threshold(threshold)
+    result = run(model, data, label_column=label_column, threshold=cut)
+    if as_json:
+        print(json.dumps(strict_json(result), indent=2, allow_nan=False))
+        return
+    _print_evaluation(result)
+
+
+def _print_evaluation(result: dict) -> None:
+    """The report of ``fedge evaluate``: a line naming what was judged, the scalars, the
+    per-class (label, target) table and the confusion matrix."""
+    from rich.table import Table
+
+    from fedge.models.measures import SCALARS
+
+    task = result["task"]
+    at = f", threshold {result['threshold']:g}" if task == "binary" else ""
+    console.print(f"{escape(result['model'])} on {escape(result['data'])}: {task}, "
+                  f"{result['samples']} samples{at}", highlight=False)
+    width = max(len(name) for name in SCALARS[task])
+    for name in SCALARS[task]:
+        console.print(f"  {name:<{width}}  {_measure_text(result[name])}", highlight=False)
+    key = next((k for k in ("per_class", "per_label", "per_target") if k in result), None)
+    if key is not None:
+        rows = result[key]
+        columns = list(next(iter(rows.values())))
+        table = Table(key.split("_")[1], *columns, title=key.replace("_", " "))
+        for name, row in rows.items():
+            table.add_row(escape(name), *(_measure_text(row[c]) for c in columns))
+        console.print(table)
+    if "confusion_matrix" in result:
+        names = list(result["per_class"])
+        matrix = Table("true \\ predicted", *map(escape, names), title="confusion matrix")
+        for name, counts in zip(names, result["confusion_matrix"], strict=True):
+            matrix.add_row(escape(name), *map(str, counts))
+        console.print(matrix)
+
+
+def _measure_text(value: object) -> str:
+    """A measure as the report shows it: counts whole, others to 4 decimals, n/a for
+    what the data cannot define."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+@app.command()
+@_friendly_errors
+def report(run_dir: Annotated[Path, typer.Argument(help="a run folder (its metrics.json)")]
+           ) -> None:
+    """Each client's last report in a run: examples, training loss, local validation
+    measures, and which clients lag (local validation loss over 1.5 × the median's)."""
+    from rich.table import Table
+
+    from fedge.server.run_folder import client_report, read_metrics
+
+    metrics = read_metrics(run_dir)
+    rows = client_report(metrics)
+    if not rows:
+        raise FedgeError(f"{run_dir} has no per-client metrics (a run under differential "
+                         "privacy keeps none, nor one made before fedge recorded them)")
+    measures = [name for name in dict.fromkeys(k for row in rows for k in row)
+                if name.startswith("val_")]
+    table = Table("client", "round", "examples", "train_loss", *measures, "lags")
+    for row in rows:
+        table.add_row(row["client"], str(row["round"]), str(row.get("examples", "")),
+                      *(_number(row.get(name)) for name in ("train_loss", *measures)),
+                      "[red]lags[/]" if row["lags"] else "")
+    console.print(table)
+    lagging = [row["client"] for row in rows if row["lags"]]
+    console.print(f"{len(rows)} clients; lagging: {', '.join(lagging) or 'none'}",
+                  highlight=False)
+
+
+def _number(value: object) -> str:
+    return "n/a" if not isinstance(value, int | float) else f"{value:.3f}"
 
 
 @app.command()
@@ -508,10 +683,14 @@ def client(
                                    "with x and y, or a folder of class sub-folders")],
     ca: Annotated[Path | None, Opt(help="the server's ca.pem (TLS)")] = None,
     key: Annotated[Path | None, Opt(help="this device's private key from `fedge keys`")] = None,
-    label_column: Annotated[str, Opt(help="CSV column holding the class id")
+    label_column: Annotated[str, Opt(help="CSV column holding the label (multilabel, "
+                                          "regression: one or several, comma-separated)")
                             ] = default("label_column"),
     val_fraction: Annotated[float, Opt(help="share held out for local early "
                                             "stopping")] = default("val_fraction"),
+    task: Annotated[str, Opt(help=f"{SECTIONS['task'].model_fields['name'].description}: "
+                                  "the federation's task, which decides how this device "
+                                  "reads its labels")] = default("task"),
     device: Annotated[str, Opt(help="auto | cpu | cuda | mps")] = default("device"),
     join_timeout: Annotated[float, Opt(help="seconds to keep trying to join before giving "
                                             "up")] = 600.0,
@@ -528,8 +707,8 @@ def client(
     show_fedge_logs(log_format)
     _check_transport(insecure, ca, "--ca", "traffic is unencrypted")
     summary = run_client(Connection(server, ca, key, join_timeout),
-                         DeviceData(data, label_column, val_fraction), device, record_wire,
-                         verbose, started=started)
+                         DeviceData(data, label_column, val_fraction, task=task), device,
+                         record_wire, verbose, started=started)
     console.print(f"the federation's run finished ({summary})", highlight=False)
 
 

@@ -21,6 +21,9 @@ EDGE_MANIFEST_KEY, EDGE_TRAIN_KEY, EDGE_PREDICT_KEY = "edge-manifest", "edge-tra
 SERVER_ROUND = "server-round"
 SEED = "seed"  # the run's seed; each node derives its own from it and the round
 PROXIMAL_MU = "proximal-mu"  # FedProx's μ, spelt as Flower's FedProx sends it
+# The measure the server monitors (--monitor, e.g. val_pr_auc), sent when it is not
+# val_loss: a client stops early on it where its validation split defines it.
+MONITOR = "monitor"
 
 
 def training_key(setting: str) -> str:
@@ -56,6 +59,9 @@ FIXED_ARRAYS = "fixed-arrays"
 WEIGHT_KEY = "num-examples"  # the weight Flower's strategies average by
 DP_WEIGHT_KEY = "dp-weight"  # a client's weight in a DP average: 1 for every client
 DEVICES_KEY = "devices"  # a gateway's reply: how many devices' results it aggregated
+# Who sent a reply, for per-client metrics: its partition id in a simulation, else its
+# node id. Never averaged.
+CLIENT_KEY = "client-key"
 # A train reply's record: the compression scheme used and the int8 scales.
 COMPRESSION_RECORD = "compression"
 # A record in every reply of a node with fedge's trainer behind it: the server does not

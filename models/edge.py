@@ -4,10 +4,23 @@ For the run's model the server exports two pure functions as ExecuTorch programs
 per run (weights travel each round as arrays by name, see ``client/device/PROTOCOL.md``):
 
 - **train**: ``(state..., x, y, dropout) → (loss, logits, ∇parameters..., buffers'...)``,
-  the mean cross-entropy of a mini-batch, its gradient for every parameter and
-  BatchNorm's updated running statistics (a BatchNorm layer whose statistics are frozen
-  normalizes with them, as in evaluation, and returns them unchanged);
+  the task's mean loss over a mini-batch (:func:`fedge.models.tasks.loss`), its gradient
+  for every parameter and BatchNorm's updated running statistics (a BatchNorm layer whose
+  statistics are frozen normalizes with them, as in evaluation, and returns them
+  unchanged);
 - **predict**: ``(state..., x) → logits``, in evaluation mode.
+
+The labels ``y`` are what a device holds (:func:`device_labels`), turned into the loss's
+targets inside the graph: class ids (int64 ``[b]``) for classification (cross-entropy,
+with the spec's class weights); 0/1 (int64 ``[b]``) for binary, cast to float for binary
+cross-entropy with logits (``pos_weight``: the positives' weight). A binary model's one
+logit ``z`` leaves both programs as the two class logits ``[0, z]``: their softmax is
+``(1 − σ(z), σ(z))`` and their cross-entropy is the binary one, so a device evaluates a
+binary model as it does any two classes. Multilabel takes int64 0/1 rows ``[b, labels]``;
+regression float32 rows ``[b, targets]`` in the user's units (standardized in the graph),
+and its predict program answers in the user's units (:func:`fedge.models.tasks.for_export`).
+fedge-device and its protocol carry class ids only: :func:`check_edge_task` refuses the
+tasks they cannot train before a run starts.
 
 Weights are inputs, not held inside the programs: a program that holds them gives a
 second method its own stale copy, and its delegated form diverged after one step (see
@@ -46,6 +59,7 @@ from torch import nn
 
 from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
+from fedge.models import tasks
 from fedge.models.registry import ModelSpec, as_input_tensor
 from fedge.models.weights import frozen_statistics_layers, train_mode
 
@@ -61,6 +75,22 @@ class EdgePrograms:
     train: bytes
     predict: bytes
     manifest: dict  # what a device needs to call them (PROTOCOL.md, "The programs")
+
+
+# The tasks fedge-device trains: its protocol carries one class id per sample
+# (client/device/PROTOCOL.md), not a row of labels or float targets.
+DEVICE_TASKS = ("classification", "binary")
+
+
+def check_edge_task(task: ModelSpec | str) -> None:
+    """Refuse, before anything starts, a task that devices without Python cannot train:
+    multilabel and regression need label rows or float targets, which fedge-device and
+    its protocol do not carry."""
+    name = task.task if isinstance(task, ModelSpec) else task
+    if name not in DEVICE_TASKS:
+        raise FedgeError(f"devices without Python (edge programs) train classification and "
+                         f"binary tasks, not {name}: fedge-device carries one class id per "
+                         f"sample; train a {name} task with fedge client")
 
 
 def sha256(data: bytes) -> str:
@@ -106,7 +136,7 @@ def export_edge_programs(model: nn.Module, spec: ModelSpec, x: np.ndarray, y: np
     if max_batch < 2 or len(x) < 2:
         raise FedgeError(f"device programs need a batch size of at least 2 and 2 samples "
                          f"(batch size {max_batch}, {len(x)} samples)")
-    functions = _Functions(model, frozen)
+    functions = _Functions(model, spec, frozen)
     example = _batch(spec, x, y, 2)
     train = _lower(functions, functions.train_step, (*example, torch.tensor(1.0)), max_batch,
                    spec.name)
@@ -115,6 +145,7 @@ def export_edge_programs(model: nn.Module, spec: ModelSpec, x: np.ndarray, y: np
     manifest = {
         "format": MANIFEST_FORMAT,
         "model": spec.name,
+        "task": spec.task,
         "input": {"shape": list(spec.input_shape), "dtype": str(example[0].dtype)[6:]},
         "num_classes": spec.num_classes,
         "class_names": list(spec.class_names) if spec.class_names else None,
@@ -155,12 +186,72 @@ def read_edge_folder(folder: Path) -> EdgePrograms:
     return EdgePrograms(train, predict, manifest)
 
 
+def device_labels(spec: ModelSpec, y: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Labels as a device passes them to the train program: int64 class ids (classification;
+    binary's 0/1), int64 0/1 rows (multilabel), float32 rows in the user's units
+    (regression)."""
+    if spec.task == "regression":
+        return torch.as_tensor(y, dtype=torch.float32).reshape(len(y), spec.outputs).clone()
+    return torch.as_tensor(y, dtype=torch.int64).clone()
+
+
 def _batch(spec: ModelSpec, x: np.ndarray, y: np.ndarray, size: int
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``size`` samples, densely laid out: numpy's views can have zero strides
     (a broadcast channel axis), which ExecuTorch refuses."""
     return (as_input_tensor(spec, x[:size]).clone(memory_format=torch.contiguous_format),
-            torch.as_tensor(y[:size], dtype=torch.int64).clone())
+            device_labels(spec, y[:size]))
+
+
+# The task's tensors among the programs' constants (keys no state entry can have): a
+# tensor a trace creates itself becomes an attribute that torch.export cannot lower.
+CLASS_WEIGHTS, TARGET_MEAN, TARGET_STD = "<class_weights>", "<target_mean>", "<target_std>"
+
+
+def _task_constants(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The loss's class weights (binary: the positives' weight) and regression's target
+    mean and standard deviation, as the programs' constants."""
+    found = {}
+    if spec.class_weights is not None:
+        found[CLASS_WEIGHTS] = torch.tensor(spec.class_weights, dtype=torch.float32)
+    if spec.task == "regression":
+        found[TARGET_MEAN] = torch.tensor(spec.target_mean or (0.0,) * spec.outputs,
+                                          dtype=torch.float32)
+        found[TARGET_STD] = torch.tensor(spec.target_std or (1.0,) * spec.outputs,
+                                         dtype=torch.float32)
+    return found
+
+
+def _graph_loss(spec: ModelSpec, outputs: torch.Tensor, y: torch.Tensor,
+                constants: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`fedge.models.tasks.loss` (``reduction="mean"``) of ``outputs`` against the
+    device's labels ``y`` (:func:`device_labels`), as :func:`~fedge.models.tasks.targets`
+    turns them into targets, with the task's tensors from ``constants``: operations a
+    traced graph keeps for any batch size. :func:`_verify` holds every export to
+    ``tasks.loss``."""
+    weights = constants.get(CLASS_WEIGHTS)
+    if spec.task == "classification":
+        return F.cross_entropy(outputs, y, weight=weights)
+    target = y.to(torch.float32)
+    if spec.task == "binary":
+        target = target.unsqueeze(-1)
+    outputs = outputs.reshape(target.shape)
+    if spec.task == "regression":
+        target = (target - constants[TARGET_MEAN]) / constants[TARGET_STD]
+        per_output = (F.huber_loss(outputs, target, reduction="none") if spec.loss == "huber"
+                      else F.mse_loss(outputs, target, reduction="none"))
+    else:
+        per_output = F.binary_cross_entropy_with_logits(outputs, target, pos_weight=weights,
+                                                        reduction="none")
+    return per_output.mean(dim=-1).mean()
+
+
+def _device_logits(spec: ModelSpec, outputs: torch.Tensor) -> torch.Tensor:
+    """The network's outputs as the programs give them: binary's one logit ``z`` as the
+    two class logits ``[0, z]`` (module docstring), others as they are."""
+    if spec.task != "binary":
+        return outputs
+    return torch.cat([torch.zeros_like(outputs), outputs], dim=1)
 
 
 class _MaskDropout(nn.Module):
@@ -202,7 +293,8 @@ class _Functions:
     """``model`` as the pure functions the programs compute, over its float state
     entries (inputs) and its other tensors (constants: input scaling, counters)."""
 
-    def __init__(self, model: nn.Module, frozen: Collection[str]) -> None:
+    def __init__(self, model: nn.Module, spec: ModelSpec, frozen: Collection[str]) -> None:
+        self.spec = spec
         self.net = copy.deepcopy(model).cpu()
         self._rewrite(self.net)
         self.dropout_on: torch.Tensor | float = 1.0
@@ -216,6 +308,8 @@ class _Functions:
         everything = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
         self.constants = {name: value.detach().clone() for name, value in everything.items()
                           if name not in self.state}
+        self.task_constants = _task_constants(spec)
+        self.constants.update(self.task_constants)
 
     def _rewrite(self, module: nn.Module) -> None:
         for name, child in module.named_children():
@@ -226,14 +320,17 @@ class _Functions:
             else:
                 self._rewrite(child)
 
-    def _split(self, args: tuple) -> tuple[dict, dict, tuple]:
+    def _split(self, args: tuple) -> tuple[dict, dict, dict, tuple]:
+        """The traced arguments as state entries, the network's constants, the task's
+        constants, and the rest (inputs, labels, dropout)."""
         names, constants = list(self.state), list(self.constants)
         state = dict(zip(names, args[:len(names)], strict=True))
         consts = dict(zip(constants, args[len(names):len(names) + len(constants)], strict=True))
-        return state, consts, args[len(names) + len(constants):]
+        task = {name: consts.pop(name) for name in self.task_constants}
+        return state, consts, task, args[len(names) + len(constants):]
 
     def train_step(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        state, consts, (x, y, dropout_on) = self._split(args)
+        state, consts, task, (x, y, dropout_on) = self._split(args)
         self.dropout_on = dropout_on
         # Clones, because BatchNorm updates its statistics (and counter) in place.
         others = {name: value.clone() for name, value in {**state, **consts}.items()
@@ -242,18 +339,22 @@ class _Functions:
                       if name in self.parameters}
         train_mode(self.net, self.frozen_statistics)
         with torch.enable_grad():
-            logits = torch.func.functional_call(self.net, {**parameters, **others}, (x,))
-            loss = F.cross_entropy(logits, y)
+            outputs = torch.func.functional_call(self.net, {**parameters, **others}, (x,))
+            loss = _graph_loss(self.spec, outputs, y, task)
             grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g
                  for p, g in zip(parameters.values(), grads, strict=True)]
         buffers = [others[name] for name in self.buffers]
-        return (loss.detach(), logits.detach(), *grads, *buffers)
+        logits = _device_logits(self.spec, outputs.detach())
+        return (loss.detach(), logits, *grads, *buffers)
 
     def predict_step(self, *args: torch.Tensor) -> torch.Tensor:
-        state, consts, (x,) = self._split(args)
+        state, consts, task, (x,) = self._split(args)
         self.net.eval()
-        return torch.func.functional_call(self.net, {**state, **consts}, (x,))
+        outputs = torch.func.functional_call(self.net, {**state, **consts}, (x,))
+        if self.spec.task == "regression":  # the user's units (tasks.for_export)
+            return outputs * task[TARGET_STD] + task[TARGET_MEAN]
+        return _device_logits(self.spec, outputs)
 
 
 class _WithConstants(nn.Module):
@@ -367,26 +468,28 @@ def run_program(program: bytes, inputs: list[torch.Tensor]) -> list[torch.Tensor
 
 def _eager_reference(model: nn.Module, functions: _Functions, x: torch.Tensor,
                      y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """PyTorch's own loss, logits, gradients and new statistics (dropout off, frozen
-    statistics in eval mode), and its eval-mode logits, from an untouched copy of
-    ``model``."""
+    """PyTorch's own loss (the task's, :func:`fedge.models.tasks.loss` against
+    :func:`~fedge.models.tasks.targets`), logits, gradients and new statistics (dropout
+    off, frozen statistics in eval mode), and its eval-mode predictions (the exported
+    model's, :func:`~fedge.models.tasks.for_export`), from an untouched copy of ``model``."""
+    spec = functions.spec
     net = train_mode(copy.deepcopy(model).cpu(), functions.frozen_statistics)
     for module in net.modules():
         if isinstance(module, nn.Dropout):
             module.eval()
-    logits = net(x)
-    loss = F.cross_entropy(logits, y)
+    outputs = net(x)
+    loss = tasks.loss(spec, outputs, tasks.targets(spec, y))
     loss.backward()
     named = dict(net.named_parameters())
     state = net.state_dict()
-    train = [loss.detach(), logits.detach(),
+    train = [loss.detach(), _device_logits(spec, outputs.detach()),
              *(named[name].grad if named[name].grad is not None
                else torch.zeros_like(named[name]) for name in functions.state
                if name in functions.parameters),
              *(state[name] for name in functions.buffers)]
     with torch.no_grad():
-        fresh = copy.deepcopy(model).cpu().eval()
-        return train, fresh(x)
+        fresh = tasks.for_export(copy.deepcopy(model).cpu(), spec).eval()
+        return train, _device_logits(spec, fresh(x))
 
 
 def _verify(model: nn.Module, functions: _Functions, train: bytes, predict: bytes,

@@ -1,4 +1,10 @@
-"""Export to ONNX with a dynamic batch axis, verified against torch in onnxruntime."""
+"""Export to ONNX with a dynamic batch axis, verified against torch in onnxruntime.
+
+What is exported is :func:`fedge.models.tasks.for_export` of the network: logits for the
+tasks with classes and labels, values in the user's units for regression; the ONNX
+metadata records the task, its threshold and names (:data:`TASK_KEY`), which
+:mod:`fedge.models.inference` reads on a device.
+"""
 
 import contextlib
 import json
@@ -15,9 +21,10 @@ from torch import nn
 
 from fedge.errors import FedgeError
 from fedge.files import temporary_sibling
-from fedge.models.inference import CLASS_NAMES_KEY, NON_FEATURE_COLUMNS_KEY
+from fedge.models.inference import CLASS_NAMES_KEY, NON_FEATURE_COLUMNS_KEY, TASK_KEY
 from fedge.models.program import ProgramModel
 from fedge.models.registry import ModelSpec, as_input_tensor
+from fedge.models.tasks import for_export
 
 if TYPE_CHECKING:
     import onnx
@@ -43,15 +50,16 @@ def _quiet_exporter() -> Iterator[None]:
 
 def _finish_metadata(path: Path, spec: ModelSpec) -> "onnx.ModelProto":
     """Remove the exporter's per-node debug metadata (FX node names, module paths, source
-    stack traces with this machine's file paths) from the file, add the class names and
-    the data's non-feature columns, and return the model: devices never read the former,
-    and it is over 6 % of a small model's file (a fifth of its int8 version)."""
+    stack traces with this machine's file paths) from the file, add the task (with its
+    threshold and names), the class names and the data's non-feature columns, and return
+    the model: devices never read the former, and it is over 6 % of a small model's file
+    (a fifth of its int8 version)."""
     import onnx
 
     model = onnx.load(str(path))
     for node in model.graph.node:
         del node.metadata_props[:]
-    props = {}
+    props = {TASK_KEY: task_metadata(spec)}
     if spec.class_names is not None:
         props[CLASS_NAMES_KEY] = json.dumps(spec.class_names)
     if spec.non_feature_columns:
@@ -59,6 +67,16 @@ def _finish_metadata(path: Path, spec: ModelSpec) -> "onnx.ModelProto":
     onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path))
     return model
+
+
+def task_metadata(spec: ModelSpec) -> str:
+    """The :data:`TASK_KEY` entry: the task, its decision threshold (binary: one;
+    multilabel: one per label; null: 0.5, or none for the task) and its names."""
+    return json.dumps({
+        "task": spec.task,
+        "threshold": None if spec.threshold is None else list(spec.threshold),
+        "names": None if spec.class_names is None else list(spec.class_names),
+    })
 
 
 def _first_line(error: Exception) -> str:
@@ -72,13 +90,17 @@ def export_onnx(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray,
 
     The graph is checked with ``onnx.checker`` and run in onnxruntime on
     ``reference_inputs`` (real held-out samples); the largest absolute difference to
-    torch's logits must not exceed ``tolerance``. ``path`` only appears once it passed.
+    the torch module exported (:func:`~fedge.models.tasks.for_export`: logits, or
+    regression's values) must not exceed ``tolerance``. ``path`` only appears once it
+    passed.
     """
     import onnx  # with onnxruntime, about a second: only when exporting
     import onnxruntime as ort
 
     model = model.eval().cpu()
-    traced = model.inference_module() if isinstance(model, ProgramModel) else model
+    exported_module = for_export(model, spec).eval()
+    traced = (for_export(model.inference_module(), spec) if isinstance(model, ProgramModel)
+              else exported_module)
     inputs = as_input_tensor(spec, reference_inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
@@ -93,7 +115,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray,
             except Exception as error:  # the exporter's errors have no common base class
                 raise FedgeError(f"the model cannot be exported to ONNX: "
                                  f"{_first_line(error)}") from error
-            expected = model(inputs).numpy()
+            expected = exported_module(inputs).numpy()
         if not np.isfinite(expected).all():
             raise FedgeError("the model's outputs on the reference inputs are not finite "
                              "(NaN or Inf), so its ONNX export cannot be verified and was "

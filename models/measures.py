@@ -11,7 +11,6 @@ without both classes) is None, with one warning naming why; never a perfect scor
 """
 
 import logging
-import math
 import warnings
 from collections.abc import Sequence
 from functools import cache
@@ -51,12 +50,18 @@ def _warn_once(message: str) -> None:
     log.warning("warning: %s", message)
 
 
+def _warn(where: str | None, message: str) -> None:
+    if where is not None:
+        _warn_once(f"{where} {message}")
+
+
 def measures(task: str, scores: np.ndarray, y: np.ndarray, *,
              threshold: Sequence[float] | None = None,
-             names: Sequence[str] | None = None, where: str = "the data") -> dict:
+             names: Sequence[str] | None = None, where: str | None = "the data") -> dict:
     """Every measure of ``task``: the scalars of :data:`SCALARS` and, by task, per-class
     (per-label, per-target) tables and the confusion matrix. ``names`` names the classes,
-    labels or targets (ids when None); ``where`` names the set, for warnings."""
+    labels or targets (ids when None); ``where`` names the set for warnings (None: no
+    warnings, for a client's small split, which may well lack a class)."""
     scores, y = np.asarray(scores, dtype=np.float64), np.asarray(y)
     if len(y) == 0:
         return {name: None for name in SCALARS[task]}
@@ -93,7 +98,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(values))
 
 
-def _per_class(confusion: np.ndarray, names: list[str], where: str) -> dict:
+def _per_class(confusion: np.ndarray, names: list[str], where: str | None) -> dict:
     table = {}
     for k, name in enumerate(names):
         true_positives = confusion[k, k]
@@ -101,8 +106,8 @@ def _per_class(confusion: np.ndarray, names: list[str], where: str) -> dict:
         precision = _ratio(true_positives, confusion[:, k].sum())
         recall = _ratio(true_positives, support)
         if support == 0:
-            _warn_once(f"{where} has no sample of class {name!r}: its recall, F1 and the "
-                       "macro averages are null")
+            _warn(where, f"has no sample of class {name!r}: its recall, F1 and the macro "
+                  "averages are null")
         table[name] = {"precision": precision, "recall": recall,
                        "f1": _f1(precision if precision is not None else 0.0, recall),
                        "support": support}
@@ -110,7 +115,7 @@ def _per_class(confusion: np.ndarray, names: list[str], where: str) -> dict:
 
 
 def _classification(scores: np.ndarray, y: np.ndarray, names: Sequence[str] | None,
-                    where: str) -> dict:
+                    where: str | None) -> dict:
     classes = scores.shape[1]
     predicted = scores.argmax(axis=1)
     confusion = np.zeros((classes, classes), dtype=np.int64)
@@ -125,27 +130,27 @@ def _classification(scores: np.ndarray, y: np.ndarray, names: Sequence[str] | No
     }
 
 
-def _ranking(y: np.ndarray, scores: np.ndarray, label: str, where: str
+def _ranking(y: np.ndarray, scores: np.ndarray, label: str, where: str | None
              ) -> tuple[float | None, float | None]:
     """ROC-AUC and average precision (PR-AUC), or None where ``y`` lacks a class."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     positives = int(y.sum())
     if positives == 0 or positives == len(y):
-        lacking = "positive" if positives == 0 else "negative"
-        _warn_once(f"{where} has no {lacking} sample of {label}: its ROC-AUC and PR-AUC "
-                   "are null")
+        undefined = "recall, F1, ROC-AUC and PR-AUC" if positives == 0 else "ROC-AUC and PR-AUC"
+        lacking = "no" if positives == 0 else "only"
+        _warn(where, f"has {lacking} positive samples of {label}: its {undefined} are null")
         return None, None
     return float(roc_auc_score(y, scores)), float(average_precision_score(y, scores))
 
 
 def _binary(probability: np.ndarray, y: np.ndarray, threshold: float,
-            names: Sequence[str] | None, where: str) -> dict:
+            names: Sequence[str] | None, where: str | None) -> dict:
     negative, positive = _named(names, 2)
     predicted = (probability >= threshold).astype(np.int64)
     confusion = np.zeros((2, 2), dtype=np.int64)
     np.add.at(confusion, (y, predicted), 1)
-    per_class = _per_class(confusion, [negative, positive], where)
+    per_class = _per_class(confusion, [negative, positive], None)  # _ranking warns
     roc_auc, pr_auc = _ranking(y, probability, f"class {positive!r}", where)
     return {
         "accuracy": float(np.mean(predicted == y)),
@@ -159,7 +164,7 @@ def _binary(probability: np.ndarray, y: np.ndarray, threshold: float,
 
 
 def _multilabel(probability: np.ndarray, y: np.ndarray, threshold: Sequence[float] | None,
-                names: Sequence[str] | None, where: str) -> dict:
+                names: Sequence[str] | None, where: str | None) -> dict:
     labels = _named(names, y.shape[1])
     cuts = np.full(y.shape[1], DEFAULT_THRESHOLD) if threshold is None else np.asarray(
         threshold, dtype=np.float64)
@@ -235,12 +240,17 @@ def _threshold(rule: str | None, probability: np.ndarray, y: np.ndarray) -> floa
     return float(cuts[meeting[0]]) if len(meeting) else float(cuts[-1])
 
 
-def finite_or_none(value: object) -> object:
-    """``value`` with every non-finite float as None, recursively: strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_or_none(entry) for key, entry in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_or_none(entry) for entry in value]
-    return value
+def headline(task: str, found: dict, prefix: str = "") -> str:
+    """The task's headline measure as the console shows it: ``val_pr_auc 0.812``
+    (classification's accuracy as ``val_acc``, as fedge always printed it)."""
+    name = HEADLINE[task]
+    value = found.get(name)
+    shown = "  n/a" if value is None else f"{value:6.3f}"
+    return f"{prefix}{'acc' if name == 'accuracy' else name} {shown}"
+
+
+def test_headline(task: str, found: dict | None) -> str:
+    """The run's result in a few words: ``test accuracy 0.941``, ``test pr_auc 0.812``."""
+    name = HEADLINE[task]
+    value = (found or {}).get(name)
+    return f"test {name} " + ("n/a" if value is None else f"{value:.3f}")

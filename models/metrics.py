@@ -1,24 +1,23 @@
-"""Loss and accuracy of a classifier on raw samples, shared by clients and server."""
+"""Loss and accuracy of a classifier on raw samples: what benchmarks (and tests) compare
+classifiers by; everything else takes the task's measures (:mod:`fedge.models.tasks`)."""
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fedge.models.registry import ModelSpec, as_input_tensor
+from fedge.errors import FedgeError
+from fedge.models import tasks
+from fedge.models.registry import ModelSpec
 
 
-@torch.no_grad()
 def evaluate_classifier(model: nn.Module, spec: ModelSpec, x: np.ndarray, y: np.ndarray,
                         device: torch.device | str = "cpu",
                         batch_size: int = 512) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy, in eval mode (dropout off)."""
-    model.eval()
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        inputs = as_input_tensor(spec, x[start:start + batch_size]).to(device)
-        labels = torch.as_tensor(y[start:start + batch_size], dtype=torch.int64, device=device)
-        logits = model(inputs)
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == labels).sum().item()
-    return total_loss / len(x), correct / len(x)
+    """The mean loss (:func:`fedge.models.tasks.evaluate`: cross-entropy, with the spec's
+    class weights if any) and the accuracy of the arg-max, in eval mode (dropout off)."""
+    if spec.task != "classification":
+        raise FedgeError(f"evaluate_classifier takes a classification model, not a "
+                         f"{spec.task} one; use fedge.models.tasks.evaluate_measures")
+    loss, scores = tasks.evaluate(model, spec, x, y, device, batch_size)
+    hits = scores.argmax(axis=1) == np.asarray(y)
+    return loss, float(hits.mean()) if len(hits) else float("nan")

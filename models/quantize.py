@@ -4,7 +4,8 @@
 writes a QDQ graph with per-channel int8 weights (biases stay fp32); ``dynamic``
 quantizes weights only and computes activation scales at run time. Either way the int8
 model is compared with the fp32 model it came from: size, agreement of predictions and
-accuracy on held-out samples, batch-1 latency.
+the task's headline measure (:data:`fedge.models.measures.HEADLINE`: accuracy for
+classification) on held-out samples, batch-1 latency.
 """
 
 import os
@@ -29,7 +30,8 @@ from torch import nn
 from fedge.errors import FedgeError
 from fedge.files import temporary_sibling, write_atomic
 from fedge.models.export import export_onnx
-from fedge.models.inference import input_dtype, predict
+from fedge.models.inference import Predictions, input_dtype, judged, run_model
+from fedge.models.measures import HEADLINE
 from fedge.models.registry import ModelSpec
 
 Method = Literal["static", "dynamic"]
@@ -98,18 +100,35 @@ def latency_us(model: Path, sample: np.ndarray, batch: int = 1,
 
 def compare(fp32: Path, int8: Path, x: np.ndarray, y: np.ndarray | None = None) -> dict:
     """Both models on held-out samples ``x``: size, batch-1 latency, the share of samples
-    where int8 predicts what fp32 predicts, and accuracy when labels ``y`` are given."""
-    predictions = {name: predict(path, x) for name, path in (("fp32", fp32), ("int8", int8))}
-    report: dict = {"evaluated_samples": len(x)}
+    where int8 predicts what fp32 predicts (regression: the largest difference of their
+    values instead), and the task's headline measure (``measure``) when labels ``y`` are
+    given."""
+    predictions = {name: run_model(path, x) for name, path in (("fp32", fp32), ("int8", int8))}
+    task = predictions["fp32"].task
+    measure = HEADLINE[task]
+    report: dict = {"evaluated_samples": len(x), "task": task, "measure": measure}
     for name, path in (("fp32", fp32), ("int8", int8)):
         report[name] = {
             "size_bytes": path.stat().st_size,
             "latency_us_batch1": latency_us(path, x[0]),
-            "accuracy": None if y is None else float(np.mean(predictions[name] == y)),
+            measure: None if y is None else judged(predictions[name], y,
+                                                   "the evaluation data")[measure],
         }
     report["size_ratio"] = report["int8"]["size_bytes"] / report["fp32"]["size_bytes"]
-    report["agreement"] = float(np.mean(predictions["int8"] == predictions["fp32"]))
+    report["agreement"] = agreement(predictions["fp32"], predictions["int8"])
+    if task == "regression":
+        report["max_abs_difference"] = float(np.max(np.abs(
+            predictions["int8"].scores - predictions["fp32"].scores)))
     return report
+
+
+def agreement(fp32: Predictions, int8: Predictions) -> float | None:
+    """The share of samples where int8 decides as fp32 does: the same class, or the same
+    set of labels; None for regression, whose values are never exactly equal."""
+    if fp32.classes is None or int8.classes is None:
+        return None
+    same = (fp32.classes == int8.classes).reshape(len(fp32.classes), -1).all(axis=1)
+    return float(np.mean(same))
 
 
 def export_int8(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray, out: Path,

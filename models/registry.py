@@ -141,7 +141,8 @@ def spec_from_data(name: str, x: np.ndarray, num_classes: int, dropout: float,
                    vocab_size: int | None = None,
                    class_names: tuple[str, ...] | None = None,
                    scale_inputs: bool | None = None,
-                   non_feature_columns: tuple[str, ...] = ()) -> ModelSpec:
+                   non_feature_columns: tuple[str, ...] = (),
+                   task: str = "classification") -> ModelSpec:
     """A spec for model ``name`` whose input scaling is fitted on reference data ``x``.
 
     Mean and standard deviation are taken per channel (or per feature): axis 1 of ``x``.
@@ -154,7 +155,7 @@ def spec_from_data(name: str, x: np.ndarray, num_classes: int, dropout: float,
         "int64" if np.issubdtype(x.dtype, np.integer) else "float32")
     common = {"name": name, "input_shape": tuple(int(d) for d in x.shape[1:]),
               "num_classes": num_classes, "dropout": dropout, "class_names": class_names,
-              "input_dtype": dtype, "non_feature_columns": non_feature_columns}
+              "input_dtype": dtype, "non_feature_columns": non_feature_columns, "task": task}
     if dtype == "int64":
         return ModelSpec(**common, vocab_size=vocab_size or int(x.max()) + 1)
     if not (scale_inputs if scale_inputs is not None else builtin):
@@ -168,8 +169,14 @@ def spec_from_data(name: str, x: np.ndarray, num_classes: int, dropout: float,
 
 def check_labelled_samples(spec: ModelSpec, x: np.ndarray, y: np.ndarray, source: object) -> None:
     """Labelled samples from ``source`` the model can be evaluated on: labels among its
-    classes, and token ids within its vocabulary."""
-    if len(y) and int(y.max()) >= spec.num_classes:
+    classes (or one per label or target), and token ids within its vocabulary."""
+    if spec.task in ("multilabel", "regression"):
+        width = y.shape[1] if y.ndim == 2 else 1
+        if width != spec.num_classes:
+            what = "labels" if spec.task == "multilabel" else "targets"
+            raise FedgeError(f"{source} has {width} {what} per sample, but the model has "
+                             f"{spec.num_classes}")
+    elif len(y) and int(y.max()) >= spec.num_classes:
         raise FedgeError(f"{source} has label {int(y.max())}, but the model has "
                          f"{spec.num_classes} classes (0..{spec.num_classes - 1})")
     if spec.builtin and model_entry(spec.name).input_dtype == "int64":

@@ -11,13 +11,19 @@ compares it with, the loss, and its outputs in the user's terms.
   model) turn outputs back into the user's units: ``output · std + mean``.
 """
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedge.models.measures import measures
+from fedge.config import TaskSettings
+from fedge.errors import FedgeError
+from fedge.models.measures import measures, monitorable
 from fedge.models.registry import ModelSpec, as_input_tensor
+
+log = logging.getLogger("fedge")
 
 
 def _stats(spec: ModelSpec, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,3 +136,74 @@ def evaluate_measures(model: nn.Module, spec: ModelSpec, x: np.ndarray, y: np.nd
     return {"loss": mean_loss,
             **measures(spec.task, all_scores, y, threshold=spec.threshold,
                        names=spec.class_names, where=where)}
+
+
+def check_task_settings(task: TaskSettings) -> None:
+    """Task settings that contradict each other: one clear error, before anything starts."""
+    name = task.name
+    if task.positive is not None and name != "binary":
+        raise FedgeError(f"--positive names binary's positive class, but the task is {name}")
+    if task.threshold is not None and name not in ("binary", "multilabel"):
+        raise FedgeError(f"--threshold is for binary and multilabel tasks, not {name}")
+    if task.loss != "auto" and name != "regression":
+        raise FedgeError(f"--loss {task.loss} is a regression loss; a {name} task trains with "
+                         "cross-entropy (--loss auto)")
+    if task.class_weights != "none" and name == "regression":
+        raise FedgeError("--class-weights weighs classes; a regression task has none")
+    if task.monitor not in monitorable(name):
+        raise FedgeError(f"--monitor {task.monitor} is no measure of a {name} task; choose "
+                         f"one of: {', '.join(monitorable(name))}")
+
+
+def with_task(spec: ModelSpec, task: TaskSettings, val_y: np.ndarray) -> ModelSpec:
+    """``spec`` learning ``task``: its loss, its class weights (``balanced``: from the
+    server's validation labels, so that no client's class counts leave the client), and
+    for regression the validation targets' mean and spread."""
+    check_task_settings(task)
+    update: dict[str, object] = {"task": task.name, "loss": task.loss}
+    learning = spec.model_copy(update=update)
+    if task.name == "regression":
+        rows = np.asarray(val_y, dtype=np.float64).reshape(len(val_y), -1)
+        std = rows.std(axis=0)
+        update |= {"target_mean": tuple(rows.mean(axis=0).tolist()),
+                   "target_std": tuple(np.where(std > 1e-12, std, 1.0).tolist())}
+    elif task.class_weights != "none":
+        update["class_weights"] = _class_weights(learning, task.class_weights, val_y)
+    return spec.model_copy(update=update)
+
+
+def _class_weights(spec: ModelSpec, given: str, val_y: np.ndarray) -> tuple[float, ...]:
+    """The loss's weights: one per class (classification), the positives' weight
+    (binary: one; multilabel: one per label)."""
+    if given == "balanced":
+        return _balanced(spec, np.asarray(val_y))
+    weights = tuple(float(w) for w in given.split(","))
+    if spec.task == "binary" and len(weights) == 2:  # negatives', positives' → pos_weight
+        return (weights[1] / weights[0],)
+    if len(weights) != spec.outputs:
+        what = {"classification": "one per class", "binary": "the positives' weight (or "
+                "the negatives' and the positives')", "multilabel": "one per label"}
+        raise FedgeError(f"--class-weights gives {len(weights)} weights, but a {spec.task} "
+                         f"task with {spec.num_classes} "
+                         f"{'labels' if spec.task == 'multilabel' else 'classes'} takes "
+                         f"{what[spec.task]}")
+    return weights
+
+
+def _balanced(spec: ModelSpec, y: np.ndarray) -> tuple[float, ...]:
+    """``n / (classes · n_c)`` per class, or ``negatives / positives`` per output, counted
+    in the server's validation labels; a class they lack keeps weight 1."""
+    names = spec.class_names or tuple(str(k) for k in range(spec.num_classes))
+    if spec.task == "classification":
+        counts = np.bincount(y.astype(np.int64), minlength=spec.num_classes)
+        weights = [len(y) / (spec.num_classes * c) if c else 1.0 for c in counts]
+        lacking = [names[k] for k, c in enumerate(counts) if c == 0]
+    else:
+        positives = y.reshape(len(y), -1).sum(axis=0)
+        weights = [(len(y) - p) / p if 0 < p < len(y) else 1.0 for p in positives]
+        lacking = [names[-1] if spec.task == "binary" else names[k]
+                   for k, p in enumerate(positives) if not 0 < p < len(y)]
+    if lacking:
+        log.warning("warning: --class-weights balanced: the server's validation data lacks "
+                    "(or holds only) %s; weight 1 for it", ", ".join(map(repr, lacking)))
+    return tuple(float(w) for w in weights)

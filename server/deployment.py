@@ -24,10 +24,17 @@ from flwr.serverapp import Grid, ServerApp
 from pydantic import BaseModel
 
 from fedge.config import RunConfig
-from fedge.datafiles import load_labelled_data, united_class_names
+from fedge.datafiles import (
+    binary_labels,
+    count_classes,
+    label_columns,
+    load_labelled_data,
+    united_class_names,
+)
 from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
 from fedge.logs import LogFormat, show_fedge_logs
+from fedge.models.measures import test_headline
 from fedge.models.source import with_file_path
 from fedge.processes import Children, check_listen_host, check_port_free, flower_command
 from fedge.protocol import CONFIG, FEDGE_NODE, RUN_FINISHED, SUMMARY_KEY
@@ -83,25 +90,36 @@ class Listener:
 
 def load_server_data(settings: ServerSettings) -> ServerData:
     """Held-out samples from files: validation for early stopping, test for the report
-    (the validation file doubles as test set when no test file is given)."""
-    data = settings.config.data
-    read = {"sample_shape": data.input_shape, "label_column": data.label_column}
+    (the validation file doubles as test set when no test file is given), labelled as
+    the task has them; a binary task's positive class is ``[task] positive``, by default
+    the rarest class in the validation data."""
+    data, task = settings.config.data, settings.config.task
+    read = {"sample_shape": data.input_shape, "label_column": data.label_column,
+            "task": task.name}
     val = load_labelled_data(settings.val_data, **read)
     test = load_labelled_data(settings.test_data, **read) if settings.test_data else val
-    names, (val_y, test_y) = united_class_names(
-        [(val, settings.val_data), (test, settings.test_data or settings.val_data)])
-    num_classes = data.num_classes or (
-        len(names) if names else int(max(val_y.max(), test_y.max())) + 1)
-    if names and num_classes != len(names):
-        raise FedgeError(f"num_classes {num_classes} does not match the {len(names)} classes "
+    test_file = settings.test_data or settings.val_data
+    names, (val_y, test_y) = united_class_names([(val, settings.val_data), (test, test_file)])
+    if task.name == "binary":
+        (val_y, test_y), names = binary_labels(
+            [val_y, test_y], names, task.positive, val_y,
+            f"the server's data ({settings.val_data}, {test_file})")
+    found = count_classes(names, [val_y, test_y])
+    num_classes = data.num_classes or found
+    if names and num_classes != found:
+        raise FedgeError(f"num_classes {num_classes} does not match the {found} classes "
                          f"the server's data names: {', '.join(names)}")
+    if val_y.ndim == 2 and num_classes != found:  # a label matrix: one output per column
+        raise FedgeError(f"num_classes {num_classes} does not match the {found} "
+                         f"{'labels' if task.name == 'multilabel' else 'targets'} of the "
+                         "server's data")
     vocab = None  # token-id inputs: the largest id seen sets the embedding size
     if np.issubdtype(val.x.dtype, np.integer):
         vocab = int(max(val.x.max(), test.x.max())) + 1
     return ServerData(val.x, val_y, test.x, test_y, num_classes, vocab_size=vocab,
                       class_names=names, source=f"validation data {settings.val_data}, test "
-                                                f"data {settings.test_data or settings.val_data}",
-                      non_feature_columns=(data.label_column,))
+                                                f"data {test_file}",
+                      non_feature_columns=label_columns(data.label_column, task.name))
 
 
 def federation_for(settings: ServerSettings) -> Federation:
@@ -131,8 +149,9 @@ def main(grid: Grid, context: Context) -> None:
     except FedgeError as error:  # `fedge server` reports it, as its own error
         write_json(settings.run_dir / STOPPED_FILE, {"error": str(error)})
         return
-    announce_run_finished(grid, f"best round {outcome.best_round}: test accuracy "
-                                f"{outcome.test_accuracy:.3f}", other_clientapps.nodes)
+    summary = test_headline(settings.config.task.name, outcome.test)
+    announce_run_finished(grid, f"best round {outcome.best_round}: {summary}",
+                          other_clientapps.nodes)
 
 
 class OtherClientApps(GridWrapper):

@@ -23,10 +23,11 @@ from fedge.config import (
 )
 from fedge.errors import FedgeError
 from fedge.files import write_json
-from fedge.models.edge import write_edge_folder
+from fedge.models.edge import check_edge_task, write_edge_folder
 from fedge.models.export import export_onnx
-from fedge.models.metrics import evaluate_classifier
-from fedge.models.registry import build_model
+from fedge.models.measures import HEADLINE, choose_threshold
+from fedge.models.registry import ModelSpec, build_model
+from fedge.models.tasks import check_task_settings, evaluate, evaluate_measures
 from fedge.protocol import (
     EDGE_MANIFEST_KEY,
     EDGE_PREDICT_KEY,
@@ -34,6 +35,7 @@ from fedge.protocol import (
     EXPECTED_CLIENT_KEY,
     FROZEN_KEY,
     MODEL_SPEC,
+    MONITOR,
     PROGRAM_KEY,
     SEED,
 )
@@ -93,15 +95,19 @@ class RunOutcome:
     best_round: int
     stopped_early: bool
     test_loss: float
-    test_accuracy: float
+    test_accuracy: float | None  # None for a task without accuracy (regression)
     onnx_report: dict
     privacy: dict | None = None  # the run's differential privacy, ε included, if any
+    test: dict | None = None  # every measure of the task on the test set, loss included
 
 
 def check_server_settings(config: RunConfig) -> None:
     """Strategy, privacy, secure-aggregation and compression settings the server cannot
     run with: one clear error, found before any file is written."""
     check_fedbuff(config)  # first: it names what FedBuff cannot be combined with
+    check_task_settings(config.task)
+    if config.devices.edge_programs:
+        check_edge_task(config.task.name)
     check_privacy(config)
     check_secagg(config)
     check_compression(config)
@@ -163,7 +169,8 @@ class Federation:
             config.strategy.patience * (buffered.eval_every if buffered else 1),
             config.strategy.min_delta, on_round=self._save_round,
             round_stats=self._round_stats(grid), epsilon=lambda: epsilon_spent(self._strategy),
-            on_initial=self._started)
+            on_initial=self._started, monitor=config.task.monitor,
+            per_client=config.privacy.dp_clip_norm is None)
         self._strategy = (self._buffered(buffered, clock) if buffered else
                           build_strategy(config, self._tracker.aggregate_train_metrics))
         started = time.perf_counter()
@@ -275,6 +282,8 @@ class Federation:
             model.update({EDGE_MANIFEST_KEY: json.dumps(self.start.edge.manifest),
                           EDGE_TRAIN_KEY: self.start.edge.train,
                           EDGE_PREDICT_KEY: self.start.edge.predict})
+        if self.config.task.monitor != "val_loss":
+            model[MONITOR] = self.config.task.monitor
         return ConfigRecord({
             **model, **self.config.training.as_config(), SEED: self.config.seed,
             EXPECTED_CLIENT_KEY: EXPECTED_CLIENT,
@@ -292,8 +301,9 @@ class Federation:
         )
 
     def _started(self, initial: dict) -> None:
-        log.info("round 0 (the starting model): val_loss %.4f val_accuracy %.4f",
-                 initial["val_loss"], initial["val_accuracy"])
+        headline = HEADLINE[self.spec.task]
+        log.info("round 0 (the starting model): val_loss %.4f val_%s %s", initial["val_loss"],
+                 headline, initial["val_measures"].get(headline))
         if self.on_start:
             self.on_start(initial)
 
@@ -305,10 +315,11 @@ class Federation:
             checkpoint.save(self.run_dir / "best.pt")
         checkpoint.save(self.run_dir / "checkpoint.pt")
         write_json(self.run_dir / "metrics.json", self._metrics(status="running"))
-        log.info("%s %d: val_loss %.4f val_accuracy %.4f (%d clients, %d failed, "
-                 "%d timed out, %.2fs)", step_name(self.config.strategy), record.round,
-                 record.val_loss, record.val_accuracy, record.num_clients, record.failures,
-                 record.timeouts, record.seconds)
+        headline = HEADLINE[self.spec.task]
+        log.info("%s %d: val_loss %.4f val_%s %s (%d clients, %d failed, %d timed out, "
+                 "%.2fs)", step_name(self.config.strategy), record.round, record.val_loss,
+                 headline, record.measured(f"val_{headline}"), record.num_clients,
+                 record.failures, record.timeouts, record.seconds)
         if self.on_round:
             self.on_round(record, improved)
 
@@ -324,6 +335,7 @@ class Federation:
             "initial": tracker.initial,
             "rounds": [r.as_dict() for r in tracker.history],
             "best_round": tracker.best_round,
+            "monitor": self.config.task.monitor,
             "stopped_early": tracker.stopped_early,
             "privacy": privacy_report(self._strategy, self.config.strategy.clients),
             **self._asynchronous_report(),
@@ -341,21 +353,41 @@ class Federation:
         tracker, data = self._tracker, self.data
         model = build_model(self.spec)
         model.load_state_dict(self._best_state)
-        test_loss, test_accuracy = evaluate_classifier(model, self.spec, data.test_x, data.test_y)
+        self.spec = self._with_threshold(model)
+        test = evaluate_measures(model, self.spec, data.test_x, data.test_y,
+                                 where="the test set")
         report = export_onnx(model, self.spec, data.test_x, self.run_dir / "model.onnx")
         report["best_round"] = tracker.best_round
         write_json(self.run_dir / "onnx_report.json", report)
         plot_curves(self.run_dir / "curves.png", [r.as_dict() for r in tracker.history],
-                    tracker.best_round, step_name(self.config.strategy))
+                    tracker.best_round, step_name(self.config.strategy),
+                    HEADLINE[self.spec.task])
         write_json(self.run_dir / "metrics.json", self._metrics(
             status="finished",
-            test={"loss": test_loss, "accuracy": test_accuracy, "samples": len(data.test_y),
-                  "round": tracker.best_round},
+            test={**test, "samples": len(data.test_y), "round": tracker.best_round},
             seconds=seconds,
         ))
         return RunOutcome(self.run_dir, len(tracker.history), tracker.best_round,
-                          tracker.stopped_early, test_loss, test_accuracy, report,
-                          privacy_report(self._strategy, self.config.strategy.clients))
+                          tracker.stopped_early, test["loss"], test.get("accuracy"), report,
+                          privacy_report(self._strategy, self.config.strategy.clients), test)
+
+    def _with_threshold(self, model: torch.nn.Module) -> ModelSpec:
+        """The spec with the decision threshold (binary, multilabel) chosen by
+        ``--threshold`` on the server's validation set at the best round, also written
+        into best.pt so that a later export keeps it."""
+        if self.spec.task not in ("binary", "multilabel"):
+            return self.spec
+        _, scores = evaluate(model, self.spec, self.data.val_x, self.data.val_y)
+        threshold = choose_threshold(self.config.task.threshold, scores, self.data.val_y)
+        spec = self.spec.model_copy(update={"threshold": threshold})
+        best = self.run_dir / "best.pt"
+        if best.exists():
+            checkpoint = load_checkpoint(best)
+            checkpoint.model_spec = spec
+            checkpoint.save(best)
+        log.info("decision threshold %s (--threshold %s, on the server's validation set)",
+                 ", ".join(f"{t:.4g}" for t in threshold), self.config.task.threshold or 0.5)
+        return spec
 
 
 def prepare(config: RunConfig, data: ServerData,

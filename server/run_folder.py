@@ -92,6 +92,20 @@ def _metrics(path: Path) -> dict:
     return metrics if isinstance(metrics, dict) else {}
 
 
+def read_metrics(path: Path) -> dict:
+    """The metrics.json of run folder ``path``, or a clear error."""
+    file = Path(path) / "metrics.json"
+    if not file.is_file():
+        raise FedgeError(f"{path} is no run folder: it has no metrics.json")
+    try:
+        metrics = json.loads(file.read_text())
+    except ValueError as error:
+        raise FedgeError(f"{file} is not valid JSON: {error}") from None
+    if not isinstance(metrics, dict):
+        raise FedgeError(f"{file} holds no run's metrics")
+    return metrics
+
+
 def save_torch(path: Path, payload: dict) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -99,9 +113,10 @@ def save_torch(path: Path, payload: dict) -> None:
 
 
 def plot_curves(path: Path, rounds: Sequence[dict], best_round: int | None,
-                unit: str = "round") -> None:
-    """Loss and accuracy per round (or FedBuff's model ``version``): clients' training
-    loss, server validation; and validation accuracy against time."""
+                unit: str = "round", headline: str = "accuracy") -> None:
+    """Loss and the task's ``headline`` measure per round (or FedBuff's model
+    ``version``): clients' training loss, server validation; and the validation measure
+    against time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,20 +127,48 @@ def plot_curves(path: Path, rounds: Sequence[dict], best_round: int | None,
     loss_axes, acc_axes, time_axes = figure.subplots(1, 3)
     loss_axes.plot(numbers, [r["train_loss"] for r in rounds], "o-", label="train (clients)")
     loss_axes.plot(numbers, [r["val_loss"] for r in rounds], "o-", label="validation (server)")
-    acc_axes.plot(numbers, [r["val_accuracy"] for r in rounds], "o-", color="tab:orange",
+    def measured(record: dict) -> float | None:
+        found = (record.get("val_measures") or {}).get(headline)
+        return found if found is not None else record.get(f"val_{headline}")
+
+    title = headline.replace("_", " ")
+    acc_axes.plot(numbers, [measured(r) for r in rounds], "o-", color="tab:orange",
                   label="validation (server)")
-    for axes, title in ((loss_axes, "loss"), (acc_axes, "accuracy")):
+    for axes, name in ((loss_axes, "loss"), (acc_axes, title)):
         if best_round is not None:
             axes.axvline(best_round, color="grey", linestyle="--", label=f"best {unit}")
-        axes.set(xlabel=unit, title=title)
+        axes.set(xlabel=unit, title=name)
         axes.legend()
     timed = [r for r in rounds if r.get("elapsed_seconds") is not None]
     simulated = any(r.get("simulated_seconds") is not None for r in timed)
-    time_axes.plot([r["elapsed_seconds"] for r in timed], [r["val_accuracy"] for r in timed],
+    time_axes.plot([r["elapsed_seconds"] for r in timed], [measured(r) for r in timed],
                    "o-", color="tab:orange", label="validation (server)")
     time_axes.set(xlabel="simulated seconds" if simulated else "seconds",
-                  title="accuracy over time")
+                  title=f"{title} over time")
     time_axes.legend()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     write_atomic(path, buffer.getvalue())
+
+
+LAG_FACTOR = 1.5  # a client lags when its local validation loss exceeds the median's by this
+
+
+def client_report(metrics: dict) -> list[dict]:
+    """Each client's last report in a run's metrics.json: the round it last took part in,
+    its examples, training loss and local validation measures, and whether it lags: its
+    local validation loss is more than :data:`LAG_FACTOR` × the median client's in that
+    table. Empty when the run kept no per-client metrics (differential privacy, or a run
+    from before them)."""
+    last: dict[str, dict] = {}
+    for record in metrics.get("rounds", []):
+        for key, values in (record.get("clients") or {}).items():
+            last[key] = {"client": key, "round": record["round"], **values}
+    rows = sorted(last.values(), key=lambda row: int(row["client"]))
+    losses = sorted(row["val_loss"] for row in rows if row.get("val_loss") is not None)
+    median = losses[len(losses) // 2] if losses else None
+    for row in rows:
+        loss = row.get("val_loss")
+        row["lags"] = bool(median is not None and loss is not None
+                           and loss > LAG_FACTOR * median)
+    return rows

@@ -41,7 +41,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from fedge.protocol import ARRAYS, METRICS, WEIGHT_KEY
+from fedge.protocol import ARRAYS, CLIENT_KEY, METRICS, WEIGHT_KEY
 from fedge.server.strategies import StrategyWrapper
 
 log = logging.getLogger("fedge.server")
@@ -190,6 +190,7 @@ def average_client_metrics(replies: list[RecordDict], weight_key: str) -> Metric
                if _finite_number(metrics.get(weight_key)) and metrics[weight_key] > 0]
     names = dict.fromkeys(key for metrics, _ in reports for key in metrics)
     names.pop(weight_key, None)
+    names.pop(CLIENT_KEY, None)  # who sent a reply: no quantity to average
     averaged = MetricRecord()
     for name in names:
         numbers = [(m[name], w) for m, w in reports if _finite_number(m.get(name))]

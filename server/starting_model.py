@@ -35,6 +35,7 @@ from fedge.models.source import (
     resolve_factory,
     with_file_path,
 )
+from fedge.models.tasks import with_task
 from fedge.models.weights import frozen_statistics_layers, load_initial_weights, matching
 
 
@@ -61,7 +62,8 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
     name = with_file_path(config.model.name, lambda path: Path(path.name))
     spec = spec_from_data(name, val_x, num_classes, config.model.dropout, vocab_size=vocab_size,
                           class_names=class_names, scale_inputs=config.model.scale_inputs,
-                          non_feature_columns=non_feature_columns)
+                          non_feature_columns=non_feature_columns, task=config.task.name)
+    spec = with_task(spec, config.task, val_y)
     check_labelled_samples(spec, val_x, val_y, "the server's validation data")
     with torch.random.fork_rng():  # the same seed, the same starting weights
         torch.manual_seed(config.seed)
@@ -70,7 +72,7 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
         else:
             origin, factory = ((config.model.name, factory) if factory
                                else resolve_factory(config.model.name))
-            model = instantiate(origin, factory, spec.input_shape, spec.num_classes,
+            model = instantiate(origin, factory, spec.input_shape, spec.outputs,
                                 spec.dropout)
             if spec.input_mean is not None:
                 add_input_scaling(model, InputScaling(spec.input_mean, spec.input_std,
@@ -89,7 +91,7 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
                          "nothing is left to train")
     frozen_statistics = frozen_statistics_layers(model, frozen)
     sample = as_input_tensor(spec, np.concatenate([val_x[:2], val_x[:1]])[:2])
-    check_logits(origin, model, sample, spec.num_classes)
+    check_logits(origin, model, sample, spec.outputs)
     if not spec.builtin:
         program = export_program(model, sample, frozen_statistics)
         # The fingerprint names the architecture, whatever --freeze keeps in eval mode: a

@@ -13,17 +13,18 @@ from functools import lru_cache
 import numpy as np
 from flwr.app import Context
 
-from fedge.client.data import LocalData, split_train_val
+from fedge.client.data import LocalData, label_strata, split_train_val
 from fedge.config import default
-from fedge.simulations.datasets import load_dataset, split_federated
+from fedge.simulations.datasets import for_task, load_dataset, split_federated
 from fedge.simulations.partition import PartitionSpec, partition_indices
 from fedge.simulations.userdata import UserData, split_user_data
 
 
 @dataclass(frozen=True)
 class SimulatedClients:
-    """A built-in data set (``dataset``), or your own files (``data``, a description that
-    holds paths, never arrays), split among ``num_clients``."""
+    """A built-in data set (``dataset``, for ``task``), or your own files (``data``, a
+    description that holds paths, never arrays, and its task), split among
+    ``num_clients``."""
 
     dataset: str | None
     partition: str
@@ -33,6 +34,8 @@ class SimulatedClients:
     val_share: float = default("val_share")
     test_share: float = default("test_share")
     data: UserData | None = None
+    task: str = default("task")
+    positive: str | None = default("positive")
 
     def local_data(self, context: Context) -> LocalData:
         return _local_data(self, int(context.node_config["partition-id"]))
@@ -42,9 +45,10 @@ class SimulatedClients:
 
 
 @lru_cache(maxsize=4)
-def _builtin_client_samples(dataset: str, seed: int, val_share: float,
-                            test_share: float) -> tuple[np.ndarray, np.ndarray]:
-    return split_federated(load_dataset(dataset, seed), seed, val_share, test_share).clients
+def _builtin_client_samples(dataset: str, seed: int, val_share: float, test_share: float,
+                            task: str, positive: str | None) -> tuple[np.ndarray, np.ndarray]:
+    data = for_task(load_dataset(dataset, seed), task, positive)
+    return split_federated(data, seed, val_share, test_share).clients
 
 
 def _client_samples(clients: SimulatedClients) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +56,7 @@ def _client_samples(clients: SimulatedClients) -> tuple[np.ndarray, np.ndarray]:
         split = split_user_data(clients.data)
         return split.x, split.y
     return _builtin_client_samples(clients.dataset, clients.seed, clients.val_share,
-                                   clients.test_share)
+                                   clients.test_share, clients.task, clients.positive)
 
 
 @lru_cache(maxsize=4)
@@ -60,8 +64,9 @@ def _partitions(clients: SimulatedClients) -> list[np.ndarray]:
     if clients.data is not None and clients.data.natural:
         return split_user_data(clients.data).partitions
     _, y = _client_samples(clients)
-    return partition_indices(y, clients.num_clients, PartitionSpec.parse(clients.partition),
-                             clients.seed)
+    # Label skew (dirichlet, shards) of a multilabel or regression task: over its strata.
+    return partition_indices(label_strata(y), clients.num_clients,
+                             PartitionSpec.parse(clients.partition), clients.seed)
 
 
 def _local_data(clients: SimulatedClients, partition_id: int) -> LocalData:

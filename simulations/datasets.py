@@ -3,14 +3,17 @@
 ``digits`` and ``breast_cancer`` are real data shipped inside scikit-learn.
 ``synthetic-sensor`` and ``synthetic-text`` are generated: no real data of that kind
 ships with an installed package, and they are labelled synthetic wherever they appear.
+All are classification data sets; those of 2 classes serve a binary task too
+(:func:`for_task`).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from fedge.datafiles import binary_labels
 from fedge.errors import FedgeError
 
 
@@ -23,6 +26,7 @@ class Dataset:
     default_model: str
     synthetic: bool
     vocab_size: int | None = None
+    class_names: tuple[str, ...] | None = None  # binary: (negative, positive)
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,25 @@ def load_dataset(name: str, seed: int = 0) -> Dataset:
     if name not in DATASETS:
         raise FedgeError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
     return DATASETS[name](seed)
+
+
+# The class names of the data sets whose classes have names, in id order.
+NAMES = {"breast_cancer": ("malignant", "benign")}
+
+
+def for_task(data: Dataset, task: str, positive: str | None = None) -> Dataset:
+    """``data`` for ``task``: as it is for classification; for a binary task its 2 classes
+    as 0/1, positive 1 (``positive`` by name or id; by default the rarest class:
+    malignant in breast_cancer, failure in synthetic-sensor). Multilabel and regression
+    tasks need the user's own data."""
+    if task == "classification":
+        return data
+    if task != "binary":
+        raise FedgeError(f"data set {data.name!r} is a classification data set; a {task} "
+                         "task needs your own data: give it with --data or --client-data")
+    (y,), names = binary_labels([data.y], NAMES.get(data.name), positive, data.y,
+                                f"data set {data.name!r}")
+    return replace(data, y=y, num_classes=2, class_names=names)
 
 
 def split_federated(data: Dataset, seed: int, server_fraction: float = 0.15,

@@ -277,7 +277,8 @@ def _outcome(run_dir: Path, status: int, failure: str | None,
     report = json.loads((run_dir / "onnx_report.json").read_text())
     return RunOutcome(run_dir, len(metrics["rounds"]), metrics["best_round"],
                       metrics["stopped_early"], metrics["test"]["loss"],
-                      metrics["test"]["accuracy"], report, metrics["privacy"])
+                      metrics["test"].get("accuracy"), report, metrics["privacy"],
+                      metrics["test"])
 
 
 def _progress(kind: str, **payload: object) -> None:

@@ -34,7 +34,7 @@ from fedge.server.starting_model import StartingModel
 from fedge.server.strategies import check_strategy_name
 from fedge.simulations.attacks import check_attack
 from fedge.simulations.clients import SimulatedClients
-from fedge.simulations.datasets import load_dataset, split_federated
+from fedge.simulations.datasets import for_task, load_dataset, split_federated
 from fedge.simulations.heterogeneity import SimulatedFleet, check_heterogeneity, with_devices
 from fedge.simulations.partition import PartitionSpec
 from fedge.simulations.ray import check_ray_settings
@@ -43,6 +43,7 @@ from fedge.simulations.userdata import (
     describe_partition,
     describe_source,
     fit_config,
+    missing_classes,
     split_user_data,
     user_data_source,
 )
@@ -62,6 +63,7 @@ class SimulationPlan:
     source: str = ""  # what the run trains on, e.g. "digits (real data)"
     partition: str = ""  # how the clients' samples were split
     holdouts: str | None = None  # your own data: where the server's samples come from
+    warnings: tuple[str, ...] = ()  # e.g. a class the server's validation set lacks
     start: StartingModel | None = None  # the model, checked and with its initial weights
 
 
@@ -80,7 +82,8 @@ def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPla
     own = user_data_source(config, data)
     if own is None:
         name = config.simulation.dataset or DEFAULT_DATASET
-        dataset = load_dataset(name, config.seed)
+        dataset = for_task(load_dataset(name, config.seed), config.task.name,
+                           config.task.positive)
         config = config.updated(dataset=name,
                                 model=config.model.name or dataset.default_model)
         check_sample_shape(config.model.name, dataset.x.shape[1:])
@@ -111,7 +114,8 @@ def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPla
                          "ever start")
     clients = SimulatedClients(simulation.dataset, simulation.partition, config.strategy.clients,
                                config.seed, simulation.val_fraction, simulation.val_share,
-                               simulation.test_share, own)
+                               simulation.test_share, own, config.task.name,
+                               config.task.positive)
     if min(clients.partition_sizes()) < 2:
         raise FedgeError(f"partition {simulation.partition!r} leaves a client with fewer than "
                          "2 samples; use fewer clients or a larger alpha")
@@ -124,11 +128,13 @@ def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPla
                                  non_feature_columns=own.non_feature_columns)
         return SimulationPlan(config, clients, server_data, False, source,
                               describe_partition(simulation, own),
-                              describe_holdouts(simulation, own_split))
+                              describe_holdouts(simulation, own_split),
+                              warnings=tuple(missing_classes(own_split)))
     split = split_federated(dataset, config.seed, simulation.val_share, simulation.test_share)
     source = f"{simulation.dataset} ({'SYNTHETIC data' if dataset.synthetic else 'real data'})"
     server_data = ServerData(*split.server_val, *split.test, num_classes=dataset.num_classes,
-                             vocab_size=dataset.vocab_size, source=source)
+                             vocab_size=dataset.vocab_size, class_names=dataset.class_names,
+                             source=source)
     return SimulationPlan(config, clients, server_data, dataset.synthetic, source,
                           simulation.partition)
 

@@ -11,6 +11,15 @@ by name (hidden ones ignored), are clients 0, 1, 2, ...
 samples, stratified by label (scikit-learn's ``train_test_split``, seeded), are taken out
 *before* any client gets its samples, as for the built-in data sets. A natural partition
 loses the held-out rows from its clients; no client ever holds a held-out sample.
+Strata by task: the class; a multilabel sample's rarest label; a regression sample's
+quantile bin of its first target. Classes of one sample pool into one stratum (a lone
+one is refused: it cannot be both held out and trained on); a multilabel or regression
+task's rare strata merge until the split can be stratified.
+
+**Tasks.** ``[task] task`` decides how labels are read (:mod:`fedge.datafiles`); a
+binary task's 2 classes become 0/1 after the hold-outs, the positive class 1 (``[task]
+positive``, by default the rarest class in the server's validation samples), and its
+class names are (negative, positive).
 
 **Class names.** Files that label samples by name give the federation the sorted union
 of all their names (``sorted()``; the first name is class 0), and every file's ids are
@@ -30,12 +39,17 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from fedge.client.data import label_strata, merged_strata, pooled_singletons
 from fedge.config import DEFAULT_DATASET, RunConfig, SimulationSettings, default
 from fedge.datafiles import (
+    MAX_LISTED,
     LabelledSamples,
     as_samples,
-    labels_to_ids,
+    binary_labels,
+    count_classes,
+    label_columns,
     load_labelled_data,
+    task_labels,
     united_class_names,
 )
 from fedge.errors import FedgeError
@@ -58,6 +72,8 @@ class UserData:
     val_share: float = default("val_share")
     test_share: float = default("test_share")
     seed: int = 0
+    task: str = default("task")
+    positive: str | None = default("positive")  # binary: the positive class, name or id
     # In-memory samples (the Python API; in-process simulations only): compared and
     # hashed by their id, so that the description stays a cheap cache key.
     memory_id: str | None = None
@@ -65,9 +81,10 @@ class UserData:
 
     @property
     def non_feature_columns(self) -> tuple[str, ...]:
-        """The columns of a CSV that are no features: the label's and the group's."""
-        return (self.label_column,) if self.group_column is None else (
-            self.label_column, self.group_column)
+        """The columns of a CSV that are no features: the label's (several, for a
+        multilabel or regression task) and the group's."""
+        labels = label_columns(self.label_column, self.task)
+        return labels if self.group_column is None else (*labels, self.group_column)
 
     @property
     def natural(self) -> bool:
@@ -77,7 +94,12 @@ class UserData:
 
 @dataclass(frozen=True)
 class UserSplit:
-    """The clients' samples, their partitions when natural, and the server's hold-outs."""
+    """The clients' samples, their partitions when natural, and the server's hold-outs.
+
+    Labels (``y``, ``val_y``, ``test_y``) as ``task`` has them: class ids (n,), binary 0/1
+    (n,) with ``class_names`` (negative, positive), a multilabel 0/1 matrix (n, L), or
+    regression targets, float32 (n, T); ``class_names`` names the classes, labels or
+    targets (None: unnamed)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -88,8 +110,11 @@ class UserSplit:
     test_x: np.ndarray
     test_y: np.ndarray
     class_names: tuple[str, ...] | None
-    num_classes: int  # named: the number of names; else the largest id seen + 1
+    # Classes (named: the number of names; else the largest id seen + 1; binary: 2),
+    # labels (multilabel) or targets (regression).
+    num_classes: int
     vocab_size: int | None  # token-id samples: the largest id seen + 1
+    task: str = default("task")
 
 
 @lru_cache(maxsize=4)
@@ -117,13 +142,22 @@ def split_user_data(source: UserData) -> UserSplit:
     partitions = None
     if codes is not None:
         partitions = _natural(codes[client_rows], names_of_groups, source)
-    every_y = np.concatenate([y, val[1], test[1]])
-    num_classes = len(class_names) if class_names else int(every_y.max()) + 1
+    y, val_y, test_y = y[client_rows], val[1], test[1]
+    if source.task == "binary":
+        (y, val_y, test_y), class_names = binary_labels(
+            [y, val_y, test_y], class_names, source.positive, val_y, _described(source))
     vocab = None
     if np.issubdtype(x.dtype, np.integer):
         vocab = int(max(x.max(), val[0].max(), test[0].max())) + 1
-    return UserSplit(x[client_rows], y[client_rows], partitions, names_of_groups, *val, *test,
-                     class_names, num_classes, vocab)
+    return UserSplit(x[client_rows], y, partitions, names_of_groups, val[0], val_y, test[0],
+                     test_y, class_names, count_classes(class_names, [y, val_y, test_y]),
+                     vocab, source.task)
+
+
+def _described(source: UserData) -> str:
+    """The samples of ``source`` in a message."""
+    return (source.data or source.client_data or MEMORY) + (
+        " with its server files" if source.val_data or source.test_data else "")
 
 
 def _first(pool: list[tuple[LabelledSamples, object]]) -> object:
@@ -133,7 +167,8 @@ def _first(pool: list[tuple[LabelledSamples, object]]) -> object:
 def _read(source: UserData, path: str | Path, group_column: str | None = None
           ) -> LabelledSamples:
     return load_labelled_data(Path(path), label_column=source.label_column,
-                              sample_shape=source.sample_shape, group_column=group_column)
+                              sample_shape=source.sample_shape, group_column=group_column,
+                              task=source.task)
 
 
 def _pool(source: UserData) -> tuple[list[tuple[LabelledSamples, object]], np.ndarray | None,
@@ -196,7 +231,7 @@ def _checked_memory(samples: LabelledSamples, source: UserData) -> LabelledSampl
         x = x.reshape(len(x), *source.sample_shape)
     if len(x) == 0:
         raise FedgeError(f"{MEMORY} hold no samples")
-    y, names = labels_to_ids(np.asarray(samples.y), MEMORY, samples.class_names)
+    y, names = task_labels(np.asarray(samples.y), MEMORY, source.task, samples.class_names)
     groups = None if samples.groups is None else np.asarray(samples.groups).astype(str)
     return LabelledSamples(x, y, names, groups)
 
@@ -220,7 +255,8 @@ def _same_kind(x: np.ndarray, reference: np.ndarray, where: object, reference_so
 
 def _hold_outs(y: np.ndarray, source: UserData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of the clients, of the server's validation and of the test set: a stated
-    share of the samples, stratified by label, for each hold-out not given as a file."""
+    share of the samples, stratified by label (:func:`hold_out_strata`), for each
+    hold-out not given as a file."""
     rows, none = np.arange(len(y)), np.zeros(0, dtype=np.int64)
     take_test, take_val = source.test_data is None, source.val_data is None
     if take_test and take_val and source.val_share + source.test_share >= 1:
@@ -237,10 +273,22 @@ def _hold_outs(y: np.ndarray, source: UserData) -> tuple[np.ndarray, np.ndarray,
     return rows, val_rows, test_rows
 
 
+def hold_out_strata(y: np.ndarray, share: float) -> np.ndarray:
+    """The strata a hold-out of ``share`` of the samples labelled ``y`` keeps in
+    proportion: classes (those of a single sample pooled); a multilabel sample's rarest
+    label, a regression sample's quantile bin of its first target, rare ones merged until
+    each side of the split can hold a sample of every stratum."""
+    if y.ndim == 1:
+        return pooled_singletons(y)
+    held = math.ceil(share * len(y))  # as train_test_split counts a share
+    return merged_strata(label_strata(y), min(held, len(y) - held))
+
+
 def _stratified(y: np.ndarray, rows: np.ndarray, share: float, seed: int, what: str,
                 stated: float, option: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        kept, held = train_test_split(rows, test_size=share, stratify=y[rows],
+        kept, held = train_test_split(rows, test_size=share,
+                                      stratify=hold_out_strata(y[rows], share),
                                       random_state=seed)
     except ValueError as error:
         raise FedgeError(f"cannot hold out {stated:.0%} of the {len(y)} samples for the "
@@ -312,6 +360,7 @@ def user_data_source(config: RunConfig, data: LabelledSamples | None = None
         group_column=spec.column if spec.kind == "column" else None,
         sample_shape=None if config.data.input_shape is None else tuple(config.data.input_shape),
         val_share=simulation.val_share, test_share=simulation.test_share, seed=config.seed,
+        task=config.task.name, positive=config.task.positive,
         memory_id=None if data is None else uuid.uuid4().hex, memory=data)
 
 
@@ -331,18 +380,59 @@ def fit_config(config: RunConfig, source: UserData, split: UserSplit) -> RunConf
         updates["clients"] = count
     if config.model.name is None:
         updates["model"] = default_model(split.x)
-    classes = split.num_classes
-    if split.class_names is not None and config.data.num_classes not in (None, classes):
-        raise FedgeError(f"num_classes {config.data.num_classes} does not match the {classes} "
-                         f"class names of the data: {', '.join(split.class_names)}")
-    if config.data.num_classes is not None and config.data.num_classes < classes:
-        raise FedgeError(f"num_classes {config.data.num_classes} is too small for the data, "
-                         f"whose labels go up to {classes - 1}")
-    if max(classes, config.data.num_classes or 0) < 2:
-        only = split.class_names[0] if split.class_names else "0"
+    _check_outputs(config.data.num_classes, split)
+    return config.updated(**updates)
+
+
+def _check_outputs(asked: int | None, split: UserSplit) -> None:
+    """``num_classes`` (``asked``; None: the data's) against the data: classes enough for
+    a classifier, and for a binary, multilabel or regression task exactly the data's
+    classes, labels or targets."""
+    count, names = split.num_classes, split.class_names
+    if split.task in ("multilabel", "regression"):
+        what = "label" if split.task == "multilabel" else "target"
+        if asked not in (None, count):
+            named = f": {', '.join(names)}" if names else ""
+            raise FedgeError(f"num_classes {asked} does not match the {count} {what}s of the "
+                             f"data{named}")
+        if count < 1:
+            raise FedgeError(f"no sample has a {what}; a {split.task} task needs at least 1")
+        return
+    if split.task == "binary" and asked not in (None, 2):
+        raise FedgeError(f"num_classes {asked} does not match a binary task's 2 classes: "
+                         f"{', '.join(names)}")
+    if names is not None and asked not in (None, count):
+        raise FedgeError(f"num_classes {asked} does not match the {count} "
+                         f"class names of the data: {', '.join(names)}")
+    if asked is not None and asked < count:
+        raise FedgeError(f"num_classes {asked} is too small for the data, "
+                         f"whose labels go up to {count - 1}")
+    if max(count, asked or 0) < 2:
+        only = names[0] if names else "0"
         raise FedgeError(f"the samples hold only one class ({only}); a classifier needs at "
                          "least 2")
-    return config.updated(**updates)
+
+
+def missing_classes(split: UserSplit) -> list[str]:
+    """Warnings, one line per set, naming the classes (a multilabel task's labels) the
+    server's validation or test set has no sample of: its measures of them are undefined,
+    and the best round is chosen blind to them. Clients lacking a class are normal."""
+    if split.task == "regression":
+        return []
+    names = split.class_names or tuple(str(i) for i in range(split.num_classes))
+    kind, kinds, sample = (("label", "labels", "positive sample") if split.task == "multilabel"
+                           else ("class", "classes", "sample"))
+    warnings = []
+    for what, y in (("validation", split.val_y), ("test", split.test_y)):
+        present = (y.any(axis=0) if y.ndim == 2
+                   else np.isin(np.arange(len(names)), y))
+        lacking = [repr(name) for name, here in zip(names, present, strict=True) if not here]
+        if not lacking:
+            continue
+        shown = ", ".join(lacking[:MAX_LISTED]) + (", ..." if len(lacking) > MAX_LISTED else "")
+        listed = f"{kind} {shown}" if len(lacking) == 1 else f"{len(lacking)} {kinds}: {shown}"
+        warnings.append(f"the server's {what} set has no {sample} of {listed}")
+    return warnings
 
 
 def default_model(x: np.ndarray) -> str:
@@ -361,9 +451,19 @@ def describe_source(simulation: SimulationSettings, source: UserData, split: Use
     where = (f"data {simulation.data}" if simulation.data else
              f"client data {simulation.client_data}" if simulation.client_data else
              "in-memory data")
-    classes = (f"{len(split.class_names)} named classes" if split.class_names
-               else f"{split.num_classes} classes")
-    return f"{where} (real data, {classes})"
+    return f"{where} (real data, {_labelled(split)})"
+
+
+def _labelled(split: UserSplit) -> str:
+    """What the samples' labels are, e.g. "10 named classes", "binary, positive fraud"."""
+    if split.task == "binary":
+        return f"binary, positive class {split.class_names[1]}"
+    one, many = {"classification": ("class", "classes"), "multilabel": ("label", "labels"),
+                 "regression": ("target", "targets")}[split.task]
+    named = "named " if split.class_names else ""
+    what = one if split.num_classes == 1 else many
+    return f"{split.num_classes} {named}{what}" + (
+        "" if split.task == "classification" else f" ({split.task})")
 
 
 def describe_partition(simulation: SimulationSettings, source: UserData) -> str:
@@ -371,12 +471,18 @@ def describe_partition(simulation: SimulationSettings, source: UserData) -> str:
             else simulation.partition)
 
 
+STRATA = {"classification": "label", "binary": "label",
+          "multilabel": "each sample's rarest label",
+          "regression": "quantiles of the first target"}
+
+
 def describe_holdouts(simulation: SimulationSettings, split: UserSplit) -> str:
     """Where the server's validation and test samples come from."""
     def held(name: str, path: str | None, share: float, count: int) -> str:
         if path:
             return f"{name} {path} ({count} samples)"
-        return f"{name} {count} samples ({share:.0%} of the data, stratified by label)"
+        return (f"{name} {count} samples ({share:.0%} of the data, stratified by "
+                f"{STRATA[split.task]})")
 
     validation = held("validation", simulation.val_data, simulation.val_share, len(split.val_y))
     test = held("test", simulation.test_data, simulation.test_share, len(split.test_y))

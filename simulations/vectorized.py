@@ -18,12 +18,17 @@ same metrics.
 - **Same samples, same order.** Client ``k``'s samples, train/validation split and
   mini-batch order are those of the sequential path (the same seeds, the same
   :func:`~fedge.client.training.shuffled_batches`).
+- **The task's loss.** ``ℓ_i`` is sample ``i``'s loss for the spec's task
+  (:func:`fedge.models.tasks.loss` with ``reduction="none"``, against
+  :func:`~fedge.models.tasks.targets`): cross-entropy, binary cross-entropy with logits,
+  per label, or regression's loss in standard units.
 - **Unequal sizes.** Step ``s`` of an epoch takes batch ``s`` of every client that still
   has one; a shorter batch is padded to the batch size ``B`` with weights ``m_i = 0``, and
-  client ``k``'s loss is ``L_k = Σ_i m_i ℓ_i / Σ_i m_i``, exactly its mean over its real
-  samples. The clients optimize ``Σ_k (L_k + μ/2 ||W_k − w_global||²)``, whose gradient
-  with respect to ``W_k`` is client ``k``'s own (FedProx's term against the round's
-  global weights).
+  client ``k``'s loss is ``L_k = Σ_i m_i ℓ_i / Σ_i m_i c_i``, exactly its mean over its real
+  samples (``c_i``: the weight of sample ``i``'s class for weighted cross-entropy, as
+  ``reduction="mean"`` divides by it; else 1). The clients optimize
+  ``Σ_k (L_k + μ/2 ||W_k − w_global||²)``, whose gradient with respect to ``W_k`` is
+  client ``k``'s own (FedProx's term against the round's global weights).
 - **Masked updates.** Only the clients with a batch in this step (and not stopped or
   failed) are updated: their rows of ``W`` and of the optimizer state are gathered,
   stepped and written back; every other client's parameters and optimizer state stay
@@ -35,9 +40,12 @@ same metrics.
              w ← w − (lr / (1 − β₁^t)) · m / (√v / √(1 − β₂^t) + ε)
       SGD:   b ← g (first step), else b ← 0.9 b + g;  w ← w − lr · b
 
-- **Local early stopping** per client on its own validation loss: a client whose loss has
-  not improved for ``patience`` epochs stops and keeps its best weights, while the others
-  go on; a client whose training loss is no longer finite fails alone, as sequentially.
+- **Local early stopping** per client on its own validation split, as
+  :class:`~fedge.client.training.EarlyStopping` decides from its loss and the task's
+  measures (:func:`~fedge.client.training.local_measures`): a client whose monitored
+  measure has not improved for ``patience`` epochs stops and keeps its best weights, while
+  the others go on; a client whose training loss is no longer finite fails alone, as
+  sequentially.
 
 On the CPU with one torch thread the results match sequential training within
 :data:`TOLERANCE` (relative) for a deterministic model: batched kernels sum in another
@@ -58,7 +66,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import Error, Message
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
@@ -68,6 +75,7 @@ from torch.func import functional_call, vmap
 
 from fedge.client.app import (
     DataLoaderFn,
+    client_key,
     federation_model,
     fit_to_model,
     train_reply,
@@ -88,7 +96,9 @@ from fedge.client.training import (
 )
 from fedge.config import RunConfig, TrainingSettings, default
 from fedge.errors import FedgeError
+from fedge.models import tasks
 from fedge.models.exchange import frozen_from_config
+from fedge.models.measures import SCALARS, measures
 from fedge.models.program import ProgramModel
 from fedge.models.registry import ModelSpec, as_input_tensor
 from fedge.protocol import ARRAYS, CONFIG
@@ -238,7 +248,7 @@ class VectorizedGrid(SimulatedNodes):
                             "clients %s", problem, self.fallback_name)
         if self._problems[key]:
             return False
-        trained, datas, settings = [], [], []
+        trained, datas, settings, keys = [], [], [], []
         for message in group:
             node = message.metadata.dst_node_id
             if not 0 <= node - FIRST_CLIENT_NODE_ID < self.num_nodes:
@@ -247,12 +257,15 @@ class VectorizedGrid(SimulatedNodes):
                 continue
             context = node_context(node, self.num_nodes, self._run_id)
             try:
-                datas.append(fit_to_model(spec, self.load_data(context)))
-                settings.append(training_settings(config, context))
+                data = fit_to_model(spec, self.load_data(context))
+                setting = training_settings(config, context)
             except Exception as error:  # a failing client must not end the round
                 self._fail(message, error)
                 continue
             trained.append(message)
+            datas.append(data)
+            settings.append(setting)
+            keys.append(client_key(context))
         if not trained:
             return True
         started = time.perf_counter()
@@ -262,13 +275,13 @@ class VectorizedGrid(SimulatedNodes):
             results += train_together(model, spec, datas[chunk], settings[chunk], frozen,
                                       device)
         seconds = time.perf_counter() - started  # they trained at once: the round took this
-        for message, data, result in zip(trained, datas, results, strict=True):
+        for message, data, key, result in zip(trained, datas, keys, results, strict=True):
             if isinstance(result, Exception):
                 self._fail(message, result)
                 continue
             report, state = result
             self._replies[message.metadata.message_id] = Message(
-                train_reply(state, frozen, len(data.train_x), report, seconds),
+                train_reply(state, frozen, len(data.train_x), report, seconds, key),
                 reply_to=message)
         return True
 
@@ -351,10 +364,13 @@ def _first_line(error: Exception) -> str:
 
 @dataclass
 class _StackedSamples:
-    """K clients' samples in one tensor; client k's are rows ``offsets[k] + 0..n_k-1``."""
+    """K clients' samples in one tensor; client k's are rows ``offsets[k] + 0..n_k-1``:
+    inputs, the task's targets (:func:`fedge.models.tasks.targets`), and each sample's
+    share of its mean loss's denominator (:func:`_loss_shares`)."""
 
     x: torch.Tensor
     y: torch.Tensor
+    share: torch.Tensor
     offsets: list[int]
     sizes: list[int]
 
@@ -364,8 +380,8 @@ class _StackedSamples:
         sizes = [len(x) for x, _ in parts]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
         x = torch.cat([training_inputs(spec, x) for x, _ in parts]).to(device)
-        y = torch.cat([torch.as_tensor(y, dtype=torch.int64) for _, y in parts]).to(device)
-        return cls(x, y, offsets, sizes)
+        y = torch.cat([tasks.targets(spec, y) for _, y in parts]).to(device)
+        return cls(x, y, _loss_shares(spec, y), offsets, sizes)
 
     def padded(self, clients: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Row indices ``(len(clients), max n_k)`` of these clients' samples in order,
@@ -376,6 +392,23 @@ class _StackedSamples:
         mask = columns < sizes[:, None]
         rows = torch.tensor([self.offsets[k] for k in clients])[:, None] + columns * mask
         return rows.to(self.x.device), mask.to(self.x.device, torch.float32)
+
+
+def _loss_shares(spec: ModelSpec, target: torch.Tensor) -> torch.Tensor:
+    """What each sample adds to the denominator of a mean loss: the weight of its class for
+    weighted cross-entropy (``reduction="mean"`` divides by their sum), else 1."""
+    if spec.task == "classification" and spec.class_weights is not None:
+        weights = torch.tensor(spec.class_weights, dtype=torch.float32, device=target.device)
+        return weights[target]
+    return torch.ones(len(target), device=target.device)
+
+
+def _per_sample_loss(spec: ModelSpec, outputs: torch.Tensor, target: torch.Tensor
+                     ) -> torch.Tensor:
+    """The task's loss of every sample of ``(clients, samples, ...)`` outputs, shaped
+    ``(clients, samples)``."""
+    return tasks.loss(spec, outputs.flatten(0, 1), target.flatten(0, 1),
+                      reduction="none").view(outputs.shape[:2])
 
 
 class _Optimizer:
@@ -451,10 +484,11 @@ def train_together(model: nn.Module | ProgramModel, spec: ModelSpec, data: list[
                    randomness="different")
     batches = [shuffled_batches(n, s) for n, s in zip(train.sizes, settings, strict=True)]
 
+    val_labels = [d.val_y for d in data]
     everyone = list(range(clients))
-    initial = _evaluate(model, weights, val, everyone)
-    stopping = [EarlyStopping(loss, accuracy, training.local_patience)
-                for loss, accuracy in initial]
+    initial = _evaluate(model, spec, weights, val, val_labels, everyone)
+    stopping = [EarlyStopping(measured, training.local_patience, common.monitor)
+                for measured in initial]
     errors: dict[int, FedgeError] = {}
     epochs, train_loss = [0] * clients, [float("nan")] * clients
     running = everyone
@@ -471,11 +505,10 @@ def train_together(model: nn.Module | ProgramModel, spec: ModelSpec, data: list[
             rows = torch.tensor([running[r] for r in active], device=device)
             index, real = order[picked, columns], mask[picked, columns]
             leaves = {n: w[rows].requires_grad_() for n, w in weights.items()}
-            logits = forward(leaves, train.x[index])
-            per_sample = F.cross_entropy(logits.flatten(0, 1), train.y[index].flatten(),
-                                         reduction="none").view(real.shape)
+            per_sample = _per_sample_loss(spec, forward(leaves, train.x[index]),
+                                          train.y[index])
             count = real.sum(dim=1)
-            losses = (per_sample * real).sum(dim=1) / count
+            losses = (per_sample * real).sum(dim=1) / (train.share[index] * real).sum(dim=1)
             objective = losses.sum()
             if common.proximal_mu > 0:
                 objective = objective + common.proximal_mu / 2 * sum(
@@ -491,9 +524,9 @@ def train_together(model: nn.Module | ProgramModel, spec: ModelSpec, data: list[
                 errors[k] = error
         running = [k for k in running if k not in errors]
         improved, still = [], []
-        for k, (loss, accuracy) in zip(running, _evaluate(model, weights, val, running),
-                                       strict=True):
-            better, stop = stopping[k].update(epoch, loss, accuracy)
+        measured = _evaluate(model, spec, weights, val, val_labels, running)
+        for k, found in zip(running, measured, strict=True):
+            better, stop = stopping[k].update(epoch, found)
             if better:
                 improved.append(k)
             if not stop:
@@ -512,9 +545,9 @@ def train_together(model: nn.Module | ProgramModel, spec: ModelSpec, data: list[
             results.append(errors[k])
             continue
         s = stopping[k]
-        report = TrainReport(train_loss=train_loss[k], val_loss=s.best_val_loss,
-                             val_accuracy=s.best_val_accuracy, epochs=epochs[k],
-                             best_epoch=s.best_epoch,
+        report = TrainReport(train_loss=train_loss[k], val_loss=s.best["loss"],
+                             val_measures={n: v for n, v in s.best.items() if n != "loss"},
+                             epochs=epochs[k], best_epoch=s.best_epoch,
                              stopped_early=epochs[k] < training.local_epochs)
         results.append((report, {n: best[n][k] if n in best else v for n, v in state.items()}))
     return results
@@ -536,10 +569,12 @@ def _epoch_order(train: _StackedSamples, running: list[int], loaders: list, size
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module | ProgramModel, weights: dict[str, torch.Tensor],
-              val: _StackedSamples, clients: list[int]) -> list[tuple[float, float]]:
-    """Each client's mean cross-entropy and accuracy on its validation samples, in eval
-    mode, with its own weights (as :func:`fedge.models.metrics.evaluate_classifier`)."""
+def _evaluate(model: nn.Module | ProgramModel, spec: ModelSpec,
+              weights: dict[str, torch.Tensor], val: _StackedSamples,
+              labels: list[np.ndarray], clients: list[int]) -> list[dict[str, float | None]]:
+    """Each client's ``loss`` and the task's scalar measures on its validation samples
+    (``labels``: every client's own), in eval mode, with its own weights: what
+    :func:`fedge.client.training.local_measures` gives sequentially."""
     if not clients:
         return []
     module = _module(model, False)
@@ -550,12 +585,15 @@ def _evaluate(model: nn.Module | ProgramModel, weights: dict[str, torch.Tensor],
         part = clients[start:start + chunk]
         rows, mask = val.padded(part)
         picked = torch.tensor(part, device=rows.device)
-        logits = forward({n: w[picked] for n, w in weights.items()}, val.x[rows])
-        labels = val.y[rows]
-        per_sample = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                     reduction="none").view(mask.shape)
+        outputs = forward({n: w[picked] for n, w in weights.items()}, val.x[rows])
+        per_sample = _per_sample_loss(spec, outputs, val.y[rows])
         loss_sum = (per_sample * mask).sum(dim=1).double().tolist()
-        correct = ((logits.argmax(dim=-1) == labels).float() * mask).sum(dim=1).tolist()
-        results += [(loss / val.sizes[k], hits / val.sizes[k])
-                    for k, loss, hits in zip(part, loss_sum, correct, strict=True)]
+        shares = (val.share[rows] * mask).sum(dim=1).double().tolist()
+        for j, k in enumerate(part):
+            scores = tasks.scores(spec, outputs[j, :val.sizes[k]]).float().cpu().numpy()
+            found = measures(spec.task, scores, labels[k], threshold=spec.threshold,
+                             names=spec.class_names, where=None)
+            loss = loss_sum[j] / shares[j] if shares[j] > 0 else float("nan")
+            results.append({"loss": loss, **{name: found.get(name)
+                                             for name in SCALARS[spec.task]}})
     return results

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from sklearn.datasets import load_diabetes
 
 from fedge.client.app import build_trainer
 from fedge.client.data import split_train_val
@@ -736,3 +737,25 @@ def test_a_loopback_deployment_trains_your_model_on_devices_without_its_source(d
     assert metrics["test"]["accuracy"] > 0.5
     importers = set((d.root / "operator" / "imports.log").read_text().split())
     assert importers and all(marker.endswith("-server") for marker in importers), importers
+
+
+def test_a_regression_task_trains_across_machines(deployment):
+    """Clients read their float targets with --task regression; the server reports the
+    task's measures and every client's own, under its node id."""
+    d = deployment(rounds=2, model='"mlp"', task='"regression"', **{"local-epochs": 1})
+    data = load_diabetes()
+    x, y = data.data.astype(np.float32), data.target.astype(np.float32)
+    np.savez(d.root / "val.npz", x=x[:60], y=y[:60])
+    np.savez(d.root / "test.npz", x=x[60:120], y=y[60:120])
+    for i, rows in enumerate(np.array_split(np.arange(120, len(y)), 3)):
+        np.savez(d.root / f"device{i}.npz", x=x[rows], y=y[rows])
+    server = d.server()
+    clients = [d.client(f"device{i}", f"device{i}.npz", "--task", "regression")
+               for i in range(3)]
+    assert server.wait(timeout=300) == 0, d.logs()
+    metrics = d.metrics()
+    assert metrics["status"] == "finished" and metrics["test"]["rmse"] < y.std() * 1.5
+    node_ids = {str(d.node_id(f"device{i}")) for i in range(3)}
+    assert set(metrics["rounds"][-1]["clients"]) == node_ids
+    for client in clients:
+        assert client.wait(timeout=60) == 0, d.logs()

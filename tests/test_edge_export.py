@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedge.errors import FedgeError
+from fedge.models import tasks
 from fedge.models.blob import pack, unpack
 from fedge.models.registry import MODELS, ModelSpec, build_model, spec_from_data
 from fedge.simulations.datasets import load_dataset
@@ -57,6 +58,43 @@ def test_each_built_in_models_programs_match_pytorch_on_real_samples(name):
     off = edge.run_program(programs.train, [*inputs, torch.tensor(0.0)])[0]
     on = edge.run_program(programs.train, [*inputs, torch.tensor(1.0)])[0]
     assert torch.isfinite(on) and float(on) != float(off)
+
+
+def test_a_binary_tasks_programs_carry_its_weighted_loss_and_two_class_logits():
+    # Devices send 0/1 as int64 class ids; the program casts them for binary cross-entropy
+    # with the positives' weight, and answers the class logits [0, z] a device evaluates.
+    _, spec, x, y = built("mlp", dropout=0.0)
+    spec = spec.model_copy(update={"task": "binary", "class_weights": (3.0,)})
+    torch.manual_seed(0)
+    model = build_model(spec)
+    programs = edge.export_edge_programs(model, spec, x, y, max_batch=8)
+    assert programs.manifest["task"] == "binary" and programs.manifest["num_classes"] == 2
+
+    state = [v for v in model.state_dict().values() if v.dtype.is_floating_point]
+    xb, yb = edge._batch(spec, x[16:24], y[16:24], 8)
+    assert yb.dtype == torch.int64 and 0 < int(yb.sum()) < 8  # both classes in the batch
+    loss, logits, *_ = edge.run_program(programs.train, [*state, xb, yb, torch.tensor(0.0)])
+    (predicted,) = edge.run_program(programs.predict, [*state, xb])
+    with torch.no_grad():
+        z = model.eval()(xb)
+        expected = tasks.loss(spec, z, tasks.targets(spec, y[16:24]))
+    torch.testing.assert_close(loss, expected, rtol=0, atol=edge.TOLERANCE)
+    assert float(expected) != pytest.approx(float(tasks.loss(
+        spec.model_copy(update={"class_weights": None}), z, tasks.targets(spec, y[16:24]))))
+    two_columns = torch.cat([torch.zeros_like(z), z], dim=1)
+    for got in (logits, predicted):
+        torch.testing.assert_close(got, two_columns, rtol=0, atol=edge.TOLERANCE)
+
+
+@pytest.mark.parametrize(("task", "refused"), [("classification", False), ("binary", False),
+                                               ("multilabel", True), ("regression", True)])
+def test_devices_refuse_the_tasks_whose_labels_they_cannot_carry(task, refused):
+    spec = ModelSpec(name="mlp", input_shape=(4,), num_classes=2, dropout=0.0, task=task)
+    if not refused:
+        edge.check_edge_task(spec)
+        return
+    with pytest.raises(FedgeError, match=f"train classification and binary tasks, not {task}"):
+        edge.check_edge_task(task)
 
 
 class BatchNormNet(nn.Module):

@@ -33,7 +33,7 @@ def test_a_client_on_tiny_data_stops_early_and_keeps_its_best_weights():
     # The model holds the best epoch's weights, not the last epoch's.
     val_loss, val_accuracy = evaluate_classifier(model, spec, data.val_x, data.val_y)
     assert val_loss == pytest.approx(report.val_loss, abs=1e-6)
-    assert val_accuracy == report.val_accuracy
+    assert val_accuracy == report.val_measures["accuracy"]
 
 
 def test_weights_are_kept_when_no_epoch_beats_the_received_model():
@@ -56,7 +56,7 @@ def test_training_without_a_plateau_uses_the_whole_epoch_budget():
                            LocalTraining(TrainingSettings(local_epochs=2, local_patience=2)),
                            torch.device("cpu"))
     assert report.epochs == 2 and not report.stopped_early
-    assert report.val_accuracy > 0.5
+    assert report.val_measures["accuracy"] > 0.5
 
 
 def test_dropout_is_active_in_training_and_off_in_evaluation():

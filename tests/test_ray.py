@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sklearn.datasets import load_diabetes
 
 from fedge.config import RunConfig
 from fedge.processes import free_port
@@ -278,3 +279,24 @@ def test_an_unreachable_cluster_is_refused_before_anything_starts(tmp_path):
 def test_gpus_without_cuda_are_refused(tmp_path):
     assert_simulation_refused(tmp_path, ["--backend", "ray", "--client-gpus", "0.5"],
                               "needs a CUDA GPU")
+
+
+@pytest.mark.timeout(400)
+def test_a_regression_task_trains_on_a_ray_cluster(ray_head, tmp_path):
+    data = load_diabetes()
+    rows = [",".join([*map(str, x), str(t)]) for x, t in zip(data.data, data.target,
+                                                           strict=True)]
+    csv = tmp_path / "diabetes.csv"
+    csv.write_text(",".join([*(f"f{k}" for k in range(10)), "progression"]) + "\n"
+                   + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    result = fedge_marked(f"fedge-run-{uuid.uuid4().hex}", "simulate", "--backend", "ray",
+                          "--ray-address", ray_head.address, "--client-cpus", "1",
+                          "--rounds", "2", "--clients", "3", "--data", str(csv),
+                          "--label-column", "progression", "--task", "regression",
+                          "--model", "mlp", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "val_mae" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["rmse"] < data.target.std() * 1.5
+    assert sorted(metrics["rounds"][-1]["clients"], key=int) == ["0", "1", "2"]

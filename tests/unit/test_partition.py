@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from fedge.client.data import label_strata
 from fedge.errors import FedgeError
 from fedge.simulations.datasets import load_dataset, split_federated
 from fedge.simulations.partition import PartitionSpec, partition_indices
@@ -81,3 +82,18 @@ def test_held_out_sets_are_stratified_and_disjoint_from_client_samples():
     assert sizes[1] == sizes[2] == pytest.approx(0.15 * len(data.y), abs=2)
     for _, labels in (split.server_val, split.test):
         assert set(labels) == set(range(10))
+
+
+def test_multilabel_and_regression_labels_skew_clients_by_their_strata():
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=(300, 2)).astype(np.float32)
+    labels = (rng.random((300, 4)) < [0.5, 0.3, 0.1, 0.02]).astype(np.int64)
+    for y in (targets, labels):
+        strata = label_strata(y)
+        assert strata.shape == (300,) and strata.dtype == np.int64
+        parts = partition_indices(strata, 5, PartitionSpec.parse("dirichlet:0.5"), seed=0)
+        assert sorted(np.concatenate(parts)) == list(range(300))
+    assert set(label_strata(targets).tolist()) == set(range(10))  # deciles of the first
+    rarest = label_strata(labels)
+    assert (rarest[labels[:, 3] == 1] == 3).all()
+    assert (rarest[labels.sum(axis=1) == 0] == 4).all()  # no label: a stratum of its own
