@@ -13,7 +13,7 @@ from fedge.client.data import LocalData
 from fedge.config import TrainingSettings
 from fedge.errors import FedgeError
 from fedge.models import tasks
-from fedge.models.measures import SCALARS, higher_is_better, measures
+from fedge.models.measures import SCALARS, improves, measures
 from fedge.models.registry import ModelSpec, as_input_tensor
 
 
@@ -104,11 +104,33 @@ def local_measures(spec: ModelSpec, model: nn.Module, x: np.ndarray, y: np.ndarr
     return {"loss": loss, **{name: found.get(name) for name in SCALARS[spec.task]}}
 
 
+# A local split's measure of classes (recall, PR-AUC, ...) needs this many samples of
+# each class (positives and negatives per label): on fewer it is too coarse to stop on.
+MIN_SAMPLES_PER_CLASS = 5
+
+
+def local_monitor(spec: ModelSpec, val_y: np.ndarray, monitor: str) -> str:
+    """What a client stops early on: the server's ``monitor`` where its validation split
+    allows it (every class, or each label's positives and negatives, at least
+    :data:`MIN_SAMPLES_PER_CLASS` times; any split for a regression measure), else
+    ``val_loss``."""
+    if monitor == "val_loss" or spec.task == "regression":
+        return monitor
+    y = np.asarray(val_y)
+    if spec.task == "multilabel":
+        positives = y.sum(axis=0)
+        fewest = min(int(positives.min()), int((len(y) - positives).min()))
+    else:
+        classes = 2 if spec.task == "binary" else spec.num_classes
+        fewest = int(np.bincount(y.astype(np.int64), minlength=classes).min())
+    return monitor if fewest >= MIN_SAMPLES_PER_CLASS else "val_loss"
+
+
 class EarlyStopping:
     """Local early stopping: the received weights count as epoch 0; a client stops once its
-    monitored measure has not improved for ``patience`` epochs. The measure is the
-    server's ``monitor`` when the client's validation split defines it at epoch 0 (a
-    PR-AUC needs a positive), else the validation loss."""
+    ``monitor``ed measure (:func:`local_monitor`) has not improved for ``patience``
+    epochs, ties broken by the validation loss; on the validation loss when the measure
+    is undefined at epoch 0."""
 
     def __init__(self, initial: dict[str, float | None], patience: int,
                  monitor: str = "val_loss") -> None:
@@ -116,16 +138,11 @@ class EarlyStopping:
         self.measure = name if initial.get(name) is not None else "loss"
         self.best, self.best_epoch, self.patience = initial, 0, patience
 
-    def _value(self, measured: dict[str, float | None]) -> float:
-        value = measured.get(self.measure)
-        if value is None:
-            return -math.inf if higher_is_better(self.measure) else math.inf
-        return value
-
     def update(self, epoch: int, measured: dict[str, float | None]) -> tuple[bool, bool]:
         """After ``epoch``: (its weights are the best so far, the client stops now)."""
-        now, best = self._value(measured), self._value(self.best)
-        if now > best if higher_is_better(self.measure) else now < best:
+        value = measured.get(self.measure)
+        if value is not None and improves(self.measure, value, self.best.get(self.measure),
+                                          loss=measured["loss"], best_loss=self.best["loss"]):
             self.best, self.best_epoch = measured, epoch
             return True, False
         return False, epoch - self.best_epoch >= self.patience
@@ -178,7 +195,8 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
     def validate() -> dict[str, float | None]:
         return local_measures(spec, model, data.val_x, data.val_y, device)
 
-    stopping = EarlyStopping(validate(), settings.training.local_patience, settings.monitor)
+    stopping = EarlyStopping(validate(), settings.training.local_patience,
+                             local_monitor(spec, data.val_y, settings.monitor))
     best_state = _snapshot(model)
     epoch, train_loss = 0, float("nan")
     for epoch in range(1, settings.training.local_epochs + 1):

@@ -40,6 +40,21 @@ def higher_is_better(measure: str) -> bool:
     return measure.removeprefix("val_").removeprefix("test_") not in LOWER_IS_BETTER
 
 
+def improves(measure: str, value: float, best: float | None, min_delta: float = 0.0,
+             loss: float | None = None, best_loss: float | None = None) -> bool:
+    """Whether ``value`` of ``measure`` improves on ``best`` by more than ``min_delta``, in
+    the measure's direction; an equal value does when its ``loss`` is lower than
+    ``best_loss``: a coarse measure (a PR-AUC on a few positives) reaches its best early
+    and then ties, while the model still gets better."""
+    if best is None:
+        return True
+    gain = value - best if higher_is_better(measure) else best - value
+    if gain > min_delta:
+        return True
+    return (gain == 0 and loss is not None and best_loss is not None and loss < best_loss
+            and measure.removeprefix("val_") != "loss")
+
+
 def monitorable(task: str) -> tuple[str, ...]:
     """What ``--monitor`` may name for ``task``."""
     return ("val_loss", *(f"val_{name}" for name in SCALARS[task]))

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedge.models.measures import SCALARS, higher_is_better
+from fedge.models.measures import SCALARS, improves
 from fedge.models.registry import ModelSpec, build_model
 from fedge.models.tasks import evaluate_measures
 from fedge.protocol import CLIENT_KEY, DEVICES_KEY, WEIGHT_KEY
@@ -84,7 +84,7 @@ def per_client(replies: list[RecordDict]) -> dict[str, dict]:
                 name: value for name, value in metrics.items()
                 if name not in (CLIENT_KEY, DEVICES_KEY, WEIGHT_KEY)
                 and isinstance(value, int | float)}
-    return dict(sorted(found.items(), key=lambda item: int(item[0])))
+    return found
 
 
 OnRound = Callable[[RoundRecord, ArrayRecord, bool], None]
@@ -135,6 +135,7 @@ class RoundTracker:
         self.initial: dict | None = None
         self.best_round: int | None = None
         self.best_value: float | None = None
+        self.best_loss: float | None = None  # the best round's, which breaks ties
         self.stopped_early = False
         self._client_metrics: tuple[MetricRecord, int, float | None] | None = None
         self._clients: dict | None = None
@@ -153,7 +154,11 @@ class RoundTracker:
         self.initial = initial
         for record in self.history:
             if self._improves(record):
-                self.best_round, self.best_value = record.round, record.measured(self.monitor)
+                self._best(record)
+
+    def _best(self, record: RoundRecord) -> None:
+        self.best_round, self.best_value = record.round, record.measured(self.monitor)
+        self.best_loss = record.val_loss
 
     @property
     def aggregated_rounds(self) -> int:
@@ -166,11 +171,8 @@ class RoundTracker:
         value = record.measured(self.monitor)
         if record.num_clients == 0 or value is None:
             return False
-        if self.best_value is None:
-            return True
-        if higher_is_better(self.monitor):
-            return value > self.best_value + self.min_delta
-        return value < self.best_value - self.min_delta
+        return improves(self.monitor, value, self.best_value, self.min_delta,
+                        record.val_loss, self.best_loss)
 
     def plateaued(self) -> bool:
         return self.completed_rounds - (self.best_round or 0) >= self.patience
@@ -184,7 +186,8 @@ class RoundTracker:
                        if isinstance(s, int | float) and math.isfinite(s)), default=None)
         self._client_metrics = (metrics, len(replies), slowest)
         self._contributions = contributions(replies, weight_key)
-        self._clients = per_client(replies) if self.per_client else None
+        if self.per_client:  # FedBuff aggregates several times between two evaluations
+            self._clients = {**(self._clients or {}), **per_client(replies)}
         return metrics
 
     def count_rejected(self, rejected: int) -> None:
@@ -214,7 +217,7 @@ class RoundTracker:
         self.history.append(record)
         improved = self._improves(record)
         if improved:
-            self.best_round, self.best_value = server_round, record.measured(self.monitor)
+            self._best(record)
         self.on_round(record, arrays, improved)
         if self.plateaued():
             self.stopped_early = True
@@ -225,6 +228,8 @@ class RoundTracker:
         metrics, num_clients, slowest = self._client_metrics or ({}, 0, None)
         shares, self._client_metrics, self._contributions = self._contributions, None, None
         clients, self._clients = self._clients, None
+        if clients is not None:
+            clients = dict(sorted(clients.items(), key=lambda item: int(item[0])))
         stats = self.round_stats()
         now, started = time.perf_counter(), self._clock
         self._clock = now

@@ -90,6 +90,7 @@ from fedge.client.training import (
     LocalTraining,
     TrainReport,
     diverged,
+    local_monitor,
     pick_device,
     shuffled_batches,
     training_inputs,
@@ -487,8 +488,9 @@ def train_together(model: nn.Module | ProgramModel, spec: ModelSpec, data: list[
     val_labels = [d.val_y for d in data]
     everyone = list(range(clients))
     initial = _evaluate(model, spec, weights, val, val_labels, everyone)
-    stopping = [EarlyStopping(measured, training.local_patience, common.monitor)
-                for measured in initial]
+    stopping = [EarlyStopping(measured, training.local_patience,
+                              local_monitor(spec, labels, common.monitor))
+                for measured, labels in zip(initial, val_labels, strict=True)]
     errors: dict[int, FedgeError] = {}
     epochs, train_loss = [0] * clients, [float("nan")] * clients
     running = everyone

@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn import metrics as sk
 
+from fedge.client.training import local_monitor
 from fedge.config import TaskSettings
 from fedge.errors import FedgeError
 from fedge.models import tasks
@@ -184,3 +185,21 @@ def test_the_client_report_flags_a_client_far_behind_the_median():
     rows = client_report({"rounds": [{"round": 1, "clients": clients}]})
     assert [row["lags"] for row in rows] == [False, False, False, True]
     assert client_report({"rounds": [{"round": 1, "clients": None}]}) == []
+
+
+def test_an_equal_monitored_measure_with_a_lower_loss_is_an_improvement():
+    history = [_record(1, 0.50, 1.0), _record(2, 0.30, 1.0), _record(3, 0.40, 1.0)]
+    tracker = RoundTracker(None, None, None, patience=3, min_delta=0.0, on_round=None,
+                           round_stats=None, monitor="val_pr_auc")
+    tracker.resume(history, None)
+    assert tracker.best_round == 2  # PR-AUC ties at 1.0; round 2's loss is the lowest
+
+
+def test_a_client_stops_on_the_monitored_measure_only_where_its_split_measures_it():
+    spec = ModelSpec(name="mlp", input_shape=(4,), num_classes=2, dropout=0.0, task="binary")
+    few = np.array([0] * 20 + [1] * 2)
+    enough = np.array([0] * 20 + [1] * 5)
+    assert local_monitor(spec, few, "val_pr_auc") == "val_loss"
+    assert local_monitor(spec, enough, "val_pr_auc") == "val_pr_auc"
+    regression = spec.model_copy(update={"task": "regression", "num_classes": 1})
+    assert local_monitor(regression, np.zeros((3, 1)), "val_mae") == "val_mae"
