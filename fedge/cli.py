@@ -309,8 +309,6 @@ def _print_plan(plan: Any) -> None:
                       highlight=False)
     if plan.holdouts:
         console.print(f"[bold]server hold-outs[/]: {escape(plan.holdouts)}", highlight=False)
-    for warning in plan.warnings:
-        errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if staged := describe_attack(settings):
         console.print(f"[bold red]attack[/]: {staged}", highlight=False)
     if devices := describe_devices(settings):

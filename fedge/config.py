@@ -199,7 +199,7 @@ class StrategySettings(Section):
     rounds: int = Field(20, ge=1, description="maximum rounds (fedbuff: model versions)")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients per round")
     min_clients: int = Field(2, ge=1, description="minimum clients per round")
-    patience: int = Field(3, ge=1, description="rounds without improvement of the monitored "
+    patience: int = Field(5, ge=1, description="rounds without improvement of the monitored "
                           "measure (--monitor; validation loss by default) before the run "
                           "stops")
     min_delta: float = Field(0.0, ge=0.0, description="smallest change of the monitored "

@@ -65,9 +65,33 @@ def _warn_once(message: str) -> None:
     log.warning("warning: %s", message)
 
 
-def _warn(where: str | None, message: str) -> None:
-    if where is not None:
-        _warn_once(f"{where} {message}")
+def lacking(task: str, y: np.ndarray, names: Sequence[str] | None, count: int) -> list[str]:
+    """The ``count`` classes (multilabel: labels) that ``y`` has no sample (positive) of."""
+    if task == "regression":
+        return []
+    y = np.asarray(y)
+    if task == "multilabel":
+        present = y.reshape(len(y), -1).any(axis=0) if len(y) else np.zeros(count, bool)
+    else:
+        present = np.isin(np.arange(count), y)
+    return [name for name, here in zip(_named(names, count), present, strict=True)
+            if not here]
+
+
+def warn_lacking(where: str | None, task: str, y: np.ndarray,
+                 names: Sequence[str] | None, count: int) -> None:
+    """One warning, once, naming the classes (labels) the set ``where`` lacks: a run names
+    them when it starts, and every evaluation on that set would otherwise repeat it."""
+    missing = lacking(task, y, names, count)
+    if where is None or not missing:
+        return
+    kind = "label" if task == "multilabel" else "class"
+    sample = "positive sample" if task == "multilabel" else "sample"
+    shown = ", ".join(map(repr, missing[:10])) + (", ..." if len(missing) > 10 else "")
+    kinds = "labels" if task == "multilabel" else "classes"
+    listed = f"{kind} {shown}" if len(missing) == 1 else f"{len(missing)} {kinds}: {shown}"
+    them = "it" if len(missing) == 1 else "them"
+    _warn_once(f"{where} has no {sample} of {listed}; the measures that need {them} are null")
 
 
 def measures(task: str, scores: np.ndarray, y: np.ndarray, *,
@@ -80,13 +104,15 @@ def measures(task: str, scores: np.ndarray, y: np.ndarray, *,
     scores, y = np.asarray(scores, dtype=np.float64), np.asarray(y)
     if len(y) == 0:
         return {name: None for name in SCALARS[task]}
+    outputs = 2 if task == "binary" else scores.reshape(len(y), -1).shape[1]
+    warn_lacking(where, task, y, names, outputs)
     if task == "classification":
-        return _classification(scores, y.astype(np.int64), names, where)
+        return _classification(scores, y.astype(np.int64), names)
     if task == "binary":
         cut = DEFAULT_THRESHOLD if threshold is None else float(threshold[0])
-        return _binary(scores.reshape(-1), y.reshape(-1).astype(np.int64), cut, names, where)
+        return _binary(scores.reshape(-1), y.reshape(-1).astype(np.int64), cut, names)
     if task == "multilabel":
-        return _multilabel(scores, y.astype(np.int64), threshold, names, where)
+        return _multilabel(scores, y.astype(np.int64), threshold, names)
     return _regression(scores.reshape(len(y), -1), y.astype(np.float64).reshape(len(y), -1),
                        names)
 
@@ -113,29 +139,26 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(values))
 
 
-def _per_class(confusion: np.ndarray, names: list[str], where: str | None) -> dict:
+def _per_class(confusion: np.ndarray, names: list[str]) -> dict:
     table = {}
     for k, name in enumerate(names):
         true_positives = confusion[k, k]
         support = int(confusion[k].sum())
         precision = _ratio(true_positives, confusion[:, k].sum())
         recall = _ratio(true_positives, support)
-        if support == 0:
-            _warn(where, f"has no sample of class {name!r}: its recall, F1 and the macro "
-                  "averages are null")
         table[name] = {"precision": precision, "recall": recall,
                        "f1": _f1(precision if precision is not None else 0.0, recall),
                        "support": support}
     return table
 
 
-def _classification(scores: np.ndarray, y: np.ndarray, names: Sequence[str] | None,
-                    where: str | None) -> dict:
+def _classification(scores: np.ndarray, y: np.ndarray, names: Sequence[str] | None
+                    ) -> dict:
     classes = scores.shape[1]
     predicted = scores.argmax(axis=1)
     confusion = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(confusion, (y, predicted), 1)
-    per_class = _per_class(confusion, _named(names, classes), where)
+    per_class = _per_class(confusion, _named(names, classes))
     return {
         "accuracy": float(np.mean(predicted == y)),
         "balanced_accuracy": _mean([c["recall"] for c in per_class.values()]),
@@ -145,28 +168,24 @@ def _classification(scores: np.ndarray, y: np.ndarray, names: Sequence[str] | No
     }
 
 
-def _ranking(y: np.ndarray, scores: np.ndarray, label: str, where: str | None
-             ) -> tuple[float | None, float | None]:
+def _ranking(y: np.ndarray, scores: np.ndarray) -> tuple[float | None, float | None]:
     """ROC-AUC and average precision (PR-AUC), or None where ``y`` lacks a class."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     positives = int(y.sum())
     if positives == 0 or positives == len(y):
-        undefined = "recall, F1, ROC-AUC and PR-AUC" if positives == 0 else "ROC-AUC and PR-AUC"
-        lacking = "no" if positives == 0 else "only"
-        _warn(where, f"has {lacking} positive samples of {label}: its {undefined} are null")
         return None, None
     return float(roc_auc_score(y, scores)), float(average_precision_score(y, scores))
 
 
 def _binary(probability: np.ndarray, y: np.ndarray, threshold: float,
-            names: Sequence[str] | None, where: str | None) -> dict:
+            names: Sequence[str] | None) -> dict:
     negative, positive = _named(names, 2)
     predicted = (probability >= threshold).astype(np.int64)
     confusion = np.zeros((2, 2), dtype=np.int64)
     np.add.at(confusion, (y, predicted), 1)
-    per_class = _per_class(confusion, [negative, positive], None)  # _ranking warns
-    roc_auc, pr_auc = _ranking(y, probability, f"class {positive!r}", where)
+    per_class = _per_class(confusion, [negative, positive])
+    roc_auc, pr_auc = _ranking(y, probability)
     return {
         "accuracy": float(np.mean(predicted == y)),
         "balanced_accuracy": _mean([c["recall"] for c in per_class.values()]),
@@ -179,7 +198,7 @@ def _binary(probability: np.ndarray, y: np.ndarray, threshold: float,
 
 
 def _multilabel(probability: np.ndarray, y: np.ndarray, threshold: Sequence[float] | None,
-                names: Sequence[str] | None, where: str | None) -> dict:
+                names: Sequence[str] | None) -> dict:
     labels = _named(names, y.shape[1])
     cuts = np.full(y.shape[1], DEFAULT_THRESHOLD) if threshold is None else np.asarray(
         threshold, dtype=np.float64)
@@ -189,7 +208,7 @@ def _multilabel(probability: np.ndarray, y: np.ndarray, threshold: Sequence[floa
     for k, label in enumerate(labels):
         precision = _ratio(true_positives[k], predicted[:, k].sum())
         recall = _ratio(true_positives[k], y[:, k].sum())
-        _, average_precision = _ranking(y[:, k], probability[:, k], f"label {label!r}", where)
+        _, average_precision = _ranking(y[:, k], probability[:, k])
         per_label[label] = {"precision": precision, "recall": recall,
                             "f1": _f1(precision if precision is not None else 0.0, recall),
                             "average_precision": average_precision,

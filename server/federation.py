@@ -25,7 +25,7 @@ from fedge.errors import FedgeError
 from fedge.files import write_json
 from fedge.models.edge import check_edge_task, write_edge_folder
 from fedge.models.export import export_onnx
-from fedge.models.measures import HEADLINE, choose_threshold
+from fedge.models.measures import HEADLINE, choose_threshold, warn_lacking
 from fedge.models.registry import ModelSpec, build_model
 from fedge.models.tasks import check_task_settings, evaluate, evaluate_measures
 from fedge.protocol import (
@@ -50,7 +50,7 @@ from fedge.server.privacy import (
     min_round_clients,
     privacy_report,
 )
-from fedge.server.rounds import GlobalEarlyStop, RoundRecord, RoundTracker
+from fedge.server.rounds import VALIDATION_SET, GlobalEarlyStop, RoundRecord, RoundTracker
 from fedge.server.run_folder import plot_curves
 from fedge.server.screening import EXPECTED_CLIENT, UpdateScreen
 from fedge.server.secagg import check_secagg, run_secure_rounds, secure_round_stats
@@ -66,6 +66,7 @@ from fedge.server.strategies import (
 log = logging.getLogger("fedge.server")
 
 EDGE_FOLDER = "edge"  # the run folder's device programs (fedge.models.edge)
+TEST_SET = "the server's test set"  # as warnings name it
 REFERENCE_SAMPLES = 64  # held-out inputs kept in checkpoints to verify later exports
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_CHANGES = {"rounds", "round_timeout", "join_timeout", "min_results", "backend",
@@ -174,6 +175,7 @@ class Federation:
         self._strategy = (self._buffered(buffered, clock) if buffered else
                           build_strategy(config, self._tracker.aggregate_train_metrics))
         started = time.perf_counter()
+        self._name_lacking_classes()
         if self.start.edge is not None:
             write_edge_folder(self.start.edge, self.run_dir / EDGE_FOLDER)
         strategy, arrays = self._starting_point()
@@ -187,6 +189,15 @@ class Federation:
             self._fail(self._nothing_to_export(grid.last_failure))
         self.outcome = self._finish(time.perf_counter() - started)
         return self.outcome
+
+    def _name_lacking_classes(self) -> None:
+        """Warn, as the run starts, of each class the server's validation or test set has
+        no sample of: the measures that need it are null, and the best round is chosen
+        blind to it. Clients lacking a class are normal."""
+        spec = self.spec
+        for where, y in ((VALIDATION_SET, self.data.val_y), (TEST_SET, self.data.test_y)):
+            warn_lacking(where, spec.task, y, spec.class_names,
+                         2 if spec.task == "binary" else spec.num_classes)
 
     def _nothing_to_export(self, last_failure: str | None) -> str:
         """Why no round gave a model worth exporting, in one line."""
@@ -354,8 +365,7 @@ class Federation:
         model = build_model(self.spec)
         model.load_state_dict(self._best_state)
         self.spec = self._with_threshold(model)
-        test = evaluate_measures(model, self.spec, data.test_x, data.test_y,
-                                 where="the test set")
+        test = evaluate_measures(model, self.spec, data.test_x, data.test_y, where=TEST_SET)
         report = export_onnx(model, self.spec, data.test_x, self.run_dir / "model.onnx")
         report["best_round"] = tracker.best_round
         write_json(self.run_dir / "onnx_report.json", report)

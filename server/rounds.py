@@ -16,6 +16,8 @@ from fedge.protocol import CLIENT_KEY, DEVICES_KEY, WEIGHT_KEY
 from fedge.server.grid import RoundStats
 from fedge.server.screening import average_client_metrics, client_metrics
 
+VALIDATION_SET = "the server's validation set"  # as warnings name it
+
 
 class GlobalEarlyStop(Exception):
     """Raised from the evaluation callback to end ``Strategy.start`` early."""
@@ -202,7 +204,7 @@ class RoundTracker:
         model = build_model(self.spec)
         model.load_state_dict(arrays.to_torch_state_dict())
         found = evaluate_measures(model, self.spec, self.val_x, self.val_y,
-                                  where="the server's validation set")
+                                  where=VALIDATION_SET)
         metrics = {"val_loss": found["loss"], **server_measures(found, self.spec.task)}
         if server_round <= self.completed_rounds:  # the starting model, fresh or resumed
             if self.initial is None:

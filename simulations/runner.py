@@ -43,7 +43,6 @@ from fedge.simulations.userdata import (
     describe_partition,
     describe_source,
     fit_config,
-    missing_classes,
     split_user_data,
     user_data_source,
 )
@@ -63,7 +62,6 @@ class SimulationPlan:
     source: str = ""  # what the run trains on, e.g. "digits (real data)"
     partition: str = ""  # how the clients' samples were split
     holdouts: str | None = None  # your own data: where the server's samples come from
-    warnings: tuple[str, ...] = ()  # e.g. a class the server's validation set lacks
     start: StartingModel | None = None  # the model, checked and with its initial weights
 
 
@@ -128,8 +126,7 @@ def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPla
                                  non_feature_columns=own.non_feature_columns)
         return SimulationPlan(config, clients, server_data, False, source,
                               describe_partition(simulation, own),
-                              describe_holdouts(simulation, own_split),
-                              warnings=tuple(missing_classes(own_split)))
+                              describe_holdouts(simulation, own_split))
     split = split_federated(dataset, config.seed, simulation.val_share, simulation.test_share)
     source = f"{simulation.dataset} ({'SYNTHETIC data' if dataset.synthetic else 'real data'})"
     server_data = ServerData(*split.server_val, *split.test, num_classes=dataset.num_classes,

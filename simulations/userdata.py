@@ -42,7 +42,6 @@ from sklearn.model_selection import train_test_split
 from fedge.client.data import label_strata, merged_strata, pooled_singletons
 from fedge.config import DEFAULT_DATASET, RunConfig, SimulationSettings, default
 from fedge.datafiles import (
-    MAX_LISTED,
     LabelledSamples,
     as_samples,
     binary_labels,
@@ -411,28 +410,6 @@ def _check_outputs(asked: int | None, split: UserSplit) -> None:
         only = names[0] if names else "0"
         raise FedgeError(f"the samples hold only one class ({only}); a classifier needs at "
                          "least 2")
-
-
-def missing_classes(split: UserSplit) -> list[str]:
-    """Warnings, one line per set, naming the classes (a multilabel task's labels) the
-    server's validation or test set has no sample of: its measures of them are undefined,
-    and the best round is chosen blind to them. Clients lacking a class are normal."""
-    if split.task == "regression":
-        return []
-    names = split.class_names or tuple(str(i) for i in range(split.num_classes))
-    kind, kinds, sample = (("label", "labels", "positive sample") if split.task == "multilabel"
-                           else ("class", "classes", "sample"))
-    warnings = []
-    for what, y in (("validation", split.val_y), ("test", split.test_y)):
-        present = (y.any(axis=0) if y.ndim == 2
-                   else np.isin(np.arange(len(names)), y))
-        lacking = [repr(name) for name, here in zip(names, present, strict=True) if not here]
-        if not lacking:
-            continue
-        shown = ", ".join(lacking[:MAX_LISTED]) + (", ..." if len(lacking) > MAX_LISTED else "")
-        listed = f"{kind} {shown}" if len(lacking) == 1 else f"{len(lacking)} {kinds}: {shown}"
-        warnings.append(f"the server's {what} set has no {sample} of {listed}")
-    return warnings
 
 
 def default_model(x: np.ndarray) -> str:

@@ -125,6 +125,8 @@ def fedbuff_config(**settings: object) -> RunConfig:
 def without_wall_time(metrics: dict) -> dict:
     for record in metrics["rounds"]:
         record.pop("seconds"), record.pop("slowest_client_seconds")
+        for client in (record.get("clients") or {}).values():
+            client.pop("train_seconds")
     return {key: metrics[key] for key in ("rounds", "versions", "asynchronous")}
 
 

@@ -3,6 +3,7 @@ multi-label, each trained, judged by its own measures, exported with what `fedge
 needs, in the modes a federation runs in."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -105,6 +106,22 @@ def test_every_round_records_each_clients_own_metrics_and_report_shows_them(bina
     shown = run_fedge("report", str(binary_run.run_dir))
     assert shown.returncode == 0, shown.stderr
     assert "4 clients; lagging:" in shown.stdout
+
+
+def test_a_run_names_the_class_its_validation_set_lacks_once_as_it_starts(fraud_csv,
+                                                                          tmp_path):
+    header, *rows = Path(fraud_csv).read_text().splitlines()
+    benign_only = tmp_path / "val.csv"
+    benign_only.write_text("\n".join([header, *[r for r in rows if r.endswith(",benign")][:60]]))
+    result = run_fedge("simulate", "--data", fraud_csv, "--val-data", str(benign_only),
+                       "--label-column", "diagnosis", "--rounds", "2", "--clients", "3",
+                       "--model", "mlp", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "validation set has no" in line]
+    assert warned == ["warning: the server's validation set has no sample of class "
+                      "'malignant'; the measures that need it are null"]
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][0]
+    assert record["val_measures"]["per_class"]["malignant"]["recall"] is None
 
 
 def test_a_regression_run_answers_in_the_users_units(diabetes_csv, tmp_path):

@@ -3,6 +3,7 @@ data cannot define is null, never a perfect score; thresholds meet their rule; t
 monitored measure picks the best round in its own direction."""
 
 import logging
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -10,10 +11,17 @@ import torch
 from sklearn import metrics as sk
 
 from fedge.client.training import local_monitor
-from fedge.config import TaskSettings
+from fedge.config import TaskName, TaskSettings
 from fedge.errors import FedgeError
 from fedge.models import tasks
-from fedge.models.measures import choose_threshold, higher_is_better, measures
+from fedge.models.measures import (
+    HEADLINE,
+    SCALARS,
+    choose_threshold,
+    higher_is_better,
+    measures,
+    warn_lacking,
+)
 from fedge.models.registry import ModelSpec
 from fedge.server.rounds import RoundRecord, RoundTracker
 from fedge.server.run_folder import client_report
@@ -203,3 +211,19 @@ def test_a_client_stops_on_the_monitored_measure_only_where_its_split_measures_i
     assert local_monitor(spec, enough, "val_pr_auc") == "val_pr_auc"
     regression = spec.model_copy(update={"task": "regression", "num_classes": 1})
     assert local_monitor(regression, np.zeros((3, 1)), "val_mae") == "val_mae"
+
+
+def test_a_set_lacking_classes_is_named_once_in_one_line(caplog):
+    y = np.array([0, 0, 2, 2])
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            warn_lacking("the set of a unit test", "classification", y, ("a", "b", "c", "d"), 4)
+            measures("classification", np.eye(4)[[0, 0, 2, 2]], y, names=("a", "b", "c", "d"),
+                     where="the set of a unit test")
+    lines = [r.getMessage() for r in caplog.records if "a unit test" in r.getMessage()]
+    assert lines == ["warning: the set of a unit test has no sample of 2 classes: 'b', 'd'; "
+                     "the measures that need them are null"]
+
+
+def test_every_task_the_settings_take_has_its_measures():
+    assert get_args(TaskName) == tuple(SCALARS) == tuple(HEADLINE)

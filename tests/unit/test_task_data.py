@@ -14,14 +14,13 @@ from fedge.client.deployment import DeviceData
 from fedge.config import RunConfig
 from fedge.datafiles import binary_labels, load_labelled_data, remap_labels
 from fedge.errors import FedgeError
+from fedge.models.measures import lacking
 from fedge.server.deployment import ServerSettings, load_server_data
 from fedge.simulations.datasets import for_task, load_dataset
 from fedge.simulations.runner import _plan_data
 from fedge.simulations.userdata import (
     UserData,
-    UserSplit,
     fit_config,
-    missing_classes,
     split_user_data,
 )
 
@@ -310,7 +309,8 @@ def test_stratified_hold_outs_keep_a_rare_class_in_validation_and_test(tmp_path)
     assert split.class_names == ("ok", "fraud")
     assert split.val_y.sum() >= 1 and split.test_y.sum() >= 1
     assert split.y.sum() + split.val_y.sum() + split.test_y.sum() == 4
-    assert missing_classes(split) == []
+    assert lacking("binary", split.val_y, split.class_names, 2) == []
+    assert lacking("binary", split.test_y, split.class_names, 2) == []
 
 
 def test_multilabel_hold_outs_keep_a_rare_label(tmp_path):
@@ -344,26 +344,20 @@ def test_classes_of_one_sample_are_pooled_rather_than_refused(tmp_path):
     assert len(split.y) + len(split.val_y) + len(split.test_y) == 62
 
 
-def test_the_classes_the_servers_sets_lack_are_warned_of_and_printed_by_the_plan(tmp_path):
+def test_a_validation_file_without_a_class_is_kept_and_the_class_named(tmp_path):
     pool = cancer_csv(tmp_path / "pool.csv", np.arange(200))
     benign = np.flatnonzero(load_breast_cancer().target == 1)[-30:]
     val = cancer_csv(tmp_path / "val.csv", benign)
     source = UserData(data=str(pool), val_data=str(val), label_column="diagnosis")
 
-    assert missing_classes(split_user_data(source)) == [
-        "the server's validation set has no sample of class 'malignant'"]
-    plan = _plan_data(RunConfig(data=str(pool), val_data=str(val), label_column="diagnosis",
-                                clients=3), None)
-    assert plan.warnings == ("the server's validation set has no sample of class "
-                             "'malignant'",)
+    split = split_user_data(source)
+    assert lacking("classification", split.val_y, split.class_names, 2) == ["malignant"]
 
 
-def test_missing_labels_of_a_multilabel_split_are_named():
+def test_missing_labels_of_a_multilabel_set_are_named():
     y = np.array([[1, 0], [0, 1]])
-    split = UserSplit(np.zeros((2, 1)), y, None, None, np.zeros((1, 1)), y[:1],
-                      np.zeros((2, 1)), y, ("cat", "dog"), 2, None, "multilabel")
-    assert missing_classes(split) == ["the server's validation set has no positive sample of "
-                                      "label 'dog'"]
+    assert lacking("multilabel", y[:1], ("cat", "dog"), 2) == ["dog"]
+    assert lacking("multilabel", y, ("cat", "dog"), 2) == []
 
 
 def test_fit_config_checks_each_tasks_outputs(tmp_path):
