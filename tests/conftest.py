@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -53,6 +54,13 @@ def run_fedge(*args: str, timeout: float = 300, env: dict | None = None,
         [sys.executable, "-m", "fedge", *args], capture_output=True, text=True,
         timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd,
     )
+
+
+def takes_ctrl_c() -> None:
+    """A ``preexec_fn``: the child takes Ctrl-C as a terminal's foreground job does, even
+    when the tests run with SIGINT ignored (inherited by a background job of a
+    non-interactive shell, ``pytest &``), which Python would otherwise pass on to it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def path_without_this_python() -> str:

@@ -108,7 +108,7 @@ def test_a_run_in_which_no_client_can_train_ends_with_an_error_and_no_model(tmp_
     model = write_user_model(tmp_path, UNTRAINABLE_MODEL)
     run_dir = tmp_path / "run"
     args = ["simulate", "--model", f"{model}:Net", "--clients", "3", "--rounds", "6",
-            "--local-epochs", "1", "--workers", "1", "--out", str(run_dir)]
+            "--local-epochs", "1", "--workers", "1", "--patience", "3", "--out", str(run_dir)]
     result = subprocess.run([sys.executable, "-m", "fedge", *args], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
@@ -117,7 +117,7 @@ def test_a_run_in_which_no_client_can_train_ends_with_an_error_and_no_model(tmp_
     assert "the training loss became nan" in errors[0]  # the clients' own reason
     assert "Traceback" not in result.stderr and "★ best" not in result.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # the default patience (3) ends it: rounds that aggregate nothing never improve
+    # patience 3 ends it: rounds that aggregate nothing never improve
     assert [r["num_clients"] for r in metrics["rounds"]] == [0, 0, 0]
     assert metrics["status"] == "failed" and metrics["best_round"] is None
     assert metrics["error"] in errors[0]

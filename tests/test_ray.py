@@ -24,7 +24,7 @@ from fedge.processes import free_port
 from fedge.simulations.ray import FlowerLog, federation_config
 from fedge.simulations.workers import available_cores
 
-from conftest import assert_simulation_refused, run_fedge
+from conftest import assert_simulation_refused, run_fedge, takes_ctrl_c
 from test_deployment import MARKER, marked_processes
 
 pytestmark = pytest.mark.ray
@@ -192,6 +192,7 @@ def test_flowers_chatter_and_tracebacks_stay_out_of_the_output_without_verbose()
 def _fedge_process(marker: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fedge", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=takes_ctrl_c,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", MARKER: marker})
 
 

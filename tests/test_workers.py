@@ -21,6 +21,8 @@ from fedge.simulations import runner
 from fedge.simulations.runner import plan_simulation
 from fedge.simulations.workers import WorkerGrid, resolve_workers
 
+from conftest import takes_ctrl_c
+
 SMALL = {"dataset": "digits", "clients": 6, "rounds": 2, "local_epochs": 1, "seed": 3,
          "partition": "iid", "patience": 5}
 
@@ -200,7 +202,7 @@ def test_ctrl_c_ends_the_run_and_every_worker(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "fedge", "simulate", "--workers", "2", "--clients", "6",
          "--rounds", "100", "--local-epochs", "1", "--patience", "100", "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=takes_ctrl_c,
         start_new_session=True)  # its own process group, as a terminal's foreground job
     try:
         deadline = time.monotonic() + 180
