@@ -121,8 +121,7 @@ def local_monitor(spec: ModelSpec, val_y: np.ndarray, monitor: str) -> str:
         positives = y.sum(axis=0)
         fewest = min(int(positives.min()), int((len(y) - positives).min()))
     else:
-        classes = 2 if spec.task == "binary" else spec.num_classes
-        fewest = int(np.bincount(y.astype(np.int64), minlength=classes).min())
+        fewest = int(np.bincount(y.astype(np.int64), minlength=spec.num_classes).min())
     return monitor if fewest >= MIN_SAMPLES_PER_CLASS else "val_loss"
 
 

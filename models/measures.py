@@ -17,6 +17,8 @@ from functools import cache
 
 import numpy as np
 
+from fedge.datafiles import MAX_LISTED
+
 log = logging.getLogger("fedge")
 
 # The measure a task shows beside the loss on the console and in the Python API's result.
@@ -82,13 +84,15 @@ def warn_lacking(where: str | None, task: str, y: np.ndarray,
                  names: Sequence[str] | None, count: int) -> None:
     """One warning, once, naming the classes (labels) the set ``where`` lacks: a run names
     them when it starts, and every evaluation on that set would otherwise repeat it."""
-    missing = lacking(task, y, names, count)
-    if where is None or not missing:
+    if where is None:
         return
-    kind = "label" if task == "multilabel" else "class"
-    sample = "positive sample" if task == "multilabel" else "sample"
-    shown = ", ".join(map(repr, missing[:10])) + (", ..." if len(missing) > 10 else "")
-    kinds = "labels" if task == "multilabel" else "classes"
+    missing = lacking(task, y, names, count)
+    if not missing:
+        return
+    kind, kinds, sample = (("label", "labels", "positive sample") if task == "multilabel"
+                           else ("class", "classes", "sample"))
+    shown = ", ".join(map(repr, missing[:MAX_LISTED])) + (
+        ", ..." if len(missing) > MAX_LISTED else "")
     listed = f"{kind} {shown}" if len(missing) == 1 else f"{len(missing)} {kinds}: {shown}"
     them = "it" if len(missing) == 1 else "them"
     _warn_once(f"{where} has no {sample} of {listed}; the measures that need {them} are null")

@@ -196,8 +196,7 @@ class Federation:
         blind to it. Clients lacking a class are normal."""
         spec = self.spec
         for where, y in ((VALIDATION_SET, self.data.val_y), (TEST_SET, self.data.test_y)):
-            warn_lacking(where, spec.task, y, spec.class_names,
-                         2 if spec.task == "binary" else spec.num_classes)
+            warn_lacking(where, spec.task, y, spec.class_names, spec.num_classes)
 
     def _nothing_to_export(self, last_failure: str | None) -> str:
         """Why no round gave a model worth exporting, in one line."""
