@@ -7,6 +7,7 @@ reply, and the server evaluates the global model itself.
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -51,8 +52,11 @@ def local_training_from_config(config: dict, node_seed: int) -> LocalTraining:
 
 def fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
     """The samples in the model's input shape (flat CSV rows are reshaped), or a clear
-    error: the first round is where a device learns which model it trains."""
+    error: the first round is where a device learns which model it trains. Texts are
+    tokenized to the model's length with this device's copy of its tokenizer."""
     data = _in_federation_ids(spec, data)
+    if data.train_x.dtype.kind == "U":
+        data = _tokenized(spec, data)
     sample_shape = tuple(data.train_x.shape[1:])
     if sample_shape != spec.input_shape:
         if math.prod(sample_shape) != math.prod(spec.input_shape):
@@ -64,6 +68,17 @@ def fit_to_model(spec: ModelSpec, data: LocalData) -> LocalData:
                          data.class_names)
     _check_labels(spec, np.concatenate([data.train_y, data.val_y]))
     return data
+
+
+def _tokenized(spec: ModelSpec, data: LocalData) -> LocalData:
+    if spec.pretrained is None or spec.base_folder is None:
+        raise CannotTakePart(f"this device holds texts, but the federation's {spec.name!r} "
+                             f"model takes samples of shape {spec.input_shape}")
+    from fedge.models.hf import encode, load_tokenizer
+
+    tokenizer = load_tokenizer(Path(spec.base_folder), spec.input_shape[0])
+    return LocalData(encode(tokenizer, data.train_x), data.train_y,
+                     encode(tokenizer, data.val_x), data.val_y, data.class_names)
 
 
 def _check_labels(spec: ModelSpec, labels: np.ndarray) -> None:
@@ -100,13 +115,18 @@ def _in_federation_ids(spec: ModelSpec, data: LocalData) -> LocalData:
     return LocalData(data.train_x, train_y, data.val_x, val_y, spec.class_names)
 
 
-def federation_model(config: dict) -> tuple[ModelSpec, nn.Module]:
-    """The model the server's train config describes: a built-in network, or your own as
-    a program (no source code, nothing that runs Python); a device that cannot build it
-    (an unknown model, from a newer fedge) cannot take part in any round."""
+def federation_model(config: dict, base_folder: Path | None = None
+                     ) -> tuple[ModelSpec, nn.Module]:
+    """The model the server's train config describes: a built-in network, your own as a
+    program (no source code, nothing that runs Python), or a pretrained model over this
+    device's copy of its base at ``base_folder``; a device that cannot build it (an unknown
+    model, from a newer fedge; another base model) cannot take part in any round."""
     try:
         spec = ModelSpec.from_json(str(config[MODEL_SPEC]))
-        if not spec.builtin:
+        if spec.pretrained is not None:
+            spec = spec.model_copy(update={
+                "base_folder": None if base_folder is None else str(base_folder)})
+        elif not spec.builtin:
             program = config.get(PROGRAM_KEY)
             if not isinstance(program, bytes):
                 raise FedgeError(f"the server sent no program for model {spec.name}")
@@ -120,18 +140,21 @@ def federation_model(config: dict) -> tuple[ModelSpec, nn.Module]:
 Trainer = Callable[[RecordDict, Context], RecordDict]
 
 
-def start_training(content: RecordDict, context: Context, load_data: DataLoaderFn
+def start_training(content: RecordDict, context: Context, load_data: DataLoaderFn,
+                   base_folder: Path | None = None
                    ) -> tuple[ModelSpec, nn.Module, LocalData, LocalTraining, set[str]]:
     """What a train message asks of this node: the model holding the global weights
     (frozen entries not trainable), the node's samples fitted to it, the round's
-    settings (seeded for this node and round), and the frozen entries."""
+    settings (seeded for this node and round), and the frozen entries. A pretrained
+    model's base is this node's copy at ``base_folder``."""
     config = content[CONFIG]
-    spec, model = federation_model(config)
+    spec, model = federation_model(config, base_folder)
     data = fit_to_model(spec, load_data(context))
-    model.load_state_dict(content[ARRAYS].to_torch_state_dict())
+    state = content[ARRAYS].to_torch_state_dict()
+    model.load_state_dict(state)
     frozen = frozen_from_config(config)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name not in frozen)
+    for name, parameter in model.named_parameters():  # a LoRA model's base is no state
+        parameter.requires_grad_(name in state and name not in frozen)
     return spec, model, data, training_settings(config, context), frozen
 
 
@@ -169,12 +192,15 @@ def train_reply(state: dict, frozen: set[str], num_examples: int, report: TrainR
                        METRICS: metrics})
 
 
-def build_trainer(load_data: DataLoaderFn, device: str = default("device")) -> Trainer:
+def build_trainer(load_data: DataLoaderFn, device: str = default("device"),
+                  base_folder: Path | None = None) -> Trainer:
     """Train on the samples ``load_data`` returns for the node, on ``device`` unless the
-    node config names one: the records of a train message in, the reply's records out."""
+    node config names one: the records of a train message in, the reply's records out.
+    ``base_folder``: this node's copy of a pretrained model's folder."""
 
     def train(content: RecordDict, context: Context) -> RecordDict:
-        spec, model, data, settings, frozen = start_training(content, context, load_data)
+        spec, model, data, settings, frozen = start_training(content, context, load_data,
+                                                             base_folder)
         chosen = pick_device(str(context.node_config.get("device", device)))
         started = time.perf_counter()
         report = train_locally(model, spec, data, settings, chosen)
@@ -186,10 +212,10 @@ def build_trainer(load_data: DataLoaderFn, device: str = default("device")) -> T
 
 
 def build_client_app(load_data: DataLoaderFn, device: str = default("device"),
-                     mods: Sequence[Mod] = ()) -> ClientApp:
+                     mods: Sequence[Mod] = (), base_folder: Path | None = None) -> ClientApp:
     """A ClientApp that trains in its own process (simulation), through Flower ``mods``."""
     app = ClientApp(mods=list(mods))
-    trainer = build_trainer(load_data, device)
+    trainer = build_trainer(load_data, device, base_folder)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

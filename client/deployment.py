@@ -27,7 +27,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flwr.app import Context, RecordDict
@@ -41,6 +41,7 @@ from fedge.client.wire import FOLDER_KEY, check_wire_folder
 from fedge.config import default
 from fedge.datafiles import load_labelled_data, named_binary_classes
 from fedge.errors import FedgeError
+from fedge.models.hf import is_pretrained, model_folder
 from fedge.processes import Children, flower_command, free_port, relay_output
 
 log = logging.getLogger("fedge.client")
@@ -69,13 +70,16 @@ class DeviceData:
     val_fraction: float = default("val_fraction")
     seed: int = 0
     task: str = default("task")
+    # A text model's samples: this CSV column's texts (or an NPZ's strings), tokenized
+    # at the first round with the tokenizer of this device's copy of the model.
+    text_column: str | None = None
 
     def load(self) -> LocalData:
         if not 0 < self.val_fraction < 1:
             raise FedgeError(f"--val-fraction must lie between 0 and 1, not "
                              f"{self.val_fraction:g}")
         samples = load_labelled_data(self.path, label_column=self.label_column,
-                                     task=self.task)
+                                     task=self.task, text_column=self.text_column)
         y, names = samples.y, samples.class_names
         if self.task == "binary":
             y, names = named_binary_classes(y, names, self.path)
@@ -238,21 +242,37 @@ def supernode_args(server: str, ca: Path | None, key: Path | None, node_config: 
 
 def run_client(connection: Connection, data: DeviceData, device: str = default("device"),
                record_wire: Path | None = None, verbose: bool = False,
-               started: float | None = None) -> str:
+               started: float | None = None, model: str | None = None) -> str:
     """Check the settings and the data, then serve as a SuperNode until the server's run
     finishes (returns the server's summary of it) or this client must stop (FedgeError);
     with ``record_wire``, every reply this device sends is also recorded in that folder
     (see :mod:`fedge.client.wire`). ``verbose`` shows Flower's output unfiltered. The
-    join timeout counts from ``started`` (``time.monotonic()``; default: now)."""
+    join timeout counts from ``started`` (``time.monotonic()``; default: now). ``model``:
+    this device's copy of a pretrained model, ``hf:FOLDER``, when the federation trains
+    one (its samples are then texts from ``data.text_column``)."""
     started = time.monotonic() if started is None else started
     connection.check()
     check_device(device)
     wire = None if record_wire is None else check_wire_folder(record_wire)
+    base = device_model_folder(model)
+    if base is not None and data.text_column is None:
+        data = replace(data, text_column=default("text_column"))
     samples = data.load()
     log.info("%d training and %d validation samples from %s", len(samples.train_y),
              len(samples.val_y), data.path)
-    return run_node(connection, build_trainer(lambda context: samples, device), wire,
+    return run_node(connection, build_trainer(lambda context: samples, device, base), wire,
                     verbose, started)
+
+
+def device_model_folder(model: str | None) -> Path | None:
+    """This device's copy of the federation's pretrained model (``hf:FOLDER``), checked;
+    None for no model: the server's spec names the federation's model."""
+    if model is None:
+        return None
+    if not is_pretrained(model):
+        raise FedgeError(f"--model {model}: a device names only its copy of a pretrained "
+                         "model, hf:FOLDER; the server sends every other model")
+    return model_folder(model)
 
 
 def run_node(connection: Connection, trainer: Trainer, record_wire: Path | None = None,

@@ -32,7 +32,7 @@ from fedge.config import (
     check_flag,
     load_config,
 )
-from fedge.datafiles import LABEL_COLUMN
+from fedge.datafiles import LABEL_COLUMN, TEXT_COLUMN
 from fedge.errors import FedgeError
 
 if TYPE_CHECKING:
@@ -171,7 +171,8 @@ def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = Fals
            quantize: Quantize | None = None, eval_data: str | Path | None = None) -> dict:
     """Write a run's checkpoint (``checkpoint.pt`` or ``best.pt``) as an ONNX model,
     checked against torch in onnxruntime (int8 with ``quantize``, compared with fp32 by
-    the task's headline measure on labelled ``eval_data``); the report."""
+    the task's headline measure on labelled ``eval_data``); the report. A pretrained
+    Hugging Face model is quantized dynamically either way."""
     from fedge.files import check_output_file, folder_for
     from fedge.models.export import export_onnx
     from fedge.models.inference import labelled_samples
@@ -202,7 +203,8 @@ def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = Fals
                                           sample_shape=spec.input_shape)
         if spec.builtin and spec.input_dtype == "int64":
             check_token_ids(eval_x, spec.vocab_size or 2, eval_data)
-    method = "dynamic" if quantize == "int8-dynamic" else "static"
+    # A transformer's activations (attention, GELU, layer norms) lose most to static ranges.
+    method = "dynamic" if quantize == "int8-dynamic" or spec.pretrained else "static"
     with folder_for(output):
         report = export_int8(saved.model(), saved.model_spec, saved.reference_inputs.numpy(),
                              output, method, eval_x, eval_y)
@@ -212,7 +214,8 @@ def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = Fals
 def predict(model: str | Path, inputs: str | Path | np.ndarray, *,
             output: PredictOutput = "names", label_column: str = LABEL_COLUMN,
             ignore_columns: Sequence[str] = (),
-            threshold: float | Sequence[float] | None = None) -> list | np.ndarray:
+            threshold: float | Sequence[float] | None = None,
+            text_column: str = TEXT_COLUMN) -> list | np.ndarray:
     """Predict ``inputs`` (an array of samples, or a .npy, .npz, .csv, image file or image
     folder) with an ONNX model exported by fedge, in onnxruntime alone (no torch), as its
     task reads its outputs.
@@ -226,6 +229,8 @@ def predict(model: str | Path, inputs: str | Path | np.ndarray, *,
     (binary, multilabel: one value, or one per label) replaces the model's stored one.
     A CSV's ``label_column``, its ``ignore_columns`` (e.g. a device id) and the columns
     the model records as no features (the training data's partition column) are skipped.
+    A text model (``hf:`` models) takes texts: a list of strings, a .txt file of one per
+    line, a .csv file's ``text_column``, an .npz of strings, or one text.
     """
     from fedge.models.inference import classify
 
@@ -235,7 +240,7 @@ def predict(model: str | Path, inputs: str | Path | np.ndarray, *,
     ignore_columns = _column_names(ignore_columns, "ignore_columns")
     inputs = _inputs(inputs)
     _, predictions = classify(_path(model, "model"), inputs, label_column, ignore_columns,
-                              _threshold(threshold))
+                              _threshold(threshold), text_column=text_column)
     if predictions.task == "regression":
         if output == "probabilities":
             raise FedgeError("a regression model predicts values, not probabilities: "
@@ -251,6 +256,8 @@ def _inputs(inputs: object) -> Path | np.ndarray:
     if isinstance(inputs, str | os.PathLike):
         return Path(inputs)
     array = np.asarray(inputs)
+    if array.ndim == 1 and array.dtype.kind == "U":  # a text model's texts
+        return array
     if array.ndim == 0 or array.dtype.kind not in "biuf":
         raise FedgeError("inputs must be samples (an array of numbers) or the path of a "
                          f".npy, .npz, .csv, image file or image folder, not {inputs!r}")

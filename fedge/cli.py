@@ -339,8 +339,8 @@ def export_command(
     output: Annotated[Path, Opt("--output", "-o", help="ONNX file to write")],
     overwrite: Annotated[bool, Opt(help="replace an existing ONNX file")] = False,
     quantize: Annotated[Quantize | None, Opt(
-        help="write an int8 model: int8 (static, calibrated on held-out samples) or "
-             "int8-dynamic (weights only)")] = None,
+        help="write an int8 model: int8 (static, calibrated on held-out samples; dynamic "
+             "for a Hugging Face model) or int8-dynamic (weights only)")] = None,
     eval_data: Annotated[Path | None, Opt(
         help="labelled held-out samples (CSV, NPZ or image folder) for the int8 vs fp32 "
              "headline measure of the task (accuracy, pr_auc, micro_f1, mae)  \\[default: "
@@ -393,7 +393,8 @@ def predict(
     inputs: Annotated[Path, typer.Argument(
         help=".npy array, .npz (its array x), .csv with one sample per row (a header row is "
              "optional), an image (.png, .jpg, .jpeg, .bmp), or a folder of images "
-             "(sub-folders included)")],
+             "(sub-folders included); a text model's: a text in quotes, a .txt file of "
+             "one text per line, a .csv file with a text column, or an .npz of strings")],
     ids: Annotated[bool, Opt("--ids", help="print class (label) ids, even when the model "
                                            "names its classes")] = False,
     probabilities: Annotated[bool, Opt(
@@ -413,6 +414,8 @@ def predict(
                                 "timestamp: ignored (repeatable); the label and column:NAME "
                                 "partition columns the model was trained with are ignored "
                                 "anyway")] = None,
+    text_column: Annotated[str, Opt(help="a text model's CSV column holding the texts")
+                           ] = default("text_column"),
 ) -> None:
     """Print the prediction for each input sample (onnxruntime only, no torch): its class
     (name when the model names its classes, else id); multilabel: its labels joined by
@@ -427,7 +430,7 @@ def predict(
 
     cut = None if threshold is None else parse_threshold(threshold)
     given, result = classify(model, inputs, label_column, ignore_columns or (), cut,
-                             id_column)
+                             id_column, text_column)
     keys = given.keys
     if probabilities:
         table = csv.writer(sys.stdout, lineterminator="\n")
@@ -690,6 +693,11 @@ def client(
                                   "the federation's task, which decides how this device "
                                   "reads its labels")] = default("task"),
     device: Annotated[str, Opt(help="auto | cpu | cuda | mps")] = default("device"),
+    model: Annotated[str | None, Opt(help="this device's copy of the federation's "
+                                          "pretrained model, hf:FOLDER (other models come "
+                                          "from the server)")] = None,
+    text_column: Annotated[str, Opt(help="with a pretrained model: the CSV column holding "
+                                         "the texts")] = default("text_column"),
     join_timeout: Annotated[float, Opt(help="seconds to keep trying to join before giving "
                                             "up")] = 600.0,
     insecure: Annotated[bool, Opt(help="no TLS: loopback tests only")] = False,
@@ -704,9 +712,11 @@ def client(
 
     show_fedge_logs(log_format)
     _check_transport(insecure, ca, "--ca", "traffic is unencrypted")
+    texts = text_column if model is not None else None
     summary = run_client(Connection(server, ca, key, join_timeout),
-                         DeviceData(data, label_column, val_fraction, task=task), device,
-                         record_wire, verbose, started=started)
+                         DeviceData(data, label_column, val_fraction, task=task,
+                                    text_column=texts),
+                         device, record_wire, verbose, started=started, model=model)
     console.print(f"the federation's run finished ({summary})", highlight=False)
 
 

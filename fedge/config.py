@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from fedge.datafiles import LABEL_COLUMN
+from fedge.datafiles import LABEL_COLUMN, TEXT_COLUMN
 from fedge.errors import FedgeError, validation_problems
 from fedge.protocol import training_key
 
@@ -58,6 +58,12 @@ class DataSettings(Section):
                                                 "[1, 8, 8] (1,8,8 on the command line) for "
                                                 "flat CSV rows of 8×8 images")
     num_classes: int | None = Field(None, ge=2, description="default: largest label + 1")
+    text_column: str = Field(TEXT_COLUMN, description="hf: models: the CSV column holding "
+                             "each sample's text")
+    max_length: int | None = Field(None, ge=2, description="hf: models: tokens per text; "
+                                   "longer texts lose their end, shorter ones are padded "
+                                   "(default: the longest text of the server's data, rounded "
+                                   "up to a multiple of 8, at most 128)")
 
     @field_validator("input_shape", mode="before")
     @classmethod
@@ -74,9 +80,9 @@ class DataSettings(Section):
 class ModelSettings(Section):
     """The network the federation trains, and its starting weights."""
 
-    name: str | None = Field(None, description="cnn | mlp | sensor1d | tinytext, or your "
-                              "own: FILE.py:NAME or package.module:NAME (default: the data "
-                              "set's own)")
+    name: str | None = Field(None, description="cnn | mlp | sensor1d | tinytext, your "
+                              "own: FILE.py:NAME or package.module:NAME, or a pretrained "
+                              "Hugging Face model: hf:FOLDER (default: the data set's own)")
     scale_inputs: bool | None = Field(None, description="put fedge's input scaling (mean "
                                       "and std of the server's validation data, per "
                                       "channel) inside the model (default: on for built-in "
@@ -89,6 +95,24 @@ class ModelSettings(Section):
     freeze: list[str] = Field([], description="parameters and buffers (glob) that are not "
                               "trained, sent or aggregated")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate")
+    lora: int | None = Field(None, ge=1, description="hf: models: train low-rank adapters "
+                             "of this rank and the head, not the whole model; only they "
+                             "are sent and aggregated")
+    lora_alpha: float | None = Field(None, gt=0.0, description="LoRA's scale α (the update "
+                                     "is α/rank · BA; default: 2 × rank)")
+    lora_targets: list[str] = Field([], description="LoRA: the layers adapted, by module "
+                                    "name, e.g. query,value (default: peft's choice for the "
+                                    "architecture)")
+
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _targets_as_text(cls, value: object) -> object:
+        """``--lora-targets query,value`` (or the option repeated) on the command line, a
+        list in TOML."""
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return [name.strip() for item in items for name in item.split(",") if name.strip()]
+        return value
 
 
 class TrainingSettings(Section):

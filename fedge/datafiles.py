@@ -32,6 +32,7 @@ import numpy as np
 from fedge.errors import FedgeError
 
 LABEL_COLUMN = "label"  # the CSV column that holds labels, unless told otherwise
+TEXT_COLUMN = "text"  # the CSV column that holds a text model's input, unless told otherwise
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # samples are float32 tensors
 MAX_CLASS_ID = 2**31 - 1
@@ -75,7 +76,8 @@ def load_labelled_data(path: Path, *, label_column: str = LABEL_COLUMN,
                        sample_shape: tuple[int, ...] | None = None,
                        class_names: Sequence[str] | None = None,
                        group_column: str | None = None,
-                       task: str = "classification") -> LabelledSamples:
+                       task: str = "classification",
+                       text_column: str | None = None) -> LabelledSamples:
     """Samples and labels from a CSV, an NPZ, or an image folder, as ``task`` has them.
 
     ``sample_shape`` is the shape the model takes, so that flat CSV rows of 64 pixels can
@@ -92,15 +94,23 @@ def load_labelled_data(path: Path, *, label_column: str = LABEL_COLUMN,
         raise FedgeError(f"{path} is not a .csv file, so it has no column {group_column!r} "
                          "to group its samples by")
     groups, names_of_columns = None, None
+    if text_column is not None and (path.is_dir() or path.suffix.lower()
+                                    not in (".csv", ".npz")):
+        raise FedgeError(f"cannot read texts from {path}: a text model reads a .csv file "
+                         f"with a {text_column!r} column, or an .npz file whose x holds "
+                         "strings")
     if path.is_dir():
         x, labels = _read_image_folder(path, task)
     elif not path.exists():
         raise FedgeError(f"no such file or folder: {path}")
+    elif path.suffix.lower() == ".csv" and text_column is not None:
+        x, labels, groups = _read_text_csv(path, text_column, columns, group_column, task)
+        names_of_columns = columns
     elif path.suffix.lower() == ".csv":
         x, labels, groups = _read_csv(path, columns, group_column, task)
         names_of_columns = columns
     elif path.suffix.lower() == ".npz":
-        x, labels = _read_npz(path)
+        x, labels = _read_npz(path, texts=text_column is not None)
     else:
         raise FedgeError(f"cannot read {path}: use {SUPPORTED}")
     if len(labels) == 0:
@@ -483,6 +493,50 @@ def _read_csv(path: Path, columns: Sequence[str], group_column: str | None, task
     return x, labels, groups
 
 
+def _read_text_csv(path: Path, text_column: str, columns: Sequence[str],
+                   group_column: str | None, task: str
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A CSV of texts: Python's csv reader, for quoted cells with commas and line breaks
+    (a text data set is small next to a table of numbers)."""
+    header = _csv_header(path)
+    for column in (text_column, *columns, group_column):
+        if column is not None and column not in header:
+            raise FedgeError(f"{path} has no {column!r} column; "
+                             f"its columns are: {', '.join(header)}")
+    if text_column in (*columns, group_column):
+        raise FedgeError(f"column {text_column!r} of {path} cannot be both the text and the "
+                         "label or group of a sample")
+    at = {name: header.index(name) for name in (text_column, *columns, group_column)
+          if name is not None}
+    texts, labels, groups = [], [], []
+    numeric = _numeric_labels(task, columns)
+    try:
+        for line, row in csv_rows(path, 1):
+            _check_width(row, len(header), line, path)
+            texts.append(row[at[text_column]])
+            labels.append([_number(row[at[c]], c, line, path) if numeric else row[at[c]].strip()
+                           for c in columns])
+            if group_column is not None:
+                _group(row[at[group_column]], group_column, line, path)
+                groups.append(row[at[group_column]].strip())
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise FedgeError(f"{path} is not a readable CSV file: {error}") from None
+    table = np.array(labels, dtype=np.float32 if numeric else str).reshape(len(texts), -1)
+    y = table if numeric else _csv_labels(table[:, 0], empty_is_no_label=task == "multilabel")
+    if y is None:
+        _explain_csv_labels(path, table[:, 0])
+    return (np.array(texts, dtype=str), y,
+            None if group_column is None else np.array(groups, dtype=str))
+
+
+def _explain_csv_labels(path: Path, labels: np.ndarray) -> None:
+    empty = np.flatnonzero(labels == "")
+    if empty.size:
+        raise FedgeError(f"sample {int(empty[0]) + 1} of {path} has no label")
+    raise FedgeError(f"{path} mixes class ids and class names in its label column; use one "
+                     "or the other")
+
+
 def _csv_header(path: Path) -> list[str]:
     """The names in the first row of a CSV file (a header it must have), stripped."""
     try:
@@ -648,7 +702,7 @@ def _number(text: str, column: str, line: int, path: Path) -> float:
     return value
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_npz(path: Path, texts: bool = False) -> tuple[np.ndarray, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise FedgeError(f"{path} is not an .npz archive; write one with numpy.savez(path, x=, y=)")
     try:
@@ -664,6 +718,11 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise FedgeError(f"{path} has x of shape {x.shape} and y of shape {y.shape}, "
                          "but needs one row of x and one label (or one row of labels) in "
                          "y per sample")
+    if texts:
+        if x.ndim != 1 or x.dtype.kind != "U":
+            raise FedgeError(f"x in {path} must hold one string per sample for a text "
+                             f"model, not {x.dtype} of shape {x.shape}")
+        return x, y
     return as_samples(x, f"x in {path}"), y
 
 

@@ -21,7 +21,13 @@ from torch import nn
 
 from fedge.errors import FedgeError
 from fedge.files import temporary_sibling
-from fedge.models.inference import CLASS_NAMES_KEY, NON_FEATURE_COLUMNS_KEY, TASK_KEY
+from fedge.models.hf import TextClassifier, load_tokenizer
+from fedge.models.inference import (
+    CLASS_NAMES_KEY,
+    NON_FEATURE_COLUMNS_KEY,
+    TASK_KEY,
+    TOKENIZER_KEY,
+)
 from fedge.models.program import ProgramModel
 from fedge.models.registry import ModelSpec, as_input_tensor
 from fedge.models.tasks import for_export
@@ -35,9 +41,11 @@ PARITY_TOLERANCE = 1e-4
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The exporter warns about optional torchvision ops and its own deprecations."""
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
+    # onnxscript's constant folding warns of every node it leaves to the runtime.
+    logs = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -45,7 +53,8 @@ def _quiet_exporter() -> Iterator[None]:
             warnings.filterwarnings("ignore", "Exporting a model while it is in training mode")
             yield
     finally:
-        exporter_log.setLevel(level)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 def _finish_metadata(path: Path, spec: ModelSpec) -> "onnx.ModelProto":
@@ -64,6 +73,9 @@ def _finish_metadata(path: Path, spec: ModelSpec) -> "onnx.ModelProto":
         props[CLASS_NAMES_KEY] = json.dumps(spec.class_names)
     if spec.non_feature_columns:
         props[NON_FEATURE_COLUMNS_KEY] = json.dumps(spec.non_feature_columns)
+    if spec.pretrained is not None and spec.base_folder is not None:
+        props[TOKENIZER_KEY] = load_tokenizer(Path(spec.base_folder),
+                                              spec.input_shape[0]).to_str()
     onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path))
     return model
@@ -98,6 +110,8 @@ def export_onnx(model: nn.Module, spec: ModelSpec, reference_inputs: np.ndarray,
     import onnxruntime as ort
 
     model = model.eval().cpu()
+    if isinstance(model, TextClassifier):
+        model = model.merged().eval()  # adapters into the base: a plain transformer
     exported_module = for_export(model, spec).eval()
     traced = (for_export(model.inference_module(), spec) if isinstance(model, ProgramModel)
               else exported_module)

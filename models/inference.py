@@ -17,6 +17,7 @@ import numpy as np
 from fedge.datafiles import (
     IMAGE_SUFFIXES,
     LABEL_COLUMN,
+    TEXT_COLUMN,
     csv_rows,
     is_image,
     is_number,
@@ -37,6 +38,11 @@ NON_FEATURE_COLUMNS_KEY = "fedge.non_feature_columns"
 # The model's task, a JSON object: {"task": ..., "threshold": [one per output] or null,
 # "names": the class, label or target names or null}.
 TASK_KEY = "fedge.task"
+# A text model's tokenizer (the tokenizers library's JSON), truncating and padding every
+# text to the model's length: the model takes raw strings on a device.
+TOKENIZER_KEY = "fedge.tokenizer"
+TEXT_FORMS = ("a text, a .txt file of one text per line, a .csv file with a text column, or "
+              "an .npz file whose x holds strings")
 TASKS = tuple(SCALARS)
 INPUT_FORMS = (".npy, .npz (array x), .csv, an image (.png, .jpg, .jpeg, .bmp) or a folder "
                "of images")
@@ -217,6 +223,58 @@ def _read_image_folder(root: Path) -> Inputs:
     return Inputs(stack_images(files, root), [p.relative_to(root).as_posix() for p in files])
 
 
+def text_inputs(inputs: Path | np.ndarray, text_column: str = TEXT_COLUMN,
+                id_column: str | None = None) -> Inputs:
+    """Texts to predict: strings; a ``.txt`` file of one per line (blank lines skipped);
+    a ``.csv`` file's ``text_column`` (its ``id_column`` names each text); an ``.npz``
+    file's ``x`` of strings; or, for a path that names no file and has none of these
+    suffixes, that text itself (``fedge predict model.onnx "my card was charged twice"``)."""
+    if isinstance(inputs, np.ndarray):
+        if inputs.dtype.kind != "U":
+            raise FedgeError(f"the model takes texts: give {TEXT_FORMS}, not an array of "
+                             f"{inputs.dtype}")
+        return Inputs(inputs.reshape(-1))
+    path, suffix = Path(inputs), Path(inputs).suffix.lower()
+    if id_column is not None and suffix != ".csv":
+        raise FedgeError(f"{path.name} is not a .csv file: it has no id column {id_column!r}")
+    if not path.exists() and suffix not in (".txt", ".csv", ".npz", ".npy"):
+        return Inputs(np.array([str(inputs)]))
+    if not path.is_file():
+        raise FedgeError(f"input file {path} does not exist")
+    try:
+        if suffix == ".txt":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            texts, ids = np.array([line for line in lines if line.strip()], dtype=str), None
+        elif suffix == ".csv":
+            texts, ids = _csv_texts(path, text_column, id_column)
+        elif suffix == ".npz":
+            texts, ids = _read_npz_samples(path), None
+        else:
+            raise FedgeError(f"the model takes texts: give {TEXT_FORMS}, not {path.name}")
+    except (ValueError, OSError, UnicodeDecodeError) as error:
+        raise FedgeError(f"cannot read texts from {path}: {error}") from error
+    if texts.dtype.kind != "U" or texts.ndim != 1:
+        raise FedgeError(f"{path} holds {texts.dtype} of shape {texts.shape}, not one text "
+                         "per sample")
+    if not len(texts):
+        raise FedgeError(f"{path} holds no texts")
+    return Inputs(texts, ids=ids, id_column=id_column)
+
+
+def _csv_texts(path: Path, text_column: str, id_column: str | None
+               ) -> tuple[np.ndarray, list[str] | None]:
+    rows = list(csv_rows(path, 0))
+    header = [cell.strip() for cell in rows[0][1]] if rows else []
+    for column in (text_column, id_column):
+        if column is not None and column not in header:
+            raise FedgeError(f"{path} has no {column!r} column; its columns are: "
+                             f"{', '.join(header) or 'none'}")
+    texts = np.array([row[header.index(text_column)] for _, row in rows[1:]], dtype=str)
+    ids = None if id_column is None else [row[header.index(id_column)].strip()
+                                          for _, row in rows[1:]]
+    return texts, ids
+
+
 def _fit_to_model(inputs: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:
     """Accept a batch ``(n, *sample_shape)``, one sample, or flattened rows."""
     if inputs.shape == sample_shape:
@@ -245,6 +303,20 @@ class Classifier:
     non_feature_columns: tuple[str, ...]
     task: str = "classification"
     threshold: tuple[float, ...] | None = None
+    tokenizer: str | None = None  # a text model's (TOKENIZER_KEY)
+
+    def token_ids(self, texts: np.ndarray) -> np.ndarray:
+        """``texts`` as the model's token ids, with its own tokenizer (no torch)."""
+        if self.tokenizer is None:
+            raise FedgeError(f"{self.path} takes numbers, not texts: it was not trained on "
+                             "text")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise FedgeError("a text model needs the tokenizers library: pip install "
+                             "tokenizers (or 'fedge[text]')") from None
+        encodings = Tokenizer.from_str(self.tokenizer).encode_batch([str(t) for t in texts])
+        return np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), -1)
 
 
 def load_classifier(model_path: Path) -> Classifier:
@@ -266,7 +338,7 @@ def load_classifier(model_path: Path) -> Classifier:
     columns = _metadata_names(session, NON_FEATURE_COLUMNS_KEY, model_path, "columns")
     task, threshold, task_names = _metadata_task(session, model_path)
     return Classifier(model_path, session, task_names or names, columns or (), task,
-                      threshold)
+                      threshold, session.get_modelmeta().custom_metadata_map.get(TOKENIZER_KEY))
 
 
 def _metadata_names(session: Any, key: str, model_path: Path, what: str
@@ -370,13 +442,16 @@ def _check_outputs(classifier: Classifier, width: int) -> None:
 
 def classify(model_path: Path, inputs: Path | np.ndarray,
              label_column: str = LABEL_COLUMN, ignore_columns: Sequence[str] = (),
-             threshold: Sequence[float] | None = None, id_column: str | None = None
-             ) -> tuple[Inputs, Predictions]:
+             threshold: Sequence[float] | None = None, id_column: str | None = None,
+             text_column: str = TEXT_COLUMN) -> tuple[Inputs, Predictions]:
     """``inputs`` (samples, or a file or folder of them: :func:`read_inputs`, which also
-    skips the columns the model records as no features) and the model's predictions, at
-    ``threshold`` (binary, multilabel) instead of the stored one when given."""
+    skips the columns the model records as no features; a text model's texts:
+    :func:`text_inputs`) and the model's predictions, at ``threshold`` (binary, multilabel)
+    instead of the stored one when given."""
     classifier = load_classifier(model_path)
-    if isinstance(inputs, np.ndarray):
+    if classifier.tokenizer is not None:
+        given = text_inputs(inputs, text_column, id_column)
+    elif isinstance(inputs, np.ndarray):
         if ignore_columns or id_column is not None:
             columns = [*ignore_columns, *([id_column] if id_column else [])]
             raise FedgeError(f"the inputs are an array, not a CSV file: they have no "
@@ -396,7 +471,10 @@ def run_model(model: Path | Classifier, inputs: np.ndarray,
     classifier = model if isinstance(model, Classifier) else load_classifier(model)
     session, model_path = classifier.session, classifier.path
     model_input = session.get_inputs()[0]
-    batch = _fit_to_model(np.asarray(inputs), tuple(model_input.shape[1:]))
+    inputs = np.asarray(inputs)
+    if inputs.dtype.kind in "UO":
+        inputs = classifier.token_ids(inputs.reshape(-1))
+    batch = _fit_to_model(inputs, tuple(model_input.shape[1:]))
     dtype = input_dtype(model_input)
     with np.errstate(over="ignore", invalid="ignore"):
         as_float = batch.astype(np.float32)

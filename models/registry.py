@@ -14,6 +14,19 @@ from fedge.errors import FedgeError, validation_problems
 from fedge.models.networks import MLP, ConvNet, InputScaling, Sensor1D, TinyText
 
 
+class PretrainedSpec(BaseModel):
+    """A pretrained Hugging Face encoder (:mod:`fedge.models.hf`): each process reads the
+    base from its own copy of the folder, named by the spec's fingerprint; what the
+    federation trains on top of it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pad_id: int = Field(ge=0, description="the tokenizer's padding token")
+    lora_rank: int | None = Field(None, ge=1, description="None: the whole model trains")
+    lora_alpha: float | None = Field(None, gt=0)
+    lora_targets: tuple[str, ...] | None = None
+
+
 class ModelSpec(BaseModel):
     """Everything needed to rebuild a network, apart from its trained weights."""
 
@@ -39,6 +52,10 @@ class ModelSpec(BaseModel):
     # JSON, not in it.
     fingerprint: str | None = None
     program: bytes | None = Field(None, exclude=True, repr=False)
+    # A pretrained model (name hf:FOLDER-NAME): fingerprint is its base's
+    # (fedge.models.hf.base_fingerprint), and it takes token ids.
+    pretrained: PretrainedSpec | None = None
+    base_folder: str | None = Field(None, exclude=True, repr=False)  # this process's copy
     # What the network learns (fedge.models.tasks): binary has one output, the positive
     # class's logit (class_names: negative, positive); the loss's class weights (binary,
     # multilabel: of the positives); regression's targets in the server's validation
@@ -66,6 +83,11 @@ class ModelSpec(BaseModel):
     @property
     def builtin(self) -> bool:
         return self.name in MODELS
+
+    @property
+    def carries_program(self) -> bool:
+        """Your own model: devices get it as a program."""
+        return not self.builtin and self.pretrained is None
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -192,9 +214,14 @@ def check_token_ids(x: np.ndarray, vocab_size: int, source: object) -> None:
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """The network ``spec`` describes, with fresh weights: a built-in network, or your
-    own model's program (:class:`~fedge.models.program.ProgramModel`), which needs no
-    source code."""
+    """The network ``spec`` describes, with fresh weights: a built-in network, your own
+    model's program (:class:`~fedge.models.program.ProgramModel`), which needs no source
+    code, or a pretrained model over this process's copy of its base
+    (:func:`~fedge.models.hf.build_classifier`)."""
+    if spec.pretrained is not None:
+        from fedge.models.hf import build_classifier
+
+        return build_classifier(spec)
     if not spec.builtin:
         from fedge.models.program import ProgramModel
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fedge.errors import FedgeError
+from fedge.models.hf import PREFIX
 from fedge.models.registry import ModelSpec, build_model
 from fedge.server.run_folder import save_torch
 
@@ -77,9 +78,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
         program = payload.get("model_program")
         if isinstance(program, torch.Tensor):
             spec = spec.model_copy(update={"program": program.numpy().tobytes()})
-        elif not spec.builtin:
+        elif spec.carries_program:
             raise FedgeError(f"{path} is damaged: it lacks the program of its model "
                              f"{spec.name}")
+        origin = payload.get("model_origin")
+        if spec.pretrained is not None and isinstance(origin, str):
+            # The base the run started from: export and resume read it there again.
+            spec = spec.model_copy(update={"base_folder": origin.removeprefix(PREFIX)})
         checkpoint = Checkpoint(
             round=payload["round"], state_dict=payload["state_dict"],
             model_spec=spec, config=payload["config"],

@@ -15,7 +15,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from fedge.datafiles import (
 from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
 from fedge.logs import LogFormat, show_fedge_logs
+from fedge.models.hf import PREFIX, is_pretrained, model_folder, token_ids
 from fedge.models.measures import test_headline
 from fedge.models.source import with_file_path
 from fedge.processes import Children, check_listen_host, check_port_free, flower_command
@@ -94,10 +95,15 @@ def load_server_data(settings: ServerSettings) -> ServerData:
     the task has them; a binary task's positive class is ``[task] positive``, by default
     the rarest class in the validation data."""
     data, task = settings.config.data, settings.config.task
+    text_model = settings.config.model.name if is_pretrained(settings.config.model.name) else None
     read = {"sample_shape": data.input_shape, "label_column": data.label_column,
-            "task": task.name}
+            "task": task.name, "text_column": data.text_column if text_model else None}
     val = load_labelled_data(settings.val_data, **read)
     test = load_labelled_data(settings.test_data, **read) if settings.test_data else val
+    if text_model is not None:  # one length for both: the longest text's by default
+        val_ids, test_ids = token_ids([val.x, test.x], model_folder(text_model),
+                                      data.max_length)
+        val, test = replace(val, x=val_ids), replace(test, x=test_ids)
     test_file = settings.test_data or settings.val_data
     names, (val_y, test_y) = united_class_names([(val, settings.val_data), (test, test_file)])
     if task.name == "binary":
@@ -225,7 +231,9 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     update: dict[str, str] = {}
     if config.model.init:
         update["init"] = str(Path(config.model.init).resolve())
-    if config.model.name:
+    if is_pretrained(config.model.name):
+        update["model"] = PREFIX + str(model_folder(config.model.name))
+    elif config.model.name:
         update["model"] = with_file_path(config.model.name, Path.resolve)
     return config.updated(**update)
 

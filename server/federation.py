@@ -25,6 +25,7 @@ from fedge.errors import FedgeError
 from fedge.files import write_json
 from fedge.models.edge import check_edge_task, write_edge_folder
 from fedge.models.export import export_onnx
+from fedge.models.hf import check_pretrained_settings
 from fedge.models.measures import HEADLINE, choose_threshold, warn_lacking
 from fedge.models.registry import ModelSpec, build_model
 from fedge.models.tasks import check_task_settings, evaluate, evaluate_measures
@@ -107,6 +108,7 @@ def check_server_settings(config: RunConfig) -> None:
     run with: one clear error, found before any file is written."""
     check_fedbuff(config)  # first: it names what FedBuff cannot be combined with
     check_task_settings(config.task)
+    check_pretrained_settings(config.model, config.devices.edge_programs)
     if config.devices.edge_programs:
         check_edge_task(config.task.name)
     check_privacy(config)

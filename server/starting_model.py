@@ -19,6 +19,7 @@ from torch import nn
 from fedge.config import RunConfig
 from fedge.errors import FedgeError
 from fedge.models.edge import EdgePrograms, export_edge_programs
+from fedge.models.hf import PREFIX, is_pretrained, pretrained_spec
 from fedge.models.networks import InputScaling
 from fedge.models.program import export_program, fingerprint
 from fedge.models.registry import (
@@ -67,7 +68,10 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
     check_labelled_samples(spec, val_x, val_y, "the server's validation data")
     with torch.random.fork_rng():  # the same seed, the same starting weights
         torch.manual_seed(config.seed)
-        if spec.builtin:
+        if is_pretrained(config.model.name):
+            spec = pretrained_spec(spec, config.model)
+            origin, model = f"{PREFIX}{spec.base_folder}", build_model(spec)
+        elif spec.builtin:
             origin, model = f"fedge built-in model {spec.name}", build_model(spec)
         else:
             origin, factory = ((config.model.name, factory) if factory
@@ -92,7 +96,7 @@ def starting_model(config: RunConfig, val_x: np.ndarray, val_y: np.ndarray, num_
     frozen_statistics = frozen_statistics_layers(model, frozen)
     sample = as_input_tensor(spec, np.concatenate([val_x[:2], val_x[:1]])[:2])
     check_logits(origin, model, sample, spec.outputs)
-    if not spec.builtin:
+    if spec.carries_program:
         program = export_program(model, sample, frozen_statistics)
         # The fingerprint names the architecture, whatever --freeze keeps in eval mode: a
         # run started before frozen BatchNorm layers trained in eval mode still resumes.

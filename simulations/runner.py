@@ -18,6 +18,7 @@ from fedge.client.wire import check_wire_folder
 from fedge.config import DEFAULT_DATASET, RunConfig, StrategySettings
 from fedge.datafiles import LabelledSamples
 from fedge.errors import FedgeError
+from fedge.models.hf import check_pretrained_settings
 from fedge.models.registry import check_sample_shape
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.fedbuff import BufferSettings
@@ -77,6 +78,7 @@ def plan_simulation(config: RunConfig, data: LabelledSamples | None = None,
 
 
 def _plan_data(config: RunConfig, data: LabelledSamples | None) -> SimulationPlan:
+    check_pretrained_settings(config.model)  # before its data is read as texts or not
     own = user_data_source(config, data)
     if own is None:
         name = config.simulation.dataset or DEFAULT_DATASET

@@ -32,7 +32,7 @@ process reads and splits the files once (cached) and, from the seed, gets the sa
 
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -52,6 +52,7 @@ from fedge.datafiles import (
     united_class_names,
 )
 from fedge.errors import FedgeError
+from fedge.models.hf import is_pretrained, model_folder
 from fedge.simulations.partition import PartitionSpec, natural_partitions
 
 MEMORY = "the in-memory samples"
@@ -73,6 +74,11 @@ class UserData:
     seed: int = 0
     task: str = default("task")
     positive: str | None = default("positive")  # binary: the positive class, name or id
+    # A text model's samples: texts from text_column, tokenized with the tokenizer of
+    # this Hugging Face model folder to max_length tokens (None: the longest text's).
+    text_model: str | None = None
+    text_column: str = default("text_column")
+    max_length: int | None = None
     # In-memory samples (the Python API; in-process simulations only): compared and
     # hashed by their id, so that the description stays a cheap cache key.
     memory_id: str | None = None
@@ -123,6 +129,9 @@ def split_user_data(source: UserData) -> UserSplit:
     pool, codes, names_of_groups = _pool(source)
     held = [(_read(source, path), path) for path in (source.val_data, source.test_data)
             if path is not None]
+    if source.text_model is not None:
+        every = _tokenized([*pool, *held], source)
+        pool, held = every[:len(pool)], every[len(pool):]
     order = source.memory.class_names if source.memory is not None else None
     class_names, ids = united_class_names([*pool, *held], order)
     x = _concatenate([samples.x for samples, _ in pool], [where for _, where in pool])
@@ -167,7 +176,19 @@ def _read(source: UserData, path: str | Path, group_column: str | None = None
           ) -> LabelledSamples:
     return load_labelled_data(Path(path), label_column=source.label_column,
                               sample_shape=source.sample_shape, group_column=group_column,
-                              task=source.task)
+                              task=source.task,
+                              text_column=source.text_column if source.text_model else None)
+
+
+def _tokenized(parts: list[tuple[LabelledSamples, object]], source: UserData
+               ) -> list[tuple[LabelledSamples, object]]:
+    """Texts as token ids: one length for all the parts (the longest text's by default)."""
+    from fedge.models.hf import token_ids
+
+    ids = token_ids([samples.x for samples, _ in parts], Path(source.text_model),
+                    source.max_length)
+    return [(replace(samples, x=x), where) for (samples, where), x in zip(parts, ids,
+                                                                          strict=True)]
 
 
 def _pool(source: UserData) -> tuple[list[tuple[LabelledSamples, object]], np.ndarray | None,
@@ -352,6 +373,12 @@ def user_data_source(config: RunConfig, data: LabelledSamples | None = None
     def absolute(path: str | None) -> str | None:
         return None if path is None else str(Path(path).expanduser().resolve())
 
+    text_model = None
+    if is_pretrained(config.model.name):
+        if data is not None:
+            raise FedgeError("a Hugging Face model reads its texts from files: give data "
+                             "as the path of a CSV (or NPZ of strings), not in memory")
+        text_model = str(model_folder(config.model.name))
     return UserData(
         data=absolute(simulation.data), client_data=absolute(simulation.client_data),
         val_data=absolute(simulation.val_data), test_data=absolute(simulation.test_data),
@@ -360,7 +387,9 @@ def user_data_source(config: RunConfig, data: LabelledSamples | None = None
         sample_shape=None if config.data.input_shape is None else tuple(config.data.input_shape),
         val_share=simulation.val_share, test_share=simulation.test_share, seed=config.seed,
         task=config.task.name, positive=config.task.positive,
-        memory_id=None if data is None else uuid.uuid4().hex, memory=data)
+        memory_id=None if data is None else uuid.uuid4().hex, memory=data,
+        text_model=text_model, text_column=config.data.text_column,
+        max_length=config.data.max_length)
 
 
 def fit_config(config: RunConfig, source: UserData, split: UserSplit) -> RunConfig:

@@ -99,6 +99,7 @@ from fedge.config import RunConfig, TrainingSettings, default
 from fedge.errors import FedgeError
 from fedge.models import tasks
 from fedge.models.exchange import frozen_from_config
+from fedge.models.hf import is_pretrained
 from fedge.models.measures import SCALARS, measures
 from fedge.models.program import ProgramModel
 from fedge.models.registry import ModelSpec, as_input_tensor
@@ -143,6 +144,8 @@ def check_vectorize(config: RunConfig, record_wire: Path | None = None) -> None:
          "byzantine/attack", "attackers change their own data or updates"),
         (config.training.compress != "none", "compress", "clients quantize their own updates"),
         (record_wire is not None, "record_wire", "it records each client's own messages"),
+        (is_pretrained(config.model.name), "a Hugging Face model",
+         "its transformer trains one client at a time"),
     ]
     for given, setting, why in refused:
         if given:

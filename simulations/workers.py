@@ -71,6 +71,7 @@ class ClientRecipe:
         from fedge.client.privacy import dp_clipping_mod
         from fedge.client.secagg import secagg_mod
         from fedge.client.wire import WireRecorder
+        from fedge.models.hf import pretrained_folder
         from fedge.simulations.attacks import staged_attack
 
         # The wire recorder stays the first mod, the outermost: it records what leaves a
@@ -83,7 +84,8 @@ class ClientRecipe:
                                                self.num_classes)
         return build_client_app(load_data, device=self.config.simulation.device,
                                 mods=[*wire, secagg_mod, compression_mod, *attack_mods,
-                                      dp_clipping_mod])
+                                      dp_clipping_mod],
+                                base_folder=pretrained_folder(self.config.model.name))
 
 
 def available_cores() -> int:
