@@ -301,13 +301,13 @@ def build_classifier(spec: "ModelSpec") -> TextClassifier:
         raise FedgeError(f"the base model at {folder} (fingerprint {found}) is not the "
                          f"federation's {spec.name} (fingerprint {spec.fingerprint}): "
                          "another model, version or tokenizer")
-    encoder = copy.deepcopy(_pretrained_encoder(folder))
-    lora = pretrained.lora_rank is not None
-    if lora:
-        encoder = with_lora(encoder, pretrained.lora_rank, pretrained.lora_alpha or
-                            pretrained.lora_rank, pretrained.lora_targets)
+    encoder = copy.deepcopy(_pretrained_encoder(folder))  # read once per process
+    if pretrained.lora_rank is not None:
+        encoder = with_lora(encoder, pretrained.lora_rank,
+                            pretrained.lora_alpha or 2.0 * pretrained.lora_rank,
+                            pretrained.lora_targets)
     return TextClassifier(encoder, spec.outputs, spec.dropout, pretrained.pad_id,
-                          state_only_trainable=lora)
+                          state_only_trainable=pretrained.lora_rank is not None)
 
 
 def token_ids(parts: Sequence[np.ndarray], folder: Path, max_length: int | None

@@ -110,10 +110,13 @@ def _loss_weight(spec: ModelSpec, target: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, spec: ModelSpec, x: np.ndarray, y: np.ndarray,
-             device: torch.device | str = "cpu", batch_size: int = 512
+             device: torch.device | str = "cpu", batch_size: int | None = None
              ) -> tuple[float, np.ndarray]:
     """The mean loss over ``x`` (as training averages it) and every sample's
-    :func:`scores`, in eval mode (dropout off)."""
+    :func:`scores`, in eval mode (dropout off), ``batch_size`` samples at a time (default
+    512; 32 for a pretrained transformer, whose activations per sample are large: a
+    device evaluating its split must not need more memory than training does)."""
+    batch_size = batch_size or (32 if spec.pretrained is not None else 512)
     model.eval()
     total, weight, all_scores = 0.0, 0.0, []
     for start in range(0, len(x), batch_size):

@@ -6,6 +6,7 @@ model is either the real pretrained all-MiniLM-L6-v2 or a tiny BERT written by t
 a folder like any a user would give.
 """
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -50,8 +51,6 @@ def _state_names(checkpoint: Path) -> list[str]:
 
 def _test_rows(corpus: Path, run_dir: Path) -> tuple[list[str], list[str]]:
     """Some texts with their sections: the corpus' last rows."""
-    import csv
-
     with corpus.open(newline="") as file:
         rows = list(csv.DictReader(file))[-40:]
     return [r["text"] for r in rows], [r["label"] for r in rows]
@@ -64,7 +63,7 @@ def test_lora_adapts_a_pretrained_model_on_devices_and_its_onnx_model_reads_raw_
     from strings, with onnxruntime and the tokenizer inside the ONNX file."""
     run_dir = tmp_path / "run"
     result = run_fedge("simulate", "--model", f"hf:{minilm_folder()}", "--data", str(corpus),
-                       "--lora", "8", "--partition", "column:store", "--rounds", "4",
+                       "--lora", "8", "--partition", "column:store", "--rounds", "3",
                        "--local-epochs", "2", "--batch-size", "16", "--out", str(run_dir),
                        timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -112,7 +111,15 @@ def test_only_the_adapters_and_head_train_and_travel_and_full_fine_tuning_sends_
               "local_epochs": 1}
     lora = fedge.simulate(f"hf:{tiny_bert}", out=tmp_path / "lora", lora=4,
                           lora_targets=["query", "key", "value"], **common)
-    full = fedge.simulate(f"hf:{tiny_bert}", out=tmp_path / "full", **common)
+    stores = tmp_path / "stores"  # the same clients, one file each (--client-data)
+    stores.mkdir()
+    with corpus.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    for store in ("s0", "s1"):
+        _write_device_csv(stores / f"{store}.csv", [r["text"] for r in rows if r["store"] == store],
+                          [r["label"] for r in rows if r["store"] == store])
+    full = fedge.simulate(f"hf:{tiny_bert}", out=tmp_path / "full", client_data=str(stores),
+                          rounds=1, local_epochs=1)
 
     names = _state_names(lora.run_dir / "best.pt")
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names if "lora_" in n} == {
@@ -134,14 +141,14 @@ def test_only_the_adapters_and_head_train_and_travel_and_full_fine_tuning_sends_
     {"strategy": "fedprox"},
     {"strategy": "fedadam"},
     {"strategy": "fedmedian"},
-    {"strategy": "fedbuff", "concurrency": 2, "buffer": 2},
+    {"strategy": "fedbuff", "concurrency": 2, "buffer": 1, "rounds": 2},
     {"dp_clip_norm": 1.0, "dp_noise_multiplier": 0.1, "strategy": "fedavg"},
     {"secagg": True, "clients": 3, "partition": "iid"},
     {"compress": "int8"},
 ], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_lora_federates_with_every_strategy_and_privacy_setting(corpus, tiny_bert, tmp_path,
                                                                  settings):
-    settings = {"partition": "column:store", "rounds": 2, "local_epochs": 1, **settings}
+    settings = {"partition": "column:store", "rounds": 1, "local_epochs": 1, **settings}
     result = fedge.simulate(f"hf:{tiny_bert}", str(corpus), out=tmp_path / "run", lora=4,
                             **settings)
     metrics = _metrics(result.run_dir)
@@ -168,6 +175,19 @@ def test_a_lora_run_resumes_and_runs_on_worker_processes(corpus, tiny_bert, tmp_
     assert metrics["status"] == "finished"
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     assert _state_names(run_dir / "checkpoint.pt") == first
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_lora_trains_on_rays_clientapp_actors(corpus, tiny_bert, tmp_path):
+    result = run_fedge("simulate", "--backend", "ray", "--model", f"hf:{tiny_bert}",
+                       "--lora", "4", "--data", str(corpus), "--partition", "column:store",
+                       "--rounds", "1", "--local-epochs", "1", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = _metrics(tmp_path / "run")
+    assert metrics["status"] == "finished" and metrics["rounds"][0]["num_clients"] == 2
+    assert all("lora_" in n or n.startswith("head.")
+               for n in _state_names(tmp_path / "run" / "best.pt"))
 
 
 def test_a_model_folder_that_is_missing_is_one_error_line_and_nothing_is_downloaded(
@@ -205,8 +225,6 @@ def test_settings_a_text_model_cannot_run_with_are_refused_before_anything_start
 
 
 def _write_device_csv(path: Path, texts: list[str], labels: list[str]) -> str:
-    import csv
-
     with path.open("w", newline="") as file:
         table = csv.writer(file)
         table.writerow(["text", "label"])
@@ -218,8 +236,6 @@ def test_a_tls_deployment_trains_adapters_on_devices_with_their_own_copy_of_the_
         corpus, tiny_bert, tmp_path):
     """Each device names its own copy of the model folder; a device whose base model is
     another one (another fingerprint) is refused, and says why, as does the server."""
-    import csv
-
     with corpus.open(newline="") as file:
         rows = [(r["text"], r["label"]) for r in csv.DictReader(file)]
     texts, labels = [t for t, _ in rows], [label for _, label in rows]

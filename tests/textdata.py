@@ -33,15 +33,15 @@ def packages(status: Path = DPKG_STATUS) -> list[tuple[str, str, str]]:
     return found
 
 
-def write_corpus(path: Path, sections: int = 4, per_section: int = 36, groups: int = 2,
-                 seed: int = 0) -> list[str]:
+def write_corpus(path: Path, sections: int = 4, per_section: int | None = 36,
+                 groups: int = 2, seed: int = 0) -> list[str]:
     """A CSV (``text``, ``label``, ``store``) of package descriptions from the
     ``sections`` largest sections but ``libs`` (which dwarfs them), ``per_section`` of
-    each, dealt to ``groups`` stores in turn; returns the sections."""
+    each (None: all), dealt to ``groups`` stores in turn; returns the sections."""
     rows = packages()
     counts = Counter(section for section, _, _ in rows if section != "libs")
     chosen = [section for section, _ in counts.most_common(sections)]
-    assert counts[chosen[-1]] >= per_section, counts.most_common(sections)
+    assert per_section is None or counts[chosen[-1]] >= per_section, counts.most_common(sections)
     by_section = {s: [r for r in rows if r[0] == s] for s in chosen}
     picked = [row for s in chosen for row in by_section[s][:per_section]]
     random.Random(seed).shuffle(picked)

@@ -106,3 +106,12 @@ def test_lora_settings_need_a_pretrained_model_and_a_rank(tmp_path):
         check_pretrained_settings(ModelSettings(name=f"hf:{tmp_path}"))
     assert ModelSettings(lora_targets=["query,value", "dense"]).lora_targets == [
         "query", "value", "dense"]
+
+
+def test_devices_without_python_cannot_train_a_hugging_face_model(tmp_path):
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_text("{}")
+    check_pretrained_settings(ModelSettings(name=f"hf:{tmp_path}", lora=4))
+    with pytest.raises(FedgeError, match="--edge-programs: devices without Python cannot "
+                                         "train a Hugging Face model"):
+        check_pretrained_settings(ModelSettings(name=f"hf:{tmp_path}"), edge_programs=True)
