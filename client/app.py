@@ -150,11 +150,11 @@ def start_training(content: RecordDict, context: Context, load_data: DataLoaderF
     config = content[CONFIG]
     spec, model = federation_model(config, base_folder)
     data = fit_to_model(spec, load_data(context))
-    state = content[ARRAYS].to_torch_state_dict()
-    model.load_state_dict(state)
+    model.load_state_dict(content[ARRAYS].to_torch_state_dict())
     frozen = frozen_from_config(config)
-    for name, parameter in model.named_parameters():  # a LoRA model's base is no state
-        parameter.requires_grad_(name in state and name not in frozen)
+    for name, parameter in model.named_parameters():  # a LoRA model's base stays frozen too
+        if name in frozen:
+            parameter.requires_grad_(False)
     return spec, model, data, training_settings(config, context), frozen
 
 

@@ -27,7 +27,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context, RecordDict
@@ -249,14 +249,12 @@ def run_client(connection: Connection, data: DeviceData, device: str = default("
     (see :mod:`fedge.client.wire`). ``verbose`` shows Flower's output unfiltered. The
     join timeout counts from ``started`` (``time.monotonic()``; default: now). ``model``:
     this device's copy of a pretrained model, ``hf:FOLDER``, when the federation trains
-    one (its samples are then texts from ``data.text_column``)."""
+    one (whose samples are texts: ``data.text_column``)."""
     started = time.monotonic() if started is None else started
     connection.check()
     check_device(device)
     wire = None if record_wire is None else check_wire_folder(record_wire)
     base = device_model_folder(model)
-    if base is not None and data.text_column is None:
-        data = replace(data, text_column=default("text_column"))
     samples = data.load()
     log.info("%d training and %d validation samples from %s", len(samples.train_y),
              len(samples.val_y), data.path)

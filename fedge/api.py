@@ -198,9 +198,14 @@ def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = Fals
     eval_x = eval_y = None
     spec = saved.model_spec
     if eval_data is not None:
-        eval_x, eval_y = labelled_samples(eval_data, task=spec.task, outputs=spec.num_classes,
-                                          names=spec.class_names,
-                                          sample_shape=spec.input_shape)
+        eval_x, eval_y = labelled_samples(
+            eval_data, task=spec.task, outputs=spec.num_classes, names=spec.class_names,
+            sample_shape=spec.input_shape,
+            text_column=TEXT_COLUMN if spec.pretrained is not None else None)
+        if spec.pretrained is not None:  # texts as the model's token ids
+            from fedge.models.hf import encode, load_tokenizer
+
+            eval_x = encode(load_tokenizer(Path(spec.base_folder), spec.input_shape[0]), eval_x)
         if spec.builtin and spec.input_dtype == "int64":
             check_token_ids(eval_x, spec.vocab_size or 2, eval_data)
     # A transformer's activations (attention, GELU, layer norms) lose most to static ranges.
@@ -295,7 +300,8 @@ def _decisions(predictions: "Predictions", by_name: bool) -> list:
 
 def evaluate(model: str | Path, data: str | Path | tuple[np.ndarray, np.ndarray], *,
              label_column: str | None = None,
-             threshold: float | Sequence[float] | None = None) -> dict:
+             threshold: float | Sequence[float] | None = None,
+             text_column: str = TEXT_COLUMN) -> dict:
     """Judge an ONNX model exported by fedge on labelled ``data`` (a CSV, NPZ or image
     folder, or arrays ``(x, y)`` with labels as the model's task has them), in
     onnxruntime alone (no torch): its ``task``, the ``samples`` counted, and the task's
@@ -304,7 +310,8 @@ def evaluate(model: str | Path, data: str | Path | tuple[np.ndarray, np.ndarray]
 
     ``label_column``: the CSV's label column (multilabel, regression: its columns,
     separated by commas; default ``label``, or the model's label or target names);
-    ``threshold`` (binary, multilabel) replaces the model's stored one.
+    ``threshold`` (binary, multilabel) replaces the model's stored one. A text model
+    reads the texts of a CSV's ``text_column`` (an NPZ: ``x`` of strings).
     """
     from fedge.models.inference import evaluate as run
 
@@ -319,7 +326,7 @@ def evaluate(model: str | Path, data: str | Path | tuple[np.ndarray, np.ndarray]
     else:
         data = _path(data, "data")
     return run(_path(model, "model"), data, label_column=label_column,
-               threshold=_threshold(threshold))
+               threshold=_threshold(threshold), text_column=text_column)
 
 
 def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | None = None,

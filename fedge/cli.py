@@ -511,6 +511,8 @@ def evaluate(
     as_json: Annotated[bool, Opt("--json", help="print the report as one strict JSON "
                                                 "object (null for what the data cannot "
                                                 "define)")] = False,
+    text_column: Annotated[str, Opt(help="a text model's CSV column holding the texts")
+                           ] = default("text_column"),
 ) -> None:
     """Judge a model on labelled samples by its task's measures (onnxruntime only, no
     torch): the scalar measures, per class (label, target), and the confusion matrix."""
@@ -521,7 +523,8 @@ def evaluate(
     from fedge.models.inference import parse_threshold
 
     cut = None if threshold is None else parse_threshold(threshold)
-    result = run(model, data, label_column=label_column, threshold=cut)
+    result = run(model, data, label_column=label_column, threshold=cut,
+                 text_column=text_column)
     if as_json:
         print(json.dumps(strict_json(result), indent=2, allow_nan=False))
         return

@@ -567,18 +567,21 @@ def default_label_column(task: str, names: Sequence[str] | None) -> str:
 
 
 def labelled_samples(path: Path, *, task: str, outputs: int, names: Sequence[str] | None,
-                     sample_shape: tuple[int, ...], label_column: str | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     sample_shape: tuple[int, ...], label_column: str | None = None,
+                     text_column: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Samples and labels of a CSV, NPZ or image folder, as a model of ``task`` with
     ``outputs`` classes (labels, targets) named ``names`` is judged on: class ids in the
     model's order (classes are matched by name; a binary model's unnamed ids 0 and 1 are
-    named "0" and "1"), 0/1 per label and values per target in the model's order."""
+    named "0" and "1"), 0/1 per label and values per target in the model's order. A text
+    model's samples are the texts of ``text_column``."""
     from fedge.datafiles import load_labelled_data, named_binary_classes, remap_labels
 
     column = label_column or default_label_column(task, names)
     by_column = task in ("multilabel", "regression")
-    samples = load_labelled_data(path, label_column=column, sample_shape=sample_shape,
-                                 class_names=names if by_column else None, task=task)
+    samples = load_labelled_data(path, label_column=column,
+                                 sample_shape=None if text_column else sample_shape,
+                                 class_names=names if by_column else None, task=task,
+                                 text_column=text_column)
     y, local_names = samples.y, samples.class_names
     if not by_column:
         if task == "binary" and names is not None:
@@ -627,11 +630,11 @@ def judged(predictions: Predictions, y: np.ndarray, where: str) -> dict:
 
 
 def evaluate(model_path: Path, data: Path | tuple[np.ndarray, np.ndarray], *,
-             label_column: str | None = None, threshold: Sequence[float] | None = None
-             ) -> dict:
+             label_column: str | None = None, threshold: Sequence[float] | None = None,
+             text_column: str = TEXT_COLUMN) -> dict:
     """The model's task, the samples counted and the task's measures on labelled ``data``
-    (a CSV, NPZ or image folder, or arrays ``(x, y)`` with labels as the task has them),
-    in onnxruntime alone."""
+    (a CSV, NPZ or image folder, or arrays ``(x, y)`` with labels as the task has them;
+    a text model's: texts from ``text_column``), in onnxruntime alone."""
     classifier = load_classifier(model_path)
     outputs = _output_width(classifier)
     classes = 2 if classifier.task == "binary" else outputs
@@ -642,7 +645,8 @@ def evaluate(model_path: Path, data: Path | tuple[np.ndarray, np.ndarray], *,
         x, y = labelled_samples(Path(data), task=classifier.task, outputs=classes,
                                 names=classifier.class_names,
                                 sample_shape=tuple(classifier.session.get_inputs()[0].shape[1:]),
-                                label_column=label_column)
+                                label_column=label_column,
+                                text_column=text_column if classifier.tokenizer else None)
         where = str(data)
     if len(x) != len(y):
         raise FedgeError(f"{len(x)} samples but {len(y)} labels")

@@ -93,11 +93,13 @@ def test_lora_adapts_a_pretrained_model_on_devices_and_its_onnx_model_reads_raw_
     assert np.mean([a == b for a, b in zip(lines, sections, strict=True)]) >= 0.7
     one = run_fedge("predict", str(model), texts[0])
     assert one.returncode == 0 and one.stdout.strip() == lines[0], one.stderr
+    judged = fedge.evaluate(model, corpus)  # its text column and labels
+    assert judged["samples"] == len(corpus_texts(corpus)) and judged["accuracy"] >= 0.75
 
     # int8: transformers quantize dynamically; the int8 model reads strings too.
     int8 = tmp_path / "int8.onnx"
     exported = run_fedge("export", str(run_dir / "best.pt"), "-o", str(int8),
-                         "--quantize", "int8")
+                         "--quantize", "int8", "--eval-data", str(corpus))
     assert exported.returncode == 0, exported.stderr
     assert "int8 (dynamic)" in exported.stdout
     assert int8.stat().st_size < model.stat().st_size / 2
