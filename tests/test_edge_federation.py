@@ -3,10 +3,12 @@ with three `fedge-device`s (C++, ExecuTorch, no Python) and one device that lies
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,20 +28,35 @@ DEADLINE = 40  # seconds a gateway round waits for its devices
 SLOW = "dev2"  # the device killed mid-round: ExecuTorch's own (slower) kernels, more data
 
 
+@pytest.fixture(scope="module")
+def gateway_files(tmp_path_factory) -> Path:
+    """Where the first fleet keeps what `fedge certs`, `fedge tokens` and `fedge
+    device-data` wrote for its gateway and devices; later fleets get a copy."""
+    return tmp_path_factory.mktemp("gateway-files")
+
+
 @pytest.fixture
-def fleet(tmp_path, device_binary):
+def fleet(tmp_path, device_binary, gateway_files):
     d = Deployment(tmp_path, rounds=3, **{"edge-programs": "true", "round-timeout": 180})
-    assert d.fedge("certs", "--host", "localhost", "-o", "gwcerts").returncode == 0
-    assert d.fedge("tokens", *DEVICES, "liar", "-o", "gwcerts/tokens").returncode == 0
-    # device2.npz, the third client's share, is split among the gateway's devices.
-    with np.load(tmp_path / "device2.npz") as share:
-        x, y = share["x"], share["y"]
-    for i, rows in enumerate(np.array_split(np.arange(len(y)), len(DEVICES))):
-        if DEVICES[i] == SLOW:  # many samples: its rounds last long enough to die in one
-            rows = np.tile(rows, 8)
-        np.savez(tmp_path / f"part{i}.npz", x=x[rows], y=y[rows])
-        made = d.fedge("device-data", f"part{i}.npz", "-o", f"{DEVICES[i]}.bin")
-        assert made.returncode == 0, made.stderr
+    if (gateway_files / "gwcerts").exists():
+        shutil.copytree(gateway_files / "gwcerts", tmp_path / "gwcerts")
+        for name in DEVICES:
+            shutil.copy2(gateway_files / f"{name}.bin", tmp_path)
+    else:
+        assert d.fedge("certs", "--host", "localhost", "-o", "gwcerts").returncode == 0
+        assert d.fedge("tokens", *DEVICES, "liar", "-o", "gwcerts/tokens").returncode == 0
+        # device2.npz, the third client's share, is split among the gateway's devices.
+        with np.load(tmp_path / "device2.npz") as share:
+            x, y = share["x"], share["y"]
+        for i, rows in enumerate(np.array_split(np.arange(len(y)), len(DEVICES))):
+            if DEVICES[i] == SLOW:  # many samples: its rounds last long enough to die in one
+                rows = np.tile(rows, 8)
+            np.savez(tmp_path / f"part{i}.npz", x=x[rows], y=y[rows])
+            made = d.fedge("device-data", f"part{i}.npz", "-o", f"{DEVICES[i]}.bin")
+            assert made.returncode == 0, made.stderr
+        shutil.copytree(tmp_path / "gwcerts", gateway_files / "gwcerts")
+        for name in DEVICES:
+            shutil.copy2(tmp_path / f"{name}.bin", gateway_files)
     d.gateway_port = free_port()
     d.binary = device_binary
     yield d
@@ -157,7 +174,7 @@ def test_fedbuff_uses_a_gateways_devices_as_one_client_among_others(fleet):
     two_nodes = {**d.settings, "min-clients": 2}  # a fedge client and the gateway
     (d.root / "run.toml").write_text("".join(f"{k} = {v}\n" for k, v in two_nodes.items()))
     server = d.server("server", "--strategy", "fedbuff", "--concurrency", "2", "--buffer",
-                      "1", "--eval-every", "1")
+                      "1", "--eval-every", "1", devices=("device0", "device2"))
     client = d.client("device0", "device0.npz")
     gateway = start_gateway(d, "--round-deadline", str(DEADLINE))
     devices = {name: start_device(d, name) for name in DEVICES[:2]}
@@ -204,7 +221,7 @@ def test_your_batchnorm_model_trains_on_devices_from_flat_csv_rows(tmp_path, dev
             assert made.returncode == 0, made.stderr
         d.gateway_port, d.binary = free_port(), device_binary
 
-        server = d.server()
+        server = d.server(devices=("device2",))  # the gateway's key
         # Once the server listens (after exporting the programs), the gateway joins at once.
         d.wait_for(lambda: "SuperLink listening" in d.log("server"), 180, "the server")
         gateway = start_gateway(d, "--round-deadline", "60")

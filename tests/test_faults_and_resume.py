@@ -105,6 +105,10 @@ class Net(nn.Module):
 
 
 def test_a_run_in_which_no_client_can_train_ends_with_an_error_and_no_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedge.cli import app
+
     model = write_user_model(tmp_path, UNTRAINABLE_MODEL)
     run_dir = tmp_path / "run"
     args = ["simulate", "--model", f"{model}:Net", "--clients", "3", "--rounds", "6",
@@ -123,9 +127,8 @@ def test_a_run_in_which_no_client_can_train_ends_with_an_error_and_no_model(tmp_
     assert metrics["error"] in errors[0]
     assert not (run_dir / "model.onnx").exists() and not (run_dir / "best.pt").exists()
 
-    again = subprocess.run([sys.executable, "-m", "fedge", *args, "--resume"],
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "cannot resume: the run in" in again.stderr
+    again = CliRunner().invoke(app, [*args, "--resume"])  # in this process
+    assert again.exit_code == 2 and "cannot resume: the run in" in again.stderr
     assert "failed (no client could train" in again.stderr
 
 

@@ -19,6 +19,15 @@ pytestmark = pytest.mark.timeout(600)
 FAST = ["--clients", "4", "--local-epochs", "1", "--partition", "iid"]
 
 
+def simulate_here(*args: str):
+    """`fedge simulate ARGS` in this process (own_run is the run in a process of its own)."""
+    from typer.testing import CliRunner
+
+    from fedge.cli import app
+
+    return CliRunner().invoke(app, ["simulate", *args])
+
+
 @pytest.fixture(scope="module")
 def own_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("own")
@@ -79,9 +88,11 @@ def test_resuming_with_another_model_is_refused(tmp_path):
     model = write_user_model(tmp_path / "m")
     run = tmp_path / "run"
     options = ["--model", f"{model}:Net", "--rounds", "2", *FAST, "--out", str(run)]
-    assert run_fedge("simulate", *options, "--rounds", "1").returncode == 0
+    first = simulate_here(*options, "--rounds", "1")
+    assert first.exit_code == 0, first.output
     (run / "metrics.json").write_text('{"status": "running"}')  # as if interrupted
     write_user_model(tmp_path / "m", USER_MODEL.replace("width: int = 8", "width: int = 12"))
+    # A process that has not imported the first version of the file.
     result = run_fedge("simulate", *options, "--resume")
     assert result.returncode == 2
     assert "cannot resume: the model my_model.py:Net is not the one the run started with" \
@@ -175,9 +186,9 @@ def test_initial_weights_come_from_a_state_dict_safetensors_or_an_earlier_run(ow
     best = next(r for r in earlier.history if r["round"] == earlier.round)
     for source in ("weights.pt", "weights.safetensors", str(own_run / "best.pt")):
         run = tmp_path / f"from-{Path(source).name}"
-        result = run_fedge("simulate", "--model", model, "--init", str(tmp_path / source),
-                           "--rounds", "1", *FAST, "--out", str(run))
-        assert result.returncode == 0, result.stderr
+        result = simulate_here("--model", model, "--init", str(tmp_path / source),
+                               "--rounds", "1", *FAST, "--out", str(run))
+        assert result.exit_code == 0, result.output
         assert "round   0/1  starting model" in result.stdout
         initial = json.loads((run / "metrics.json").read_text())["initial"]
         # The same weights on the same server samples: the earlier run's best round.
@@ -189,9 +200,9 @@ def test_your_model_takes_raw_inputs_unless_it_asks_for_fedge_scaling(tmp_path):
     runs = {}
     for flag in ("--no-scale-inputs", "--scale-inputs"):
         run = tmp_path / flag
-        result = run_fedge("simulate", "--model", f"{model}:Net", flag, "--rounds", "1",
-                           *FAST, "--out", str(run))
-        assert result.returncode == 0, result.stderr
+        result = simulate_here("--model", f"{model}:Net", flag, "--rounds", "1", *FAST,
+                               "--out", str(run))
+        assert result.exit_code == 0, result.output
         runs[flag] = json.loads((run / "metrics.json").read_text())["model_spec"]
     assert runs["--no-scale-inputs"]["input_mean"] is None
     assert len(runs["--scale-inputs"]["input_mean"]) == 1  # one channel
@@ -221,9 +232,9 @@ def test_a_server_refuses_your_model_before_its_superlink_starts(tmp_path, case,
 def test_frozen_and_integer_entries_stay_out_of_secure_and_private_rounds(tmp_path, privacy):
     model = write_user_model(tmp_path / "m")
     run = tmp_path / "run"
-    result = run_fedge("simulate", "--model", f"{model}:Net", "--rounds", "1", *FAST,
-                       "--freeze", "features.0.*", *privacy, "--out", str(run))
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = simulate_here("--model", f"{model}:Net", "--rounds", "1", *FAST,
+                           "--freeze", "features.0.*", *privacy, "--out", str(run))
+    assert result.exit_code == 0, result.output
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["rounds"][0]["num_clients"] == 4 and metrics["rounds"][0]["failures"] == 0
     assert metrics["rounds"][0]["val_loss"] < metrics["initial"]["val_loss"]

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from fedge.cli import app
 from fedge.errors import FedgeError
 from fedge.models.export import export_onnx
 from fedge.models.inference import predict
@@ -74,7 +76,9 @@ def test_export_int8_from_the_command_line_reports_size_accuracy_and_latency(
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "int8 vs fp32 on 270 held-out samples" in result.stdout
     assert "latency" in result.stdout and "size" in result.stdout
-    missing = run_fedge("export", str(default_run / "best.pt"), "-o", str(tmp_path / "b.onnx"),
-                        "--quantize", "int8", "--eval-data", str(tmp_path / "none.npz"))
-    assert missing.returncode == 2 and "error:" in missing.stderr
+    # The same command in this process: evaluation data that is not there.
+    missing = CliRunner().invoke(app, ["export", str(default_run / "best.pt"), "-o",
+                                       str(tmp_path / "b.onnx"), "--quantize", "int8",
+                                       "--eval-data", str(tmp_path / "none.npz")])
+    assert missing.exit_code == 2 and "error:" in missing.stderr
     assert not (tmp_path / "b.onnx").exists()
