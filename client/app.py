@@ -16,6 +16,7 @@ from flwr.clientapp.typing import Mod
 from torch import nn
 
 from fedge.client.data import LocalData, node_seed
+from fedge.client.tracking import LocalTracking
 from fedge.client.training import LocalTraining, TrainReport, pick_device, train_locally
 from fedge.config import TrainingSettings, default
 from fedge.datafiles import remap_labels
@@ -193,18 +194,25 @@ def train_reply(state: dict, frozen: set[str], num_examples: int, report: TrainR
 
 
 def build_trainer(load_data: DataLoaderFn, device: str = default("device"),
-                  base_folder: Path | None = None) -> Trainer:
+                  base_folder: Path | None = None,
+                  tracking: LocalTracking | None = None) -> Trainer:
     """Train on the samples ``load_data`` returns for the node, on ``device`` unless the
     node config names one: the records of a train message in, the reply's records out.
-    ``base_folder``: this node's copy of a pretrained model's folder."""
+    ``base_folder``: this node's copy of a pretrained model's folder; ``tracking``: the
+    device's own trackers, which hear every epoch and round here."""
 
     def train(content: RecordDict, context: Context) -> RecordDict:
         spec, model, data, settings, frozen = start_training(content, context, load_data,
                                                              base_folder)
         chosen = pick_device(str(context.node_config.get("device", device)))
+        server_round = int(content[CONFIG][SERVER_ROUND])
+        on_epoch = (tracking.round_started(server_round, settings.training)
+                    if tracking else None)
         started = time.perf_counter()
-        report = train_locally(model, spec, data, settings, chosen)
+        report = train_locally(model, spec, data, settings, chosen, on_epoch)
         train_seconds = time.perf_counter() - started
+        if tracking:
+            tracking.round_done(server_round, report, train_seconds)
         return train_reply(model.cpu().state_dict(), frozen, len(data.train_x), report,
                            train_seconds, client_key(context))
 

@@ -27,6 +27,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from fedge.client.app import CannotTakePart, build_trainer
 from fedge.client.data import LocalData, split_train_val
 from fedge.client.keys import check_ca_certificate, check_private_key
 from fedge.client.relay import Trainer, serve_trainer
+from fedge.client.tracking import LocalTracking
 from fedge.client.training import check_device
 from fedge.client.wire import FOLDER_KEY, check_wire_folder
 from fedge.config import default
@@ -43,6 +45,7 @@ from fedge.datafiles import load_labelled_data, named_binary_classes
 from fedge.errors import FedgeError
 from fedge.models.hf import is_pretrained, model_folder
 from fedge.processes import Children, flower_command, free_port, relay_output
+from fedge.tracking import check_targets
 
 log = logging.getLogger("fedge.client")
 
@@ -242,24 +245,37 @@ def supernode_args(server: str, ca: Path | None, key: Path | None, node_config: 
 
 def run_client(connection: Connection, data: DeviceData, device: str = default("device"),
                record_wire: Path | None = None, verbose: bool = False,
-               started: float | None = None, model: str | None = None) -> str:
+               started: float | None = None, model: str | None = None,
+               track: Sequence[str] = ()) -> str:
     """Check the settings and the data, then serve as a SuperNode until the server's run
     finishes (returns the server's summary of it) or this client must stop (FedgeError);
     with ``record_wire``, every reply this device sends is also recorded in that folder
     (see :mod:`fedge.client.wire`). ``verbose`` shows Flower's output unfiltered. The
     join timeout counts from ``started`` (``time.monotonic()``; default: now). ``model``:
     this device's copy of a pretrained model, ``hf:FOLDER``, when the federation trains
-    one (whose samples are texts: ``data.text_column``)."""
+    one (whose samples are texts: ``data.text_column``). ``track``: this device's own
+    trackers (``--track``) of its local training, which stay on the device."""
     started = time.monotonic() if started is None else started
     connection.check()
     check_device(device)
     wire = None if record_wire is None else check_wire_folder(record_wire)
     base = device_model_folder(model)
+    check_targets(list(track))
     samples = data.load()
     log.info("%d training and %d validation samples from %s", len(samples.train_y),
              len(samples.val_y), data.path)
-    return run_node(connection, build_trainer(lambda context: samples, device, base), wire,
-                    verbose, started)
+    tracking = (LocalTracking(list(track), f"client {data.path.stem}",
+                              {"fedge.data": str(Path(data.path).resolve()),
+                               "fedge.server": connection.server}) if track else None)
+    status = "FAILED"
+    try:
+        summary = run_node(connection, build_trainer(lambda context: samples, device, base,
+                                                     tracking), wire, verbose, started)
+        status = "FINISHED"
+        return summary
+    finally:
+        if tracking:
+            tracking.close(status)
 
 
 def device_model_folder(model: str | None) -> Path | None:

@@ -2,6 +2,7 @@
 or the measure the server monitors where this client's split defines it)."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,8 +174,12 @@ def _optimizer(model: nn.Module, settings: LocalTraining) -> torch.optim.Optimiz
     return torch.optim.Adam(trainable, lr=settings.training.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
 
 
+# Told after each local epoch: its number, its training loss, the local validation measures.
+OnEpoch = Callable[[int, float, dict[str, float | None]], None]
+
+
 def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: LocalTraining,
-                  device: torch.device) -> TrainReport:
+                  device: torch.device, on_epoch: OnEpoch | None = None) -> TrainReport:
     """Train ``model`` in place on the task's loss (:mod:`fedge.models.tasks`) and leave it
     holding the weights with the best local validation measure (:class:`EarlyStopping`;
     the received weights count as epoch 0).
@@ -182,6 +187,7 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
     Stops once it has not improved for ``settings.training.local_patience`` epochs, and
     refuses to go on (FedgeError) once the training loss is no longer finite.
     With ``proximal_mu > 0`` the loss gains ``mu/2 · ||w - w_global||²`` (FedProx).
+    ``on_epoch`` hears every epoch (a device's own tracker, :mod:`fedge.client.tracking`).
     """
     torch.manual_seed(settings.seed)
     model.to(device)
@@ -213,7 +219,10 @@ def train_locally(model: nn.Module, spec: ModelSpec, data: LocalData, settings: 
         train_loss = loss_sum / seen
         if error := diverged(train_loss, epoch):  # its weights would only dilute the average
             raise error
-        improved, stop = stopping.update(epoch, validate())
+        measured = validate()
+        if on_epoch is not None:
+            on_epoch(epoch, train_loss, measured)
+        improved, stop = stopping.update(epoch, measured)
         if improved:
             best_state = _snapshot(model)
         elif stop:

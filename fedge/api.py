@@ -333,7 +333,7 @@ def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | N
                 key: str | Path | None = None, certs: str | Path | None = None,
                 tokens: str | Path | None = None, round_deadline: float = 60.0,
                 min_devices: int = 1, join_timeout: float = 600.0, verbose: bool = False,
-                started: float | None = None) -> str:
+                started: float | None = None, metrics_port: int | None = None) -> str:
     """Serve ExecuTorch devices (``fedge-device``, or a phone app speaking
     ``client/device/PROTOCOL.md``) as one node of the federation at ``server``, until the
     server's run finishes (returns its summary).
@@ -343,7 +343,9 @@ def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | N
     HTTPS on ``listen`` with ``certs``' ``server.pem`` and ``server.key`` (None:
     plaintext) to the devices whose tokens ``tokens`` holds (``NAME.sha256`` files from
     ``fedge tokens``; default: ``certs/tokens``). Each round waits at most
-    ``round_deadline`` seconds for at least ``min_devices`` results.
+    ``round_deadline`` seconds for at least ``min_devices`` results. With
+    ``metrics_port``, the devices' metrics are served in Prometheus' text format there,
+    on ``listen``'s host (needs ``pip install 'fedge[tracking]'``).
     """
     import time
 
@@ -352,12 +354,19 @@ def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | N
     from fedge.server.certs import check_server_certificates
     from fedge.server.device_tokens import read_token_digests
     from fedge.server.gateway import DeviceFleet, GatewaySettings
+    from fedge.server.operator_metrics import (
+        GatewayMetrics,
+        check_metrics_port,
+        serving_metrics,
+    )
 
     started = time.monotonic() if started is None else started
     connection = Connection(server, None if ca is None else Path(ca),
                             None if key is None else Path(key), join_timeout)
     connection.check()
     host, port = parse_server_address(listen, "--listen")
+    if metrics_port is not None:
+        check_metrics_port(host, metrics_port, {"the gateway's --listen port": port})
     settings = GatewaySettings(round_deadline=round_deadline, min_devices=min_devices)
     certfile = keyfile = None
     if certs is not None:
@@ -368,7 +377,8 @@ def run_gateway(server: str, *, listen: str = "0.0.0.0:8443", ca: str | Path | N
                          "`fedge tokens`")
     fleet = DeviceFleet(read_token_digests(Path(tokens) if tokens else Path(certs) / "tokens"),
                         settings)
-    with fleet.serving(host, port, certfile, keyfile):
+    with fleet.serving(host, port, certfile, keyfile), serving_metrics(
+            host, metrics_port, GatewayMetrics(fleet)):
         summary = run_node(connection, build_gateway_trainer(fleet.run_round),
                            verbose=verbose, started=started)
         fleet.finish(summary)

@@ -162,7 +162,7 @@ def _check_transport(insecure: bool, tls_file: Path | None, tls_option: str,
 SECTION_HELP = {"run": "Run", "data": "Data", "task": "Task and measures", "model": "Model",
                 "training": "Local training (sent to clients)", "strategy": "Strategy and rounds",
                 "privacy": "Privacy", "simulation": "Simulation",
-                "devices": "Devices without Python"}
+                "devices": "Devices without Python", "tracking": "Tracking"}
 
 
 def _option_type(annotation: Any) -> Any:
@@ -251,12 +251,14 @@ def simulate(
 
     _show_logs(verbose)
     total, unit, task = [0], ["round"], [RunConfig().task]
+    tracking = [RunConfig().tracking]
 
     def show_plan(plan: Any) -> None:
         status.stop()
         total[0] = plan.config.strategy.rounds
         unit[0] = step_name(plan.config.strategy)
         task[0] = plan.config.task
+        tracking[0] = plan.config.tracking
         _print_plan(plan)
 
     def show_start(initial: dict) -> None:
@@ -290,6 +292,11 @@ def simulate(
         console.print(_privacy_line(result.privacy), highlight=False)
     console.print(f"run folder: {result.run_dir}  (metrics.json, checkpoint.pt, best.pt, "
                   "curves.png, model.onnx, onnx_report.json)", highlight=False)
+    if tracking[0].track:
+        from fedge.server.tracking import tracked_places
+
+        console.print(f"tracked in: {'; '.join(tracked_places(tracking[0], result.run_dir))}",
+                      highlight=False)
 
 
 def _print_plan(plan: Any) -> None:
@@ -603,6 +610,23 @@ def _number(value: object) -> str:
 
 @app.command()
 @_friendly_errors
+def watch(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder (--out of fedge simulate or "
+                                                 "fedge server)")],
+    refresh: Annotated[float, Opt(help="seconds between looks at metrics.json (> 0)")] = 1.0,
+) -> None:
+    """Follow a running (or finished) run: its rounds, best round, clients, failures and
+    a sparkline of the monitored measure, redrawn as metrics.json changes; off a terminal,
+    a line per round. Exits when the run ends: 0 finished, 1 failed."""
+    from fedge.watch import watch as follow
+
+    metrics = follow(run_dir, refresh=refresh, console=console)
+    if metrics.get("status") == "failed":
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly_errors
 def certs(
     host: Annotated[list[str], Opt("--host", help="name or IP clients dial (repeatable); "
                                                   "localhost and 127.0.0.1 are always added")],
@@ -655,6 +679,10 @@ def server(
                              max=65535)] = 9092,
     health_port: Annotated[int | None, Opt(help="gRPC health-check port", min=1,
                                            max=65535)] = None,
+    metrics_port: Annotated[int | None, Opt(help="serve Prometheus metrics on this port "
+                                                 "(/metrics; needs pip install "
+                                                 "'fedge\\[tracking]')", min=1,
+                                            max=65535)] = None,
     out: Annotated[Path | None, Opt("--out", "-o", help="run folder; an interrupted run in "
                                     "it resumes  \\[default: runs/<timestamp>]")] = None,
     insecure: Annotated[bool, Opt(help="no TLS, no node authentication: loopback tests "
@@ -674,8 +702,8 @@ def server(
     served = ServerSettings(config=run_config, val_data=val_data,
                             test_data=test_data, run_dir=out or new_run_dir(),
                             log_format=log_format)
-    serve(served, Listener(host, port, certs, tuple(authorized_keys or ()), health_port),
-          verbose=verbose)
+    serve(served, Listener(host, port, certs, tuple(authorized_keys or ()), health_port,
+                           metrics_port), verbose=verbose)
     console.print(f"run finished: {served.run_dir}", highlight=False)
 
 
@@ -704,6 +732,10 @@ def client(
     join_timeout: Annotated[float, Opt(help="seconds to keep trying to join before giving "
                                             "up")] = 600.0,
     insecure: Annotated[bool, Opt(help="no TLS: loopback tests only")] = False,
+    track: Annotated[list[str] | None, Opt(help="this device's own tracking of its local "
+                                           "training, which stays here: mlflow[:URI] "
+                                           "(default: ./mlruns) | tensorboard[:DIR] "
+                                           "(default: ./tensorboard) (repeatable)")] = None,
     log_format: LogFormatOption = "text",
     record_wire: RecordWireOption = None,
     verbose: VerboseFlowerOption = False,
@@ -719,7 +751,8 @@ def client(
     summary = run_client(Connection(server, ca, key, join_timeout),
                          DeviceData(data, label_column, val_fraction, task=task,
                                     text_column=texts),
-                         device, record_wire, verbose, started=started, model=model)
+                         device, record_wire, verbose, started=started, model=model,
+                         track=track or ())
     console.print(f"the federation's run finished ({summary})", highlight=False)
 
 
@@ -740,6 +773,11 @@ def gateway(
     round_deadline: Annotated[float, Opt(help="seconds a round waits for device "
                                               "results")] = 60.0,
     min_devices: Annotated[int, Opt(help="fewest device results a round needs")] = 1,
+    metrics_port: Annotated[int | None, Opt(help="serve Prometheus metrics of the devices "
+                                                 "on this port, on --listen's host "
+                                                 "(/metrics; needs pip install "
+                                                 "'fedge\\[tracking]')", min=1,
+                                            max=65535)] = None,
     join_timeout: Annotated[float, Opt(help="seconds to keep trying to join before giving "
                                             "up")] = 600.0,
     insecure: Annotated[bool, Opt(help="no TLS toward the server nor the devices: loopback "
@@ -759,7 +797,8 @@ def gateway(
                          "both or neither")
     summary = run_gateway(server, listen=listen, ca=ca, key=key, certs=certs, tokens=tokens,
                           round_deadline=round_deadline, min_devices=min_devices,
-                          join_timeout=join_timeout, verbose=verbose, started=started)
+                          join_timeout=join_timeout, verbose=verbose, started=started,
+                          metrics_port=metrics_port)
     console.print(f"the federation's run finished ({summary})", highlight=False)
 
 

@@ -365,18 +365,52 @@ class DeviceSettings(Section):
                                 "gateway` (needs pip install 'fedge[edge]')")
 
 
+TRACKERS = ("mlflow", "tensorboard")
+
+
+class TrackingSettings(Section):
+    """Where a run's metrics go as it runs, besides its run folder."""
+
+    track: list[str] = Field([], description="mlflow[:URI] (default: ./mlruns beside the "
+                             "run folder) | tensorboard[:DIR] (default: tensorboard/ in the "
+                             "run folder): log every round's metrics there as the run goes")
+    track_timeout: float = Field(30.0, ge=0.0, description="seconds a run that has ended "
+                                 "waits for a tracker it cannot reach before saying what the "
+                                 "tracker lacks")
+
+    @field_validator("track", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("track")
+    @classmethod
+    def _known_trackers(cls, targets: list[str]) -> list[str]:
+        for target in targets:
+            kind, _, where = target.partition(":")
+            if kind not in TRACKERS:
+                raise ValueError(f"{target!r} is no tracker: mlflow[:URI] or "
+                                 "tensorboard[:DIR]")
+            if _ and not where:
+                raise ValueError(f"{target!r} names no place after the colon")
+        return targets
+
+
 SECTIONS: dict[str, type[Section]] = {
     "data": DataSettings, "task": TaskSettings, "model": ModelSettings,
     "training": TrainingSettings,
     "strategy": StrategySettings, "privacy": PrivacySettings,
     "simulation": SimulationSettings, "devices": DeviceSettings,
+    "tracking": TrackingSettings,
 }
 TOP_LEVEL = ("seed",)  # settings of the whole run, outside every table
 Command = Literal["simulate", "server"]
 # The sections a command reads; a run.toml can serve both, each reading its own tables.
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
-    "simulate": ("data", "task", "model", "training", "strategy", "privacy", "simulation"),
-    "server": ("data", "task", "model", "training", "strategy", "privacy", "devices"),
+    "simulate": ("data", "task", "model", "training", "strategy", "privacy", "simulation",
+                 "tracking"),
+    "server": ("data", "task", "model", "training", "strategy", "privacy", "devices",
+               "tracking"),
 }
 SECTION_READERS = {
     "simulation": "only fedge simulate does, from its options or the file's [simulation] table",
@@ -437,6 +471,7 @@ class RunConfig(BaseModel):
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     simulation: SimulationSettings = Field(default_factory=SimulationSettings)
     devices: DeviceSettings = Field(default_factory=DeviceSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
     @model_validator(mode="before")
     @classmethod

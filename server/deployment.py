@@ -14,7 +14,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from fedge.errors import FedgeError
 from fedge.files import write_atomic, write_json
 from fedge.logs import LogFormat, show_fedge_logs
 from fedge.models.hf import PREFIX, is_pretrained, model_folder, token_ids
-from fedge.models.measures import test_headline
+from fedge.models.measures import HEADLINE, test_headline
 from fedge.models.source import with_file_path
 from fedge.processes import Children, check_listen_host, check_port_free, flower_command
 from fedge.protocol import CONFIG, FEDGE_NODE, RUN_FINISHED, SUMMARY_KEY
@@ -47,6 +47,14 @@ from fedge.server.certs import (
 from fedge.server.checkpoint import load_checkpoint
 from fedge.server.federation import Federation, ServerData, check_server_settings
 from fedge.server.grid import GridWrapper
+from fedge.server.observers import RunObserver
+from fedge.server.operator_metrics import (
+    LIVE_FILE,
+    LiveState,
+    ServerMetrics,
+    check_metrics_port,
+    serving_metrics,
+)
 from fedge.server.run_folder import run_failure, run_finished, server_checkpoint
 from fedge.server.superlink import (
     CONNECTION,
@@ -56,6 +64,7 @@ from fedge.server.superlink import (
     stream_run,
     write_app,
 )
+from fedge.tracking import with_absolute_place
 
 log = logging.getLogger("fedge.server")
 
@@ -78,6 +87,7 @@ class ServerSettings(BaseModel):
     test_data: Path | None = None
     run_dir: Path
     log_format: LogFormat = "text"
+    live_state: bool = False  # keep .flower/live.json for `fedge server --metrics-port`
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ class Listener:
     certs: Path | None  # folder with ca.pem, server.pem, server.key; None: --insecure
     authorized_keys: tuple[Path, ...] = ()
     health_port: int | None = None
+    metrics_port: int | None = None  # Prometheus' text format, on the same host
 
 
 def load_server_data(settings: ServerSettings) -> ServerData:
@@ -128,7 +139,8 @@ def load_server_data(settings: ServerSettings) -> ServerData:
                       non_feature_columns=label_columns(data.label_column, task.name))
 
 
-def federation_for(settings: ServerSettings) -> Federation:
+def federation_for(settings: ServerSettings,
+                   observers: Sequence[RunObserver] = ()) -> Federation:
     """A new run, or the continuation of the interrupted run in ``settings.run_dir``;
     every check of the settings, the data files and the run folder happens here."""
     config = settings.config
@@ -138,7 +150,8 @@ def federation_for(settings: ServerSettings) -> Federation:
     check_server_settings(config)  # the settings first: they need no file
     checkpoint = server_checkpoint(settings.run_dir)
     resume = load_checkpoint(checkpoint) if checkpoint else None
-    return Federation(config, load_server_data(settings), settings.run_dir, resume=resume)
+    return Federation(config, load_server_data(settings), settings.run_dir, resume=resume,
+                      observers=observers, command="server")
 
 
 app = ServerApp()
@@ -151,7 +164,9 @@ def main(grid: Grid, context: Context) -> None:
     show_fedge_logs(settings.log_format)
     other_clientapps = OtherClientApps(grid)
     try:
-        outcome = federation_for(settings).run(other_clientapps)
+        observers = ([LiveState(settings.run_dir / LIVE_FILE)]
+                     if settings.live_state else [])
+        outcome = federation_for(settings, observers).run(other_clientapps)
     except FedgeError as error:  # `fedge server` reports it, as its own error
         write_json(settings.run_dir / STOPPED_FILE, {"error": str(error)})
         return
@@ -228,7 +243,9 @@ def superlink_args(listener: Listener) -> list[str]:
 def _absolute_paths(config: RunConfig) -> RunConfig:
     """``config`` with its model file and initial weights as absolute paths: Flower runs
     the ServerApp in a process of its own, in a folder of its own."""
-    update: dict[str, str] = {}
+    update: dict[str, object] = {}
+    if config.tracking.track:
+        update["track"] = [with_absolute_place(value) for value in config.tracking.track]
     if config.model.init:
         update["init"] = str(Path(config.model.init).resolve())
     if is_pretrained(config.model.name):
@@ -261,6 +278,10 @@ def check_listener(listener: Listener) -> None:
     check_port_free(listener.host, listener.port, "--port")
     if listener.health_port:
         check_port_free(listener.host, listener.health_port, "--health-port")
+    if listener.metrics_port is not None:
+        check_metrics_port(listener.host, listener.metrics_port,
+                           {"the server's --port": listener.port,
+                            "the server's --health-port": listener.health_port})
     for command in SERVER_COMMANDS:
         flower_command(command)
 
@@ -276,7 +297,8 @@ def serve(settings: ServerSettings, listener: Listener, startup_timeout: float =
     check_listener(listener)
     run_dir = settings.run_dir.resolve()
     settings = settings.model_copy(update={"run_dir": run_dir,
-                                           "config": _absolute_paths(settings.config)})
+                                           "config": _absolute_paths(settings.config),
+                                           "live_state": listener.metrics_port is not None})
     federation_for(settings)
     flower_home = run_dir / ".flower"
     try:
@@ -286,15 +308,21 @@ def serve(settings: ServerSettings, listener: Listener, startup_timeout: float =
     except OSError as error:
         raise FedgeError(f"cannot make the run folder {run_dir}: {error.strerror}") from None
     (run_dir / STOPPED_FILE).unlink(missing_ok=True)
+    (run_dir / LIVE_FILE).unlink(missing_ok=True)  # a previous server's
     settings_file = flower_home / "server-settings.json"
     write_atomic(settings_file, settings.model_dump_json(indent=2).encode())
 
     superlink_log = run_dir / "superlink.log"
     children = Children(env={"FLWR_HOME": str(flower_home)})
-    with children.running():
+    started: list[subprocess.Popen] = []  # the SuperLink, once it listens
+    metrics = ServerMetrics(run_dir, settings.config.strategy.name, settings.config.task.name,
+                            HEADLINE[settings.config.task.name],
+                            lambda: bool(started) and started[0].poll() is None)
+    with serving_metrics(listener.host, listener.metrics_port, metrics), children.running():
         superlink = start_superlink(children, superlink_args(listener), listener.port,
                                     superlink_log, startup_timeout,
                                     host=local_address(listener.host))
+        started.append(superlink)
         log.info("SuperLink listening on %s (%s)", host_port(listener.host, listener.port),
                  "INSECURE" if listener.certs is None else "TLS, node authentication")
         for key in listener.authorized_keys:

@@ -4,7 +4,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from fedge.server.checkpoint import Checkpoint, load_checkpoint
 from fedge.server.compression import DecodeUpdates, check_compression
 from fedge.server.fedbuff import BufferSettings, FedBuff, check_fedbuff
 from fedge.server.grid import RoundGrid, RoundStats
+from fedge.server.observers import ObservedGrid, Observers, RunObserver, RunStart
 from fedge.server.partial import PartialUpdates, has_fixed_entries
 from fedge.server.privacy import (
     check_privacy,
@@ -52,7 +53,7 @@ from fedge.server.privacy import (
     privacy_report,
 )
 from fedge.server.rounds import VALIDATION_SET, GlobalEarlyStop, RoundRecord, RoundTracker
-from fedge.server.run_folder import plot_curves
+from fedge.server.run_folder import plot_curves, run_failure
 from fedge.server.screening import EXPECTED_CLIENT, UpdateScreen
 from fedge.server.secagg import check_secagg, run_secure_rounds, secure_round_stats
 from fedge.server.starting_model import StartingModel, starting_model
@@ -63,6 +64,8 @@ from fedge.server.strategies import (
     restore_strategy_state,
     strategy_state,
 )
+from fedge.server.tracking import component_versions, open_trackers
+from fedge.tracking import check_targets
 
 log = logging.getLogger("fedge.server")
 
@@ -72,7 +75,8 @@ REFERENCE_SAMPLES = 64  # held-out inputs kept in checkpoints to verify later ex
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_CHANGES = {"rounds", "round_timeout", "join_timeout", "min_results", "backend",
                      "device", "poll_interval", "quarantine", "max_norm_ratio",
-                     "workers", "vectorize", "ray_address", "client_cpus", "client_gpus"}
+                     "workers", "vectorize", "ray_address", "client_cpus", "client_gpus",
+                     "track", "track_timeout"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ def check_server_settings(config: RunConfig) -> None:
     check_secagg(config)
     check_compression(config)
     check_strategy(config.strategy)  # last: a strategy that cannot be used at all is said first
+    check_targets(config.tracking.track)
 
 
 class Federation:
@@ -126,12 +131,15 @@ class Federation:
     ``on_round(record, improved)`` is called after every round, once it is checkpointed,
     ``on_start(metrics)`` with the starting model's validation metrics (round 0).
     ``start`` is the starting model if the caller prepared it already (:func:`prepare`).
+    ``observers`` hear the run as it goes (:mod:`fedge.server.observers`), besides the
+    trackers of the run's ``[tracking]`` settings, which :meth:`run` opens.
     """
 
     def __init__(self, config: RunConfig, data: ServerData, run_dir: Path,
                  on_round: Callable[[RoundRecord, bool], None] | None = None,
                  resume: Checkpoint | None = None, start: StartingModel | None = None,
-                 on_start: Callable[[dict], None] | None = None) -> None:
+                 on_start: Callable[[dict], None] | None = None,
+                 observers: Sequence[RunObserver] = (), command: str = "simulate") -> None:
         check_server_settings(config)
         start = start or prepare(config, data)
         if resume is not None:
@@ -141,6 +149,8 @@ class Federation:
         self.config, self.data, self.run_dir = config, data, run_dir
         self.on_round, self.resume, self.start = on_round, resume, start
         self.on_start = on_start
+        self.observers = Observers(observers)
+        self.command = command
         # A resumed run keeps its model definition, input scaling included.
         self.spec = resume.model_spec if resume else start.spec
         self.outcome: RunOutcome | None = None
@@ -153,6 +163,23 @@ class Federation:
 
     def run(self, flower_grid: Grid, clock: Callable[[], float] | None = None) -> RunOutcome:
         """The whole run on ``flower_grid``; a simulation passes its simulated ``clock``."""
+        self.observers = Observers([*self.observers.observers,
+                                    *open_trackers(self.config.tracking, self.run_dir)])
+        self.observers.phase("starting")
+        try:
+            return self._run(ObservedGrid(flower_grid, self.observers,
+                                          self.config.strategy.min_clients), clock)
+        except FedgeError as error:
+            self.observers.ended("failed" if run_failure(self.run_dir) else "interrupted",
+                                 str(error))
+            raise
+        except BaseException as error:
+            self.observers.ended("interrupted", f"{type(error).__name__}: {error}")
+            raise
+        finally:
+            self.observers.close()
+
+    def _run(self, flower_grid: Grid, clock: Callable[[], float] | None) -> RunOutcome:
         config = self.config
         torch.manual_seed(config.seed)
         # Flower samples clients with the global `random` module, and SecAgg+'s client mod
@@ -177,6 +204,8 @@ class Federation:
         self._strategy = (self._buffered(buffered, clock) if buffered else
                           build_strategy(config, self._tracker.aggregate_train_metrics))
         started = time.perf_counter()
+        self._reported_versions = 0
+        self.observers.started(self._run_start())
         self._name_lacking_classes()
         if self.start.edge is not None:
             write_edge_folder(self.start.edge, self.run_dir / EDGE_FOLDER)
@@ -277,12 +306,31 @@ class Federation:
             strategy.start(
                 grid=grid, initial_arrays=arrays, num_rounds=rounds,
                 timeout=self.config.strategy.round_timeout, train_config=self._train_config(),
-                evaluate_fn=lambda server_round, new: self._tracker.evaluate(
-                    server_round + offset, new),
+                evaluate_fn=lambda server_round, new: self._evaluate(server_round + offset,
+                                                                     new),
             )
         except GlobalEarlyStop as stop:
             log.info("global early stopping after round %d: %s",
                      self._tracker.completed_rounds, stop)
+
+    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> object:
+        self.observers.phase("evaluating")
+        return self._tracker.evaluate(server_round, arrays)
+
+    def _run_start(self) -> RunStart:
+        return RunStart(run_dir=self.run_dir, config=self.config,
+                        fingerprint=self.spec.fingerprint, origin=self.start.origin,
+                        unit=step_name(self.config.strategy), headline=HEADLINE[self.spec.task],
+                        resumed_after=self.resume.round if self.resume else 0,
+                        command=self.command, versions=component_versions(),
+                        history=tuple(self.resume.history) if self.resume else ())
+
+    def _staleness_since_last_record(self) -> list[int]:
+        if not isinstance(self._strategy, FedBuff):
+            return []
+        versions = self._strategy.versions[self._reported_versions:]
+        self._reported_versions = len(self._strategy.versions)
+        return [tau for version in versions for tau in version.staleness]
 
     def _train_config(self) -> ConfigRecord:
         model = {MODEL_SPEC: self.spec.to_json()}
@@ -316,6 +364,7 @@ class Federation:
         headline = HEADLINE[self.spec.task]
         log.info("round 0 (the starting model): val_loss %.4f val_%s %s", initial["val_loss"],
                  headline, initial["val_measures"].get(headline))
+        self.observers.initial(initial)
         if self.on_start:
             self.on_start(initial)
 
@@ -332,6 +381,8 @@ class Federation:
                  "%.2fs)", step_name(self.config.strategy), record.round, record.val_loss,
                  headline, record.measured(f"val_{headline}"), record.num_clients,
                  record.failures, record.timeouts, record.seconds)
+        self.observers.round_done(record.as_dict(), improved,
+                                  self._staleness_since_last_record())
         if self.on_round:
             self.on_round(record, improved)
 
@@ -363,6 +414,7 @@ class Federation:
 
     def _finish(self, seconds: float) -> RunOutcome:
         tracker, data = self._tracker, self.data
+        self.observers.phase("exporting")
         model = build_model(self.spec)
         model.load_state_dict(self._best_state)
         self.spec = self._with_threshold(model)
@@ -378,6 +430,8 @@ class Federation:
             test={**test, "samples": len(data.test_y), "round": tracker.best_round},
             seconds=seconds,
         ))
+        self.observers.phase("finished")
+        self.observers.ended("finished")
         return RunOutcome(self.run_dir, len(tracker.history), tracker.best_round,
                           tracker.stopped_early, test["loss"], test.get("accuracy"), report,
                           privacy_report(self._strategy, self.config.strategy.clients), test)

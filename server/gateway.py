@@ -46,6 +46,9 @@ log = logging.getLogger("fedge.gateway")
 PRESENCE_SECONDS = 5.0
 PRESENCE_CHECK = 0.25  # how often a waiting round looks whether presence has lapsed
 MAX_EXAMPLES = 2**53  # num_examples beyond it would not be exact as a float64 weight
+# A device's answer to a round, as the gateway's metrics count them ("missing": it took
+# the task and never answered).
+RESULT_OUTCOMES = ("accepted", "rejected", "failed", "late", "missing")
 
 
 def _finite_number(value: object) -> bool:
@@ -144,6 +147,9 @@ class DeviceFleet:
         self._finished: str | None = None
         self._serving = False
         self._closing = False
+        # What the gateway's operator metrics count (fedge.server.operator_metrics).
+        self._counted = {"round": 0, "rounds": {"completed": 0, "failed": 0},
+                         "results": dict.fromkeys(RESULT_OUTCOMES, 0), "received_bytes": 0}
 
     # -- the federation's side ----------------------------------------------------------
 
@@ -229,6 +235,7 @@ class DeviceFleet:
             accepted = dict(sorted(current.accepted.items()))
             current.accepted.clear()
             said_hello = sum(device.hello for device in self._devices.values())
+            self._count_round(server_round, report, len(accepted) >= self.settings.min_devices)
         counts, outcomes = self._summary(report, accepted, said_hello)
         others = [outcome for outcome in outcomes if not outcome.endswith(" accepted")]
         log.info("round %d: %s%s", server_round, counts, "".join(f"; {o}" for o in others))
@@ -237,6 +244,30 @@ class DeviceFleet:
                              f"{self.settings.min_devices} it needs (min_devices); "
                              + "; ".join(outcomes))
         return _aggregate(accepted, current.trained, report)
+
+    def metrics(self) -> dict:
+        """What the gateway's operator metrics show: its devices (known, seen: said
+        hello, present now), the last round, rounds and device results by outcome, and
+        the bytes of results received."""
+        now = time.monotonic()
+        with self._cond:
+            devices = self._devices.values()
+            return {"known": len(self._devices), "seen": sum(d.hello for d in devices),
+                    "present": sum(bool(d.polling or now - d.last_seen <= PRESENCE_SECONDS)
+                                   for d in devices),
+                    "round": self._counted["round"],
+                    "rounds": dict(self._counted["rounds"]),
+                    "results": dict(self._counted["results"]),
+                    "received_bytes": self._counted["received_bytes"]}
+
+    def _count_round(self, server_round: int, report: dict[str, str], completed: bool
+                     ) -> None:
+        """Count a closed round and its devices' outcomes (hold the lock)."""
+        self._counted["round"] = server_round
+        self._counted["rounds"]["completed" if completed else "failed"] += 1
+        for outcome in report.values():
+            kind = outcome.split(":")[0]
+            self._counted["results"][kind if kind in RESULT_OUTCOMES else "missing"] += 1
 
     def finish(self, summary: str) -> None:
         """The run is over: every GET /v1/task from now on answers 410 with ``summary``."""
@@ -384,6 +415,8 @@ class DeviceFleet:
 
     def _result(self, name: str, task: str, body: bytes) -> None:
         """Screen ``body``; record it as accepted, or as rejected and refuse it."""
+        with self._cond:
+            self._counted["received_bytes"] += len(body)
         current = self._open_for_answer(name, task)
         try:
             accepted = _screen(body, current)

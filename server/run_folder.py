@@ -48,7 +48,7 @@ def resumable_checkpoint(path: Path) -> Path:
 
 
 # What a server start leaves in its run folder before the first round completes.
-SERVER_STATE = (".flower", "superlink.log")
+SERVER_STATE = (".flower", "superlink.log", "tracking.json", "tensorboard")
 
 
 def server_checkpoint(path: Path) -> Path | None:

@@ -149,6 +149,8 @@ def test_unreadable_prediction_inputs_are_refused(tmp_path, default_run):
     (["server", "--insecure"], "missing option '--val-data'"),
     (["server", "--val-data", "v.npz", "--insecure", "--health-port", "0"],
      "invalid value for '--health-port': 0 is not in the range 1<=x<=65535"),
+    (["server", "--val-data", "v.npz", "--insecure", "--metrics-port", "70000"],
+     "invalid value for '--metrics-port': 70000 is not in the range 1<=x<=65535"),
     (["client", "--server", "127.0.0.1:9", "--data", "d.npz", "--insecure",
       "--join-timeout", "soon"], "invalid value for '--join-timeout': 'soon' is not a valid "
                                  "float"),
@@ -317,6 +319,32 @@ def test_a_server_refuses_a_port_that_is_in_use_before_starting(server_folder):
         result = serve(server_folder, "--insecure", port=port)
     assert_refused(result, f"port {port} on 127.0.0.1 is already in use; choose another "
                            "with --port")
+    assert not (server_folder / "run").exists()
+
+
+def test_a_server_refuses_a_bad_metrics_port_in_one_line_before_starting(server_folder):
+    import socket
+
+    from fedge.processes import free_port
+
+    port, health = free_port(), free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        used = taken.getsockname()[1]
+        for options, message in (
+            (["--metrics-port", str(port)],
+             f"--metrics-port {port} is the server's --port; choose another"),
+            (["--health-port", str(health), "--metrics-port", str(health)],
+             f"--metrics-port {health} is the server's --health-port; choose another"),
+            (["--metrics-port", str(used)],
+             f"port {used} on 127.0.0.1 is already in use; choose another with "
+             "--metrics-port"),
+        ):
+            result = serve(server_folder, "--insecure", *options, port=port)
+            assert_refused(result, message)
+            errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+            assert errors == [f"error: {message}"], result.stderr
     assert not (server_folder / "run").exists()
 
 
@@ -559,6 +587,9 @@ def test_a_setting_spelt_twice_in_a_config_file_is_refused(tmp_path):
      "--listen 'x' is not HOST:PORT"),
     (["--server", "127.0.0.1:9092", "--insecure", "--tokens", "t", "--round-deadline", "0"],
      "round_deadline must be a positive number of seconds"),
+    (["--server", "127.0.0.1:9092", "--insecure", "--tokens", "t", "--listen",
+      "127.0.0.1:8443", "--metrics-port", "8443"],
+     "--metrics-port 8443 is the gateway's --listen port; choose another"),
 ])
 def test_a_gateway_with_bad_settings_says_so_before_it_starts(tmp_path, monkeypatch, args,
                                                               message):

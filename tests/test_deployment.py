@@ -1,13 +1,19 @@
 """Real processes on 127.0.0.1: a fedge server, fedge clients, Flower's Deployment Engine."""
 
+import atexit
 import contextlib
+import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.request
 import uuid
 from multiprocessing import AuthenticationError
 from pathlib import Path
@@ -135,6 +141,10 @@ def test_exporting_device_programs_leaves_the_servers_output_as_it_was():
     assert len(lines) == 1 and lines[0].endswith("a line Flower logs after the export"), lines
 
 
+# Where `fedge certs` and `fedge keys` wrote a deployment's credentials, by server host.
+_CREDENTIALS: dict[str, Path] = {}
+
+
 class Deployment:
     """Files a server operator and three device owners would have, and their processes.
 
@@ -145,6 +155,8 @@ class Deployment:
 
     def __init__(self, root: Path, rounds: int, **settings: object) -> None:
         self.root, self.port = root, free_port()
+        self.metrics_port = free_port()
+        self.scraped: MetricsScraper | None = None  # `fedge server --metrics-port`'s
         self.processes: dict[str, subprocess.Popen] = {}
         self.marker = f"fedge-test-{uuid.uuid4().hex}"
         split = split_federated(load_dataset("digits"), seed=0)
@@ -157,10 +169,26 @@ class Deployment:
                          "min-clients": 3, "patience": 10, "round-timeout": 60, **settings}
         (root / "run.toml").write_text(
             "".join(f"{k} = {v}\n" for k, v in self.settings.items()))
-        assert self.fedge("certs", "--host", "localhost", "--host", self.host,
-                          "-o", "certs").returncode == 0
-        for name in ("device0", "device1", "device2", "stranger"):
-            assert self.fedge("keys", "--name", name, "-o", "keys").returncode == 0
+        self.credentials()
+
+    def credentials(self) -> None:
+        """certs/ (the server's, for ``host``) and keys/ (the devices' and a stranger's),
+        as `fedge certs` and `fedge keys` write them: run once per host and test session,
+        and copied into every later deployment's folder."""
+        made = _CREDENTIALS.get(self.host)
+        if made is None:
+            assert self.fedge("certs", "--host", "localhost", "--host", self.host,
+                              "-o", "certs").returncode == 0
+            for name in ("device0", "device1", "device2", "stranger"):
+                assert self.fedge("keys", "--name", name, "-o", "keys").returncode == 0
+            made = Path(tempfile.mkdtemp(prefix="fedge-test-credentials-"))
+            atexit.register(shutil.rmtree, made, ignore_errors=True)
+            for folder in ("certs", "keys"):
+                shutil.copytree(self.root / folder, made / folder)
+            _CREDENTIALS[self.host] = made
+        else:
+            for folder in ("certs", "keys"):
+                shutil.copytree(made / folder, self.root / folder)
 
     def fedge(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "fedge", *args], cwd=self.root,
@@ -180,8 +208,11 @@ class Deployment:
         """What runs process ``name`` on its own machine: here, nothing (this one)."""
         return []
 
-    def server(self, name: str = "server", *options: str) -> subprocess.Popen:
-        keys = [a for i in range(3) for a in ("--authorized-key", f"keys/device{i}.pub")]
+    def server(self, name: str = "server", *options: str,
+               devices: tuple[str, ...] = ("device0", "device1", "device2")) -> subprocess.Popen:
+        """`fedge server`, which knows the keys of ``devices`` (registering one with the
+        SuperLink takes a `flwr` command of its own: seconds)."""
+        keys = [a for device in devices for a in ("--authorized-key", f"keys/{device}.pub")]
         return self.start(name, "server", "--val-data", "val.npz", "--test-data",
                           "test.npz", "--config", "run.toml", "--certs", "certs", *keys,
                           "--host", self.host, "--port", str(self.port), "-o", "run",
@@ -289,16 +320,42 @@ CHILDREN_GONE = 15.0  # seconds: fedge promises ~8 s (its guard's 5 s grace, the
 FINISHED = "the federation's run finished (best round"
 
 
-def test_tls_federation_completes_and_every_client_leaves_when_the_run_finishes(deployment):
-    d = deployment(rounds=3)
-    (d.root / "broken.csv").write_text("label,a,b\n1,2\n")
-    server = d.server()
-    clients = [d.client(f"device{i}", f"device{i}.npz") for i in range(3)]
-    broken = d.client("broken", "broken.csv", key="device0")
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One TLS federation run to its end, which the next two tests read: three devices
+    train the operator's own model (its source is on the server's machine only), and a
+    client whose data is broken leaves at once."""
+    d = Deployment(tmp_path_factory.mktemp("finished"), rounds=3,
+                   model='"operator/my_model.py:Net"')
+    try:
+        write_user_model(d.root / "operator")
+        (d.root / "broken.csv").write_text("label,a,b\n1,2\n")
+        metrics = (["--metrics-port", str(d.metrics_port)]
+                   if importlib.util.find_spec("prometheus_client") else [])
+        server = d.server("server", *metrics, "--track", "tensorboard")
+        scraper = MetricsScraper(d.metrics_port, server) if metrics else None
+        # device0 keeps its own tracking of its local training, on the device.
+        clients = [d.client(f"device{i}", f"device{i}.npz",
+                            *(["--track", "tensorboard:device0_tb"] if i == 0 else []))
+                   for i in range(3)]
+        broken = d.client("broken", "broken.csv", key="device0")
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the tests say what is wrong
+            broken.wait(timeout=60)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=400)
+        if scraper is not None:
+            scraper.join(timeout=30)
+        d.scraped = scraper
+        yield d, server, clients, broken
+    finally:
+        d.stop_all()
 
-    assert broken.wait(timeout=60) == 2
+
+def test_tls_federation_completes_and_every_client_leaves_when_the_run_finishes(finished_run):
+    d, server, clients, broken = finished_run
+    assert broken.returncode == 2, d.log("broken")
     assert "error:" in d.log("broken") and "broken.csv" in d.log("broken")
-    assert server.wait(timeout=400) == 0, d.logs()
+    assert server.returncode == 0, d.logs()
     assert "run finished: run" in d.log("server")
 
     metrics = d.metrics()
@@ -316,6 +373,108 @@ def test_tls_federation_completes_and_every_client_leaves_when_the_run_finishes(
     assert_gone_within(d, "server", CHILDREN_GONE)
     for name in ("server", "device0", "device1", "device2", "broken"):
         assert "Traceback" not in d.log(name), d.log(name)
+
+
+class MetricsScraper(threading.Thread):
+    """Scrapes `fedge server --metrics-port`'s /metrics twice a second while ``server``
+    runs, parsing each scrape with prometheus_client's parser: ``scrapes`` holds each
+    sample by name (labels in braces), ``errors`` what did not parse."""
+
+    def __init__(self, port: int, server: subprocess.Popen) -> None:
+        super().__init__(daemon=True, name="metrics scraper")
+        self.url, self.server = f"http://127.0.0.1:{port}/metrics", server
+        self.scrapes: list[dict[str, float]] = []
+        self.errors: list[str] = []
+        self.start()
+
+    def run(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        deadline = time.monotonic() + 500
+        while self.server.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as reply:
+                    text = reply.read().decode()
+            except OSError:  # not listening yet, or no longer
+                time.sleep(0.5)
+                continue
+            try:
+                self.scrapes.append({
+                    sample.name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(
+                        sample.labels.items())) + "}" if sample.labels else ""): sample.value
+                    for family in text_string_to_metric_families(text)
+                    for sample in family.samples})
+            except ValueError as error:
+                self.errors.append(f"{error}: {text}")
+            time.sleep(0.5)
+
+
+def test_the_servers_metrics_port_serves_prometheus_while_the_run_goes_on(finished_run):
+    d, server, _, _ = finished_run
+    if d.scraped is None:
+        pytest.skip("--metrics-port needs prometheus_client (pip install 'fedge[tracking]')")
+    assert server.returncode == 0, d.logs()
+    scrapes, errors = d.scraped.scrapes, d.scraped.errors
+    assert errors == [] and len(scrapes) > 5, (errors, len(scrapes))
+    # Counters never go down, and every round was counted as it completed.
+    for name in ("fedge_rounds_completed_total", "fedge_client_failures_total",
+                 "fedge_received_bytes_total"):
+        values = [scrape[name] for scrape in scrapes]
+        assert values == sorted(values), (name, values)
+    assert [scrape["fedge_rounds_completed_total"] for scrape in scrapes][-1] == 3
+    assert any(scrape['fedge_phase{phase="training"}'] == 1 for scrape in scrapes)
+    # The last scrape while the SuperLink still ran: the run as it ended.
+    last = [scrape for scrape in scrapes if scrape["fedge_superlink_up"] == 1][-1]
+    assert last["fedge_rounds_completed_total"] == last["fedge_round"] == 3
+    assert last["fedge_clients_connected"] == 3
+    assert last["fedge_client_failures_total"] == last["fedge_client_timeouts_total"] == 0
+    assert last["fedge_received_bytes_total"] > 0
+    metrics = d.metrics()
+    assert last["fedge_validation_loss"] == pytest.approx(metrics["rounds"][-1]["val_loss"])
+    assert last['fedge_validation_measure{measure="accuracy"}'] == pytest.approx(
+        metrics["rounds"][-1]["val_measures"]["accuracy"])
+    info = [name for name in last if name.startswith("fedge_run_info{")]
+    assert len(info) == 1 and 'strategy="fedavg"' in info[0] and 'unit="round"' in info[0]
+    with pytest.raises(OSError):  # served until the server exited, not after
+        urllib.request.urlopen(d.scraped.url, timeout=5)
+
+
+def test_a_loopback_deployment_trains_your_model_on_devices_without_its_source(finished_run):
+    d, server, clients, _ = finished_run
+    assert server.returncode == 0, d.logs()
+    for i, client in enumerate(clients):
+        assert client.wait(timeout=60) == 0, d.logs()
+        assert_gone_within(d, f"device{i}", 15)
+
+    metrics = d.metrics()
+    assert metrics["model"]["origin"] == f"{d.root / 'operator' / 'my_model.py'}:Net"
+    assert [r["num_clients"] for r in metrics["rounds"]] == [3, 3, 3]
+    assert metrics["test"]["accuracy"] > 0.5
+    importers = set((d.root / "operator" / "imports.log").read_text().split())
+    assert importers and all(marker.endswith("-server") for marker in importers), importers
+
+
+def test_the_server_and_a_device_track_what_each_of_them_sees(finished_run):
+    """`fedge server --track tensorboard`: the federation's rounds in the run folder;
+    `fedge client --track tensorboard:DIR`: that device's local epochs, on the device."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d, server, clients, _ = finished_run
+    assert server.returncode == 0 and clients[0].wait(timeout=60) == 0, d.logs()
+
+    def scalars(folder: Path, tag: str) -> dict[int, float]:
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        return {e.step: e.value for e in events.Scalars(tag)}
+
+    metrics = d.metrics()
+    federation = scalars(d.root / "run" / "tensorboard", "val_loss")
+    assert federation == pytest.approx({0: metrics["initial"]["val_loss"],
+                                        **{r["round"]: r["val_loss"] for r in metrics["rounds"]}})
+    device = scalars(d.root / "device0_tb", "round/train_loss")
+    assert set(device) == {1, 2, 3}
+    epochs = scalars(d.root / "device0_tb", "local/train_loss")
+    assert len(epochs) >= 3 and max(epochs) == len(epochs)  # every epoch of every round
 
 
 @pytest.mark.parametrize(("tls", "cause"), [
@@ -423,7 +582,7 @@ def kill_the_server_after_two_records(d: Deployment) -> None:
 
 
 def test_a_killed_server_leaves_nothing_running_and_resumes_with_its_clients(deployment):
-    d = deployment(rounds=4)
+    d = deployment(rounds=3)  # killed once two rounds are recorded: one more to resume
     kill_the_server_after_two_records(d)
     before = d.metrics()["rounds"]
 
@@ -431,7 +590,7 @@ def test_a_killed_server_leaves_nothing_running_and_resumes_with_its_clients(dep
     assert restarted.wait(timeout=500) == 0, d.logs()
     metrics = d.metrics()
     assert metrics["status"] == "finished"
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3, 4]
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert metrics["rounds"][: len(before)] == before
     assert "resuming after round" in d.log("restarted")
     # The clients noticed the server was gone, rejoined the new one, and left at the end.
@@ -563,7 +722,7 @@ def test_a_device_whose_labels_do_not_fit_leaves_and_too_few_clients_stop_the_se
     d = deployment(rounds=3, **{"min-clients": 2, "join-timeout": 20})
     x, y = np.load(d.root / "device1.npz")["x"], np.load(d.root / "device1.npz")["y"]
     np.savez(d.root / "twelve.npz", x=x, y=np.where(y == 9, 12, y))
-    server = d.server()
+    server = d.server(devices=("device0", "device1"))
     left = d.client("device0", "device0.npz", "--join-timeout", str(CLIENT_JOIN_TIMEOUT))
     misfit = d.client("device1", "twelve.npz")
 
@@ -722,27 +881,10 @@ def test_nodes_that_do_not_run_fedge_client_are_named_and_never_sent_what_they_c
         assert "Traceback" not in d.log(name) and "KeyError" not in d.log(name), d.log(name)
 
 
-def test_a_loopback_deployment_trains_your_model_on_devices_without_its_source(deployment):
-    d = deployment(rounds=2, model='"operator/my_model.py:Net"', **{"local-epochs": 1})
-    write_user_model(d.root / "operator")
-    server = d.server()
-    clients = [d.client(f"device{i}", f"device{i}.npz") for i in range(3)]
-    assert server.wait(timeout=400) == 0, d.logs()
-    for i, client in enumerate(clients):
-        assert client.wait(timeout=60) == 0, d.logs()
-        assert_gone_within(d, f"device{i}", 15)
-
-    metrics = d.metrics()
-    assert [r["num_clients"] for r in metrics["rounds"]] == [3, 3]
-    assert metrics["test"]["accuracy"] > 0.5
-    importers = set((d.root / "operator" / "imports.log").read_text().split())
-    assert importers and all(marker.endswith("-server") for marker in importers), importers
-
-
 def test_a_regression_task_trains_across_machines(deployment):
     """Clients read their float targets with --task regression; the server reports the
     task's measures and every client's own, under its node id."""
-    d = deployment(rounds=2, model='"mlp"', task='"regression"', **{"local-epochs": 1})
+    d = deployment(rounds=1, model='"mlp"', task='"regression"', **{"local-epochs": 1})
     data = load_diabetes()
     x, y = data.data.astype(np.float32), data.target.astype(np.float32)
     np.savez(d.root / "val.npz", x=x[:60], y=y[:60])

@@ -5,6 +5,7 @@ calls it."""
 
 import hashlib
 import http.client
+import importlib.util
 import json
 import logging
 import os
@@ -150,6 +151,28 @@ def gateway(certs: Path | None, tokens: Path, **settings: object
                                          port, ca), pool
 
 
+def scrape_gateway_metrics(fleet: DeviceFleet) -> dict[str, float] | None:
+    """``fleet``'s metrics served over HTTP as ``fedge gateway --metrics-port`` serves
+    them, scraped once and parsed by prometheus_client (None without it)."""
+    if importlib.util.find_spec("prometheus_client") is None:
+        return None
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fedge.server.operator_metrics import GatewayMetrics, serving_metrics
+
+    with serving_metrics("127.0.0.1", 0, GatewayMetrics(fleet)) as port:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+        connection.close()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
+
+
 def start_round(fleet: DeviceFleet, pool: ThreadPoolExecutor, number: int = 1):
     return pool.submit(fleet.run_round, number, MANIFEST, PROGRAMS, GLOBAL, TRAINING)
 
@@ -179,6 +202,7 @@ def test_a_round_averages_three_devices_by_their_examples(certs, tokens, caplog)
         rounds = [pool.submit(device_round, one) for one in devices]
         result = start_round(fleet, pool).result(timeout=30)
         replies = [future.result(timeout=30) for future in rounds]
+        scraped = scrape_gateway_metrics(fleet)
 
     n = np.array([samples[name] for name in samples], dtype=np.float64)
     for key in TRAINED:
@@ -211,6 +235,17 @@ def test_a_round_averages_three_devices_by_their_examples(certs, tokens, caplog)
         caplog.messages)
     assert "round 1: 3 of 3 devices returned results (100 + 300 + 50 examples)" in (
         caplog.messages)
+    if scraped is not None:  # the operator's metrics, as Prometheus reads them
+        assert scraped["fedge_gateway_devices_known"] == 4
+        assert scraped["fedge_gateway_devices_seen"] == 3
+        assert scraped["fedge_gateway_round"] == 1
+        assert scraped['fedge_gateway_rounds_total{outcome="completed"}'] == 1
+        assert scraped['fedge_gateway_rounds_total{outcome="failed"}'] == 0
+        assert scraped['fedge_gateway_device_results_total{outcome="accepted"}'] == 3
+        assert scraped['fedge_gateway_device_results_total{outcome="rejected"}'] == 0
+        bodies = sum(len(result_blob(sent[name], samples[name], metrics[name]))
+                     for name in samples)
+        assert scraped["fedge_gateway_received_bytes_total"] == bodies
 
 
 def test_nan_and_misshaped_results_are_rejected_while_the_round_completes(certs, tokens,
