@@ -50,6 +50,7 @@ from fedge.server.run_folder import resumable_checkpoint, run_finished
 from fedge.server.starting_model import StartingModel
 from fedge.server.superlink import last_error, start_superlink, stream_run, write_app
 from fedge.simulations.workers import ClientRecipe, available_cores
+from fedge.tracking import with_absolute_place
 
 SERVERAPP, CLIENTAPP = "fedge.simulations.ray:server_app", "fedge.simulations.ray:client_app"
 FLOWER_FOLDER = ".flower"  # in the run folder while the run lasts
@@ -239,8 +240,10 @@ def run_on_ray(federation: Federation, recipe: ClientRecipe, resume: bool,
     try:
         app_dir = write_app(flower_home, SERVERAPP, CLIENTAPP, port)
         server_file = flower_home / SERVER_FILE
+        # Flower runs the ServerApp in a folder of its own: a tracker's folder is made absolute.
+        served = config.updated(track=[with_absolute_place(v) for v in config.tracking.track])
         write_atomic(server_file, pickle.dumps(ServerSide(
-            config, federation.data, federation.start, run_dir, resume, verbose)))
+            served, federation.data, federation.start, run_dir, resume, verbose)))
         write_atomic(flower_home / CLIENT_FILE, pickle.dumps(recipe))
         superlink_log = flower_home / "superlink.log"
         children = Children(env=env)

@@ -131,7 +131,7 @@ def without_wall_time(metrics: dict) -> dict:
 
 
 def test_slow_clients_updates_arrive_stale_and_count_and_the_seed_fixes_the_run(tmp_path):
-    config = fedbuff_config(slow_fraction=0.3, offline_fraction=0.2)
+    config = fedbuff_config(slow_fraction=0.3, offline_fraction=0.2, track=["tensorboard"])
     slow = {1001 + k for k in SimulatedFleet.from_config(config).slow_clients()}
     runs = []
     for name in ("first", "again"):
@@ -151,6 +151,14 @@ def test_slow_clients_updates_arrive_stale_and_count_and_the_seed_fixes_the_run(
     assert times == sorted(times) and metrics["asynchronous"]["clock"] == "simulated"
     assert metrics["rounds"][-1]["val_accuracy"] > metrics["initial"]["val_accuracy"] + 0.2
     assert without_wall_time(runs[1]) == without_wall_time(metrics)
+    # A tracker hears each evaluation with the staleness of the updates since the last.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "first" / "tensorboard"))
+    events.Reload()
+    tracked = {e.step: e.value for e in events.Scalars("staleness_max")}
+    assert tracked == {r: max(tau for v in metrics["versions"] if r - 2 < v["version"] <= r
+                              for tau in v["staleness"]) for r in range(2, 13, 2)}
 
     simulate(plan_simulation(config.updated(**{"workers": 2})), tmp_path / "two")
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())

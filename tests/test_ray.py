@@ -125,8 +125,9 @@ def ray_head():
         head.stop()
 
 
-def fedge_marked(marker: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return run_fedge(*args, timeout=timeout, env={MARKER: marker})
+def fedge_marked(marker: str, *args: str, timeout: float = 300,
+                 cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return run_fedge(*args, timeout=timeout, env={MARKER: marker}, cwd=cwd)
 
 
 @pytest.mark.timeout(400)
@@ -295,9 +296,16 @@ def test_a_regression_task_trains_on_a_ray_cluster(ray_head, tmp_path):
                           "--ray-address", ray_head.address, "--client-cpus", "1",
                           "--rounds", "2", "--clients", "3", "--data", str(csv),
                           "--label-column", "progression", "--task", "regression",
-                          "--model", "mlp", "--out", str(out))
+                          "--model", "mlp", "--out", str(out),
+                          "--track", "tensorboard:tb", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "val_mae" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["rmse"] < data.target.std() * 1.5
     assert sorted(metrics["rounds"][-1]["clients"], key=int) == ["0", "1", "2"]
+    # Flower's ServerApp runs elsewhere; the tracker's folder is where the user said.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_mae")] == [0, 1, 2]
