@@ -68,8 +68,15 @@ def _check_installed(targets: list[Target]) -> None:
 
 
 def metric_name(name: str) -> str:
-    """A name MLflow and TensorBoard both take: letters, digits and ``_ - . /``."""
-    return re.sub(r"[^A-Za-z0-9_\-./]", "_", name)
+    """A name MLflow and TensorBoard both take: letters, digits, ``_ - . /`` and spaces."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
+def name_part(key: object) -> str:
+    """One part of a metric's name (a class, a client's key): no slash, and never ``.``
+    or ``..``, which MLflow refuses as names that would resolve to other names."""
+    part = re.sub(r"[^A-Za-z0-9_\-. ]", "_", str(key)).strip()
+    return part if part not in ("", ".", "..") else "_"
 
 
 def scalars(values: Mapping[str, object], prefix: str = "") -> dict[str, float]:
@@ -77,11 +84,11 @@ def scalars(values: Mapping[str, object], prefix: str = "") -> dict[str, float]:
     ``name/key`` (a per-class table): booleans, None, NaN and text are left out."""
     found: dict[str, float] = {}
     for key, value in values.items():
-        name = metric_name(f"{prefix}{key}")
+        name = metric_name(prefix) + name_part(key)
         if isinstance(value, Mapping):
             for inner, number in value.items():
                 if _finite(number):
-                    found[metric_name(f"{name}/{inner}")] = float(number)
+                    found[f"{name}/{name_part(inner)}"] = float(number)
         elif _finite(value):
             found[name] = float(value)
     return found
@@ -93,9 +100,14 @@ def _finite(value: object) -> bool:
 
 
 class Sink:
-    """One tracker's writes; each may raise (it is retried)."""
+    """One tracker's writes; each may raise: it is retried, unless :meth:`refused` says
+    the tracker will never take it."""
 
     name = "tracker"
+
+    def refused(self, error: Exception) -> bool:
+        """Whether ``error`` is the tracker refusing the write for good (no retry)."""
+        return False
 
     def open(self, run_name: str, tags: dict[str, str], resume_id: str | None) -> str | None:
         """Start (or continue) the tracker's run; returns its id, if it has one."""
@@ -127,12 +139,27 @@ class MlflowSink(Sink):
 
         return MlflowClient(tracking_uri=self.uri)
 
+    def refused(self, error: Exception) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        return (isinstance(error, MlflowException)
+                and 400 <= error.get_http_status_code() < 500)
+
     def open(self, run_name: str, tags: dict[str, str], resume_id: str | None) -> str | None:
+        from mlflow.exceptions import MlflowException
+
         client = self._client()
         if resume_id is not None:
-            client.update_run(resume_id, status="RUNNING")
-            self.run_id = resume_id
-            return resume_id
+            try:
+                client.update_run(resume_id, status="RUNNING")
+            except MlflowException as error:
+                if not self.refused(error):
+                    raise
+                log.warning("%s no longer has run %s: the resumed run starts a new one",
+                            self.name, resume_id)
+            else:
+                self.run_id = resume_id
+                return resume_id
         experiment = self._experiment(client)
         self.run_id = client.create_run(experiment, run_name=run_name, tags=tags).info.run_id
         return self.run_id
@@ -302,6 +329,8 @@ class Tracker:
                 return
             with self._lock:
                 self._pending.remove(write)
+            if self._stop.is_set():  # closed while this write went on: close() named the rest
+                return
 
     def _write(self, write: _Write) -> bool:
         """Until it is written (True) or the tracker is closed (False)."""
@@ -310,6 +339,10 @@ class Tracker:
             try:
                 write.call()
             except Exception as error:  # any failure of a tracker is retried
+                if self.sink.refused(error):
+                    log.warning("%s refused %s (%s); it is skipped", self.sink.name,
+                                write.what, _first_line(error))
+                    return True
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
                     log.warning("%s failed on %s (%s: %s); training goes on, and fedge "

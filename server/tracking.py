@@ -17,7 +17,15 @@ from pathlib import Path
 from fedge.config import RunConfig, TrackingSettings
 from fedge.files import write_json
 from fedge.server.observers import RunObserver, RunStart
-from fedge.tracking import LOCAL_MLFLOW, Target, Tracker, check_targets, open_sink, scalars
+from fedge.tracking import (
+    LOCAL_MLFLOW,
+    Target,
+    Tracker,
+    check_targets,
+    name_part,
+    open_sink,
+    scalars,
+)
 
 STATE_FILE = "tracking.json"
 TENSORBOARD_FOLDER = "tensorboard"  # in the run folder, unless --track tensorboard:DIR
@@ -80,7 +88,7 @@ def round_metrics(record: dict, staleness: Sequence[int] = ()) -> dict[str, floa
     found |= scalars({k: v for k, v in (record.get("val_measures") or {}).items()
                       if k != "loss"}, prefix="val_")
     for key, values in (record.get("clients") or {}).items():
-        found |= scalars(values, prefix=f"client/{key}/")
+        found |= scalars(values, prefix=f"client/{name_part(key)}/")
     if staleness:
         found["staleness_mean"] = sum(staleness) / len(staleness)
         found["staleness_max"] = float(max(staleness))

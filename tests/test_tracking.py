@@ -265,3 +265,24 @@ def test_a_device_tracks_its_own_epochs_and_sends_the_server_nothing_more(tmp_pa
     assert sorted(epochs) == [1, 2, 3, 4, 5, 6]  # 3 local epochs in each of 2 rounds
     rounds = tensorboard_scalars(tmp_path / "local_tb", "round/train_loss")
     assert rounds[2] == pytest.approx(sent["metrics"]["train_loss"])
+
+
+def test_a_write_the_tracker_refuses_is_skipped_and_the_rest_goes_on(tmp_path, caplog):
+    """MLflow refuses a metric name that would resolve to another one (400): that write
+    is skipped with a warning, not retried until the run ends."""
+    from fedge.tracking import MlflowSink, Tracker
+
+    caplog.set_level(logging.WARNING, logger="fedge.tracking")
+    sink = MlflowSink(None, tmp_path / "store")
+    tracker = Tracker(sink, flush_timeout=60)
+    tracker.open("refusal", {})
+    tracker.write("a name MLflow refuses", lambda: sink.metrics({"a//b": 1.0}, 1))
+    tracker.metrics({"val_loss": 0.5}, 1, "round 1")
+    tracker.finish("FINISHED")
+    assert tracker.close() == []
+
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    tracked = only_run(store, "refusal")
+    assert tracked.info.status == "FINISHED" and tracked.data.metrics == {"val_loss": 0.5}
+    said = [r.getMessage() for r in caplog.records if r.name == "fedge.tracking"]
+    assert len(said) == 1 and "refused a name MLflow refuses" in said[0], said

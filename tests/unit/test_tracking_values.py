@@ -37,9 +37,11 @@ def test_the_track_setting_is_checked_with_the_run_configuration():
 
 def test_only_finite_numbers_become_metrics_and_tables_one_level_deep():
     found = scalars({"loss": 0.5, "nan": math.nan, "none": None, "flag": True, "text": "x",
-                     "f1": {"cat dog": 0.25, "bird": None}}, prefix="val_")
-    assert found == {"val_loss": 0.5, "val_f1/cat_dog": 0.25}
-    assert metric_name("client/3/val_f1 (macro)") == "client/3/val_f1__macro_"
+                     "f1": {"cat dog": 0.25, "bird": None, "n/a": 0.5, "..": 0.75}},
+                    prefix="val_")
+    assert found == {"val_loss": 0.5, "val_f1/cat dog": 0.25, "val_f1/n_a": 0.5,
+                     "val_f1/_": 0.75}
+    assert metric_name("client/3/val_f1 (macro)") == "client/3/val_f1 _macro_"
 
 
 def test_a_round_gives_the_servers_measures_counts_and_each_clients_report():
