@@ -537,9 +537,11 @@ def check_flag(value: object, name: str) -> None:
         raise FedgeError(f"{name} must be True or False, not {value!r}")
 
 
-def step_name(strategy: StrategySettings) -> str:
-    """What one server step is called: a round, or a model version (fedbuff, no rounds)."""
-    return "version" if strategy.name == "fedbuff" else "round"
+def step_name(strategy: StrategySettings | str) -> str:
+    """What one server step is called: a round, or a model version (fedbuff, no rounds);
+    ``strategy``: its settings or its name."""
+    name = strategy if isinstance(strategy, str) else strategy.name
+    return "version" if name == "fedbuff" else "round"
 
 
 def default_server_lr(strategy: str) -> float:

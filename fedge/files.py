@@ -52,6 +52,17 @@ def write_all_or_none(files: dict[Path, tuple[bytes, int]]) -> None:
         raise FedgeError(f"cannot write {next(iter(files)).parent}: {error.strerror}") from None
 
 
+def finite_number(value: object) -> bool:
+    """A number (not a boolean) that a float holds, finite: what strict JSON, metrics and
+    weights take as a number (an int too large for a float is not one)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def strict_json(value: Any) -> Any:
     """``value`` with every NaN or infinite float as None (JSON's null): standard JSON
     has no NaN, and parsers reject Python's ``NaN`` token."""

@@ -10,7 +10,6 @@ run folder holds all of it). The server's trackers are fed by
 """
 
 import logging
-import math
 import os
 import queue
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedge.errors import FedgeError
+from fedge.files import finite_number
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -87,16 +87,11 @@ def scalars(values: Mapping[str, object], prefix: str = "") -> dict[str, float]:
         name = metric_name(prefix) + name_part(key)
         if isinstance(value, Mapping):
             for inner, number in value.items():
-                if _finite(number):
+                if finite_number(number):
                     found[f"{name}/{name_part(inner)}"] = float(number)
-        elif _finite(value):
+        elif finite_number(value):
             found[name] = float(value)
     return found
-
-
-def _finite(value: object) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 class Sink:

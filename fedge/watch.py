@@ -11,7 +11,6 @@ On a terminal the view redraws in place (``rich.live.Live``); on anything else (
 a CI log) it prints one plain line per new round and then the run's summary.
 """
 
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,9 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from fedge.config import step_name
 from fedge.errors import FedgeError
+from fedge.files import finite_number
 from fedge.models.measures import HEADLINE, higher_is_better, test_headline
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -35,14 +36,14 @@ def sparkline(values: Sequence[float | None], width: int | None = None) -> str:
     With ``width``, only the last ``width`` values."""
     if width is not None:
         values = list(values)[-width:] if width > 0 else []
-    finite = [v for v in values if _finite(v)]
+    finite = [v for v in values if finite_number(v)]
     if not finite:
         return " " * len(values)
     low, high = min(finite), max(finite)
     top = len(SPARKS) - 1
     bars = []
     for value in values:
-        if not _finite(value):
+        if not finite_number(value):
             bars.append(" ")
         elif high == low:
             bars.append(SPARKS[top // 2])
@@ -51,14 +52,9 @@ def sparkline(values: Sequence[float | None], width: int | None = None) -> str:
     return "".join(bars)
 
 
-def _finite(value: object) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
 def unit(metrics: dict) -> str:
     """What one server step is called: a round, or a model version (fedbuff)."""
-    return "version" if (metrics.get("config") or {}).get("strategy") == "fedbuff" else "round"
+    return step_name(str((metrics.get("config") or {}).get("strategy")))
 
 
 def task_of(metrics: dict) -> str:
@@ -78,11 +74,11 @@ def measured(record: dict | None, name: str) -> float | None:
         value = (record.get("val_measures") or {}).get(name)
         if value is None:
             value = record.get(f"val_{name}")
-    return float(value) if _finite(value) else None
+    return float(value) if finite_number(value) else None
 
 
 def _shown(value: object, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if _finite(value) else "n/a"
+    return f"{value:.{digits}f}" if finite_number(value) else "n/a"
 
 
 def _best_record(metrics: dict) -> dict | None:
@@ -209,7 +205,7 @@ def outcome(metrics: dict) -> str | None:
         return None
     ran = _ran(metrics) + (", stopped early" if metrics.get("stopped_early") else "")
     seconds = metrics.get("seconds")
-    took = f" in {seconds:.1f}s" if _finite(seconds) else ""
+    took = f" in {seconds:.1f}s" if finite_number(seconds) else ""
     best = _best_text(metrics) or f"best {unit(metrics)} none"
     test = metrics.get("test") or {}
     return (f"finished: {ran}{took}; {best}; {test_headline(task_of(metrics), test)} "
@@ -299,7 +295,7 @@ def watch(run_dir: Path | str, *, refresh: float = 1.0, console: Console | None 
     A path that is no folder is a :class:`FedgeError`.
     """
     run_dir = Path(run_dir)
-    if not _finite(refresh) or refresh <= 0:
+    if not finite_number(refresh) or refresh <= 0:
         raise FedgeError(f"refresh must be a number of seconds above 0, not {refresh}")
     if not run_dir.exists():
         raise FedgeError(f"no run folder at {run_dir}")

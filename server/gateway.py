@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from fedge.errors import FedgeError
+from fedge.files import finite_number
 from fedge.models.blob import pack, unpack
 from fedge.protocol import DEVICES_KEY
 from fedge.server.device_tokens import HEX_DIGEST, check_device_name
@@ -51,16 +52,6 @@ MAX_EXAMPLES = 2**53  # num_examples beyond it would not be exact as a float64 w
 RESULT_OUTCOMES = ("accepted", "rejected", "failed", "late", "missing")
 
 
-def _finite_number(value: object) -> bool:
-    """A number a float holds, finite (an int too large for a float is not one)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 @dataclass(frozen=True)
 class GatewaySettings:
     round_deadline: float = 60.0  # seconds a round waits for device results
@@ -70,7 +61,7 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         for name in ("round_deadline", "poll_seconds"):
             value = getattr(self, name)
-            if not _finite_number(value) or value <= 0:
+            if not finite_number(value) or value <= 0:
                 raise FedgeError(f"gateway {name} must be a positive number of seconds, "
                                  f"got {value!r}")
         if (not isinstance(self.min_devices, int) or isinstance(self.min_devices, bool)
@@ -520,7 +511,7 @@ def _screen(body: bytes, current: _Round) -> _Accepted:
         if not np.isfinite(array).all():
             raise Refusal(422, f"array {name!r} holds Inf")
     # A metric that is not a finite number does not count (as the server averages them).
-    kept = {str(key): float(value) for key, value in metrics.items() if _finite_number(value)}
+    kept = {str(key): float(value) for key, value in metrics.items() if finite_number(value)}
     return _Accepted(examples, arrays, kept)
 
 

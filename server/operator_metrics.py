@@ -16,7 +16,6 @@ it is imported only when metrics are served.
 import contextlib
 import json
 import logging
-import math
 import os
 import socket
 import socketserver
@@ -28,8 +27,9 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from fedge.config import step_name
 from fedge.errors import FedgeError
-from fedge.files import write_json
+from fedge.files import finite_number, write_json
 from fedge.models.measures import SCALARS
 from fedge.processes import check_port_free
 from fedge.server.observers import PHASES, RunObserver, RunStart
@@ -81,9 +81,7 @@ def new_state() -> dict:
 
 
 def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
+    return float(value) if finite_number(value) else None
 
 
 def add_round(state: dict, record: Mapping[str, Any]) -> None:
@@ -236,7 +234,7 @@ class ServerMetrics:
         self.live, self.run_dir = run_dir / LIVE_FILE, run_dir
         self.info = {"run_dir": str(run_dir), "strategy": strategy, "task": task,
                      "headline": headline,
-                     "unit": "version" if strategy == "fedbuff" else "round"}
+                     "unit": step_name(strategy)}
         self.superlink_up = superlink_up
         self.history = state_from_history(run_dir)  # a resumed run's, before it restarts
         self.counted = _Monotonic()

@@ -41,6 +41,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from fedge.files import finite_number
 from fedge.protocol import ARRAYS, CLIENT_KEY, METRICS, WEIGHT_KEY
 from fedge.server.strategies import StrategyWrapper
 
@@ -103,7 +104,7 @@ def _update_norm(content: RecordDict, global_arrays: dict[str, np.ndarray],
         if weight is None:
             raise Unfit(f"no {key} in its metrics: the weight this federation averages "
                         f"updates by")
-        if not _finite_number(weight) or weight <= 0:
+        if not finite_number(weight) or weight <= 0:
             raise Unfit(f"{key} is {weight!r}, not a positive number")
     received = arrays[0]
     if set(received.keys()) != set(global_arrays):
@@ -116,11 +117,6 @@ def _update_norm(content: RecordDict, global_arrays: dict[str, np.ndarray],
         update = _fitting(name, received[name], sent).astype(np.float64) - sent
         squared += float(np.sum(update * update))
     return math.sqrt(squared)
-
-
-def _finite_number(value: object) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 def _fitting(name: str, array: Array, sent: np.ndarray) -> np.ndarray:
@@ -187,19 +183,19 @@ def average_client_metrics(replies: list[RecordDict], weight_key: str) -> Metric
     list. ``weight_key`` itself is not averaged (as in Flower's strategies).
     """
     reports = [(metrics, float(metrics[weight_key])) for metrics in map(client_metrics, replies)
-               if _finite_number(metrics.get(weight_key)) and metrics[weight_key] > 0]
+               if finite_number(metrics.get(weight_key)) and metrics[weight_key] > 0]
     names = dict.fromkeys(key for metrics, _ in reports for key in metrics)
     names.pop(weight_key, None)
     names.pop(CLIENT_KEY, None)  # who sent a reply: no quantity to average
     averaged = MetricRecord()
     for name in names:
-        numbers = [(m[name], w) for m, w in reports if _finite_number(m.get(name))]
+        numbers = [(m[name], w) for m, w in reports if finite_number(m.get(name))]
         lists = [(m[name], w) for m, w in reports if isinstance(m.get(name), list)]
         if numbers:
             total = sum(w for _, w in numbers)
             averaged[name] = sum(v * w for v, w in numbers) / total
         elif lists and len({len(v) for v, _ in lists}) == 1 and all(
-                _finite_number(x) for v, _ in lists for x in v):
+                finite_number(x) for v, _ in lists for x in v):
             total = sum(w for _, w in lists)
             averaged[name] = [float(x) for x in
                               sum(np.asarray(v, dtype=np.float64) * w for v, w in lists) / total]

@@ -56,6 +56,18 @@ def run_fedge(*args: str, timeout: float = 300, env: dict | None = None,
     )
 
 
+def stop_process_group(process: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM to the group ``process`` leads (started with ``start_new_session``), SIGKILL
+    after ``grace`` seconds; returns once it has exited."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
 def takes_ctrl_c() -> None:
     """A ``preexec_fn``: the child takes Ctrl-C as a terminal's foreground job does, even
     when the tests run with SIGINT ignored (inherited by a background job of a

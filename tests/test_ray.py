@@ -24,7 +24,7 @@ from fedge.processes import free_port
 from fedge.simulations.ray import FlowerLog, federation_config
 from fedge.simulations.workers import available_cores
 
-from conftest import assert_simulation_refused, run_fedge, takes_ctrl_c
+from conftest import assert_simulation_refused, run_fedge, stop_process_group, takes_ctrl_c
 from test_deployment import MARKER, marked_processes
 
 pytestmark = pytest.mark.ray
@@ -94,13 +94,7 @@ class RayNode:
         return not self.actors_alive()
 
     def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        stop_process_group(self.process)
         left = wait_until_gone(self.marker)
         for pid in left:
             with contextlib.suppress(ProcessLookupError):

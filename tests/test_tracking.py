@@ -5,7 +5,6 @@ device's own tracking of its local training."""
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from sklearn.datasets import load_digits
 
 from fedge.processes import free_port
+
+from conftest import stop_process_group
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -55,12 +56,7 @@ class MlflowServer:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+            stop_process_group(self.process)
         self.process = None
 
 
